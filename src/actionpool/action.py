@@ -1,0 +1,371 @@
+"""Declaring actions: ``@action``, the :class:`ActionSpec` of options, and :class:`Context`.
+
+An *action* is a Python callable plus the options that tell the runner how to run it:
+which pool (``kind``), how long it may take, how often to retry it, what it needs.
+Options are validated when the action is declared, so a typo fails at import time,
+naming the action and the option, instead of in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar, overload
+
+__all__ = ["ActionSpec", "Context", "action", "as_spec", "parse_memory"]
+
+Kind = Literal["cpu", "io"]
+KINDS: tuple[str, ...] = ("cpu", "io")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_OPTIONS = (
+    "kind",
+    "name",
+    "timeout",
+    "retries",
+    "retry_on",
+    "backoff",
+    "idempotent",
+    "memory",
+    "threads",
+    "validate",
+)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Parse a memory size into bytes.
+
+    Args:
+        value: a number of bytes (int or float), or a string such as ``"512MiB"``,
+            ``"1.5GB"``, ``"2g"`` or ``"1024"``. Binary units (KiB, MiB, GiB, TiB) are
+            powers of 1024, decimal ones (KB, MB, GB, TB, or K/M/G/T) powers of 1000,
+            as in IEC 80000-13.
+
+    Returns:
+        The size in bytes, rounded down to a whole byte.
+
+    Raises:
+        ValueError: the value is negative, not finite, or not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"memory must be a size in bytes or a string like '512MiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"memory must be a non-negative number of bytes, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = _MEMORY_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(
+        f"memory must be a size in bytes or a string like '512MiB' or '1.5GB', got {value!r}"
+    )
+
+
+def _wants_context(fn: Callable[..., Any]) -> bool:
+    """True when ``fn``'s first parameter is named ``ctx`` or annotated ``Context``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return False
+    first = params[0]
+    if first.name == "ctx":
+        return True
+    ann = first.annotation
+    if ann is Context:
+        return True
+    # string annotations (from __future__ import annotations)
+    return isinstance(ann, str) and ann.split(".")[-1] == "Context"
+
+
+def _import_action(module: str, qualname: str) -> ActionSpec:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, ActionSpec) else as_spec(obj)
+
+
+def _rebuild_action(fn: Callable[..., Any], options: dict[str, Any]) -> ActionSpec:
+    return ActionSpec(fn=fn, **options)
+
+
+@dataclass(frozen=True, eq=False)
+class ActionSpec:
+    """An action: a callable and its validated options.
+
+    Calling an ``ActionSpec`` runs the function here, in this thread (with a fresh
+    :class:`Context` when it takes one), so decorated functions stay usable directly.
+
+    Attributes:
+        fn: the user's callable.
+        kind: ``"cpu"`` (process pool) or ``"io"`` (thread pool; ``async def`` actions
+            run on the runner's event loop).
+        name: the action's name, used in outcomes and error messages.
+        timeout: seconds a single attempt may run, or ``None`` for no limit.
+        retries: how many times to re-run an attempt that raised one of ``retry_on``.
+        retry_on: the exception types that are retried.
+        backoff: seconds to wait before the first retry, doubled each attempt, jittered.
+        idempotent: whether the runner may re-run the action on its own after a crash
+            of a pool it was running on (default True for cpu, False for io).
+        memory: bytes the action needs, or ``None`` when undeclared.
+        threads: CPU slots the action uses (its BLAS/OpenMP thread cap).
+        validate: ``(state, *args, **kwargs) -> bool``, run in the parent before
+            dispatch; ``False`` ends the node ``SKIPPED``.
+    """
+
+    fn: Callable[..., Any]
+    kind: str = "cpu"
+    name: str = ""
+    timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    backoff: float = 0.0
+    idempotent: bool | None = None
+    memory: int | None = None
+    threads: int = 1
+    validate: Callable[..., bool] | None = None
+    wants_context: bool = field(default=False, init=False)
+    is_async: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        fn = self.fn
+        if not callable(fn):
+            raise TypeError(f"an action must be callable, got {fn!r}")
+        name = self.name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+        name = name or type(fn).__name__
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"action {fn!r}: option 'name' must be a non-empty string")
+
+        def bad(option: str, why: str) -> ValueError:
+            return ValueError(f"action {name!r}: option {option!r} {why}")
+
+        if self.kind not in KINDS:
+            raise bad("kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if self.timeout is not None:
+            if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)):
+                raise bad("timeout", f"must be a number of seconds or None, got {self.timeout!r}")
+            if not math.isfinite(self.timeout) or self.timeout <= 0:
+                raise bad("timeout", f"must be a positive number of seconds, got {self.timeout!r}")
+            set_(self, "timeout", float(self.timeout))
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise bad("retries", f"must be a non-negative int, got {self.retries!r}")
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        if not isinstance(retry_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+        ):
+            raise bad("retry_on", f"must be an exception type or a tuple of them, got {retry_on!r}")
+        set_(self, "retry_on", retry_on)
+        if (
+            isinstance(self.backoff, bool)
+            or not isinstance(self.backoff, (int, float))
+            or not math.isfinite(self.backoff)
+            or self.backoff < 0
+        ):
+            raise bad("backoff", f"must be a non-negative number of seconds, got {self.backoff!r}")
+        if self.idempotent is None:
+            set_(self, "idempotent", self.kind == "cpu")
+        elif not isinstance(self.idempotent, bool):
+            raise bad("idempotent", f"must be True or False, got {self.idempotent!r}")
+        if self.memory is not None:
+            try:
+                set_(self, "memory", parse_memory(self.memory))
+            except ValueError as exc:
+                raise bad("memory", str(exc).replace("memory must", "must")) from None
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise bad("threads", f"must be an int >= 1, got {self.threads!r}")
+        if self.validate is not None and not callable(self.validate):
+            raise bad("validate", f"must be callable or None, got {self.validate!r}")
+        set_(self, "wants_context", _wants_context(fn))
+        set_(self, "is_async", inspect.iscoroutinefunction(fn))
+
+    def options(self) -> dict[str, Any]:
+        """The declared options as a dict (what :func:`action` accepts)."""
+        return {k: getattr(self, k) for k in _OPTIONS}
+
+    def with_options(self, **options: Any) -> ActionSpec:
+        """A copy of this action with some options changed (validated the same way)."""
+        _check_option_names(self.name, options)
+        return replace(self, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.wants_context:
+            return self.fn(Context(state={}, node=self.name), *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<action {self.name!r} kind={self.kind}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Importable module-level actions travel by reference (a few bytes, and the
+        # worker imports the module); the rest travel by value through cloudpickle.
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", "")
+        if module and module != "__main__" and "<locals>" not in qualname:
+            try:
+                found = _import_action(module, qualname)
+            except Exception:  # noqa: BLE001 - anything that fails means "by value"
+                found = None
+            if found is self:
+                return (_import_action, (module, qualname))
+        return (_rebuild_action, (self.fn, self.options()))
+
+
+def _check_option_names(name: str, options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"action {name!r}: unknown option {unknown[0]!r} (known options: {', '.join(_OPTIONS)})"
+        )
+
+
+@overload
+def action(fn: F, /, **options: Any) -> ActionSpec: ...
+@overload
+def action(fn: None = None, /, **options: Any) -> Callable[[F], ActionSpec]: ...
+def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Declare an action, as a decorator or a plain call.
+
+    ``@action`` / ``@action(kind="io", timeout=5)`` decorate a function;
+    ``action(fn, kind="io")`` declares one without a decorator.
+
+    Args:
+        fn: the callable; omitted when used as ``@action(...)``.
+        **options: ``kind``, ``name``, ``timeout`` (seconds), ``retries``, ``retry_on``,
+            ``backoff`` (seconds), ``idempotent``, ``memory`` (bytes or ``"512MiB"``),
+            ``threads``, ``validate``; see :class:`ActionSpec`.
+
+    Returns:
+        An :class:`ActionSpec` (or a decorator that makes one).
+
+    Raises:
+        ValueError: an unknown option or a bad value, naming the action and option.
+        TypeError: ``fn`` is not callable.
+    """
+
+    def declare(f: Callable[..., Any]) -> ActionSpec:
+        name = options.get("name") or getattr(f, "__qualname__", None) or repr(f)
+        _check_option_names(str(name), options)
+        if isinstance(f, ActionSpec):
+            return f.with_options(**options)
+        return ActionSpec(fn=f, **options)
+
+    if fn is None:
+        return declare
+    return declare(fn)
+
+
+def as_spec(fn: Any) -> ActionSpec:
+    """The :class:`ActionSpec` for ``fn``: itself when declared, defaults otherwise.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+    """
+    if isinstance(fn, ActionSpec):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"an action must be callable, got {fn!r}")
+    return ActionSpec(fn=fn)
+
+
+class Context:
+    """What an action sees of its run; passed as the first argument when declared.
+
+    An action receives a ``Context`` when its first parameter is named ``ctx`` or is
+    annotated ``ap.Context``; callers never pass it.
+
+    Attributes:
+        state: this action's private copy of the run's state (a fresh unpickled copy:
+            mutate it freely, nobody else sees it).
+        node: the name of the node being run.
+        run_id: the id of the run (a hex string).
+        attempt: which attempt this is, starting at 1.
+    """
+
+    __slots__ = ("_cancel", "_deadline", "_deltas", "_events", "attempt", "node", "run_id", "state")
+
+    def __init__(
+        self,
+        state: Any,
+        node: str,
+        run_id: str = "",
+        attempt: int = 1,
+        deadline: float | None = None,
+        cancel_event: threading.Event | None = None,
+    ) -> None:
+        self.state = state
+        self.node = node
+        self.run_id = run_id
+        self.attempt = attempt
+        self._deadline = deadline
+        self._cancel = cancel_event
+        self._deltas: dict[str, Any] = {}
+        self._events: list[tuple[str, float, Any]] = []
+
+    def update(self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        """Record state changes, merged into ``Report.state`` at the fan-in.
+
+        Changes are applied in plan order after the run, never to other actions'
+        copies. Later calls in the same action overwrite earlier ones per key.
+
+        Raises:
+            TypeError: a key is not a string.
+        """
+        items = dict(changes or {})
+        items.update(kwargs)
+        for key in items:
+            if not isinstance(key, str):
+                raise TypeError(f"node {self.node!r}: state keys must be strings, got {key!r}")
+        self._deltas.update(items)
+        if isinstance(self.state, dict):
+            self.state.update(items)
+
+    def emit(self, data: Any) -> None:
+        """Report an event (``kind="emitted"``) to the parent's ``on_event``, in order."""
+        self._events.append(("emitted", time.time(), data))
+
+    def progress(self, done: float, total: float | None = None) -> None:
+        """Report this action's progress (``kind="progress"``, data ``(done, total)``)."""
+        self._events.append(("progress", time.time(), (done, total)))
+
+    def cancelled(self) -> bool:
+        """True once the run is cancelled or this action's deadline has passed."""
+        if self._cancel is not None and self._cancel.is_set():
+            return True
+        return self._deadline is not None and time.time() >= self._deadline
+
+    def __repr__(self) -> str:
+        return f"<Context node={self.node!r} run_id={self.run_id!r} attempt={self.attempt}>"

@@ -1,0 +1,112 @@
+"""The exception hierarchy of actionpool.
+
+Every error actionpool raises on its own behalf derives from :class:`ActionpoolError`.
+Errors raised *by user actions* are never wrapped: a failed node keeps its original
+exception (type, message, remote traceback) in :attr:`actionpool.Outcome.error`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .outcome import Outcome
+
+__all__ = [
+    "ActionFailed",
+    "ActionTimeout",
+    "ActionpoolError",
+    "PlanError",
+    "RemoteError",
+    "SerializationError",
+    "StateConflict",
+    "WorkerCrashed",
+]
+
+
+class ActionpoolError(Exception):
+    """Base class of every error raised by actionpool itself."""
+
+
+class PlanError(ActionpoolError, ValueError):
+    """A plan cannot run: a cycle, an unknown node or name, or a bad option.
+
+    Raised by :meth:`Plan.add` or :meth:`Runner.run` before anything runs; the message
+    names the nodes involved.
+    """
+
+
+class ActionFailed(ActionpoolError):
+    """Raised by ``report[node]`` for a node that did not succeed.
+
+    Attributes:
+        outcome: the node's :class:`~actionpool.Outcome` (status, error, traceback).
+    """
+
+    def __init__(self, message: str, outcome: Outcome | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class ActionTimeout(ActionpoolError, TimeoutError):
+    """An action ran past its ``timeout`` (seconds).
+
+    Raised inside a CPU action at its deadline (the soft timeout), and recorded as the
+    error of a node that ended ``TIMED_OUT``.
+    """
+
+
+class WorkerCrashed(ActionpoolError):
+    """The worker process running a node died (segfault, ``os._exit``, OOM kill).
+
+    Attributes:
+        exitcode: the worker's exit code, or ``None`` when unknown.
+        signal: the number of the signal that killed it, or ``None``.
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None, signal: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+
+
+class StateConflict(ActionpoolError):
+    """Two nodes not ordered by a dependency path updated the same state key.
+
+    Attributes:
+        key: the state key.
+        nodes: the names of the two nodes, in plan order.
+    """
+
+    def __init__(self, message: str, key: str = "", nodes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.key = key
+        self.nodes = nodes
+
+
+class SerializationError(ActionpoolError):
+    """Something a node needs to send or return could not be pickled.
+
+    The message names the node and which argument, state key or return value failed.
+    """
+
+
+class RemoteError(ActionpoolError):
+    """Stands in for an exception raised by an action that could not be rebuilt here.
+
+    Raised when the original exception cannot be pickled or unpickled across the
+    process boundary; keeps its type name, message and the remote traceback.
+
+    Attributes:
+        type_name: the qualified name of the original exception type.
+        remote_traceback: the traceback formatted in the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteError, (self.type_name, self.message, self.remote_traceback))

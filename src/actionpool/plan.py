@@ -1,0 +1,317 @@
+"""Plans: directed acyclic graphs of nodes, and the checks that run before anything runs.
+
+A :class:`Plan` is built with :meth:`Plan.add`, which returns a :class:`Node`. An edge
+``a -> b`` means "b needs a's result" (``a`` passed as an argument of ``b``, also
+inside lists, tuples and dicts) or "b runs after a" (``after=[a]`` or ``after=["a"]``).
+Names in ``after=`` may refer to nodes added later; they are resolved, and the graph
+checked for cycles, by :meth:`Plan.graph`, which the runner calls before dispatching
+anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .action import ActionSpec, as_spec
+from .errors import PlanError
+
+__all__ = ["Graph", "Node", "Plan", "find_nodes", "resolve"]
+
+
+class Node:
+    """One call of an action inside a plan; returned by :meth:`Plan.add`.
+
+    Pass a node as an argument of another node to use its value; use it as a key of
+    a :class:`~actionpool.Report` to read its outcome. Nodes hash by identity.
+
+    Attributes:
+        index: position in the plan (plan order), from 0.
+        name: unique within the plan.
+        action: the node's :class:`~actionpool.ActionSpec`.
+        args, kwargs: the call's arguments, nodes still in place.
+    """
+
+    __slots__ = ("_after", "_plan", "action", "args", "deps", "index", "kwargs", "name")
+
+    def __init__(
+        self,
+        plan: Plan,
+        index: int,
+        name: str,
+        action: ActionSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deps: tuple[Node, ...],
+        after: tuple[Node | str, ...],
+    ) -> None:
+        self._plan = plan
+        self.index = index
+        self.name = name
+        self.action = action
+        self.args = args
+        self.kwargs = kwargs
+        self.deps = deps  # nodes whose values are arguments
+        self._after = after
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name!r} #{self.index} {self.action.name}>"
+
+
+def find_nodes(obj: Any, found: list[Node]) -> None:
+    """Append every :class:`Node` inside ``obj`` (lists, tuples, dicts, recursively)."""
+    if isinstance(obj, Node):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            find_nodes(item, found)
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            find_nodes(key, found)
+            find_nodes(item, found)
+
+
+def resolve(obj: Any, value_of: Callable[[Node], Any]) -> Any:
+    """A copy of ``obj`` with every node replaced by ``value_of(node)``.
+
+    Containers without nodes are returned as they are (no copy).
+    """
+    if isinstance(obj, Node):
+        return value_of(obj)
+    if isinstance(obj, list):
+        return [resolve(item, value_of) for item in obj]
+    if isinstance(obj, tuple):
+        items = [resolve(item, value_of) for item in obj]
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return type(obj)(items) if type(obj) is not tuple else tuple(items)
+    if isinstance(obj, dict):
+        out = {resolve(k, value_of): resolve(v, value_of) for k, v in obj.items()}
+        return out if type(obj) is dict else type(obj)(out)
+    return obj
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A checked plan: resolved edges, ready for the scheduler.
+
+    Attributes:
+        nodes: every node, in plan order.
+        deps: for each node index, the sorted indices of the nodes it waits for.
+        dependents: for each node index, the indices of the nodes waiting for it.
+        order: a topological order of node indices (plan order where edges allow).
+    """
+
+    nodes: tuple[Node, ...]
+    deps: tuple[tuple[int, ...], ...]
+    dependents: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]
+
+    def ancestors(self) -> list[int]:
+        """For each node index, a bitset (int) of the indices of all its ancestors."""
+        anc = [0] * len(self.nodes)
+        for i in self.order:
+            bits = 0
+            for d in self.deps[i]:
+                bits |= anc[d] | (1 << d)
+            anc[i] = bits
+        return anc
+
+
+class Plan:
+    """A directed acyclic graph of action calls (nodes).
+
+    Example::
+
+        plan = ap.Plan()
+        parts = [plan.add(simulate, i, name=f"sim{i}") for i in range(8)]
+        total = plan.add(sum, parts)            # fan-in: waits for all eight
+        plan.add(notify, after=["sim0"])        # ordering without data
+
+    Build a plan in one thread; run it with :meth:`Runner.run` as often as you like.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: list[Node] = []
+        self._by_name: dict[str, Node] = {}
+        self._auto_names: dict[str, int] = {}
+
+    def add(
+        self,
+        fn: Callable[..., Any] | ActionSpec,
+        /,
+        *args: Any,
+        name: str | None = None,
+        after: Iterable[Node | str] | Node | str | None = None,
+        **kwargs: Any,
+    ) -> Node:
+        """Add one call of ``fn`` to the plan.
+
+        Args:
+            fn: an action (``@ap.action``) or any callable (kind ``"cpu"``).
+            *args, **kwargs: its arguments. A :class:`Node` among them (also inside
+                lists, tuples and dicts) is an edge, and is replaced by that node's
+                value when this node runs.
+            name: a unique name for the node; by default the action's name, with
+                ``#1``, ``#2``... appended to repeats.
+            after: nodes or node names this node runs after, without using their
+                values. Names may refer to nodes added later.
+
+        Returns:
+            The new :class:`Node`.
+
+        Raises:
+            PlanError: ``fn`` is not callable, ``name`` is taken or not a string, or an
+                argument or ``after`` entry is a node of another plan, or ``after``
+                holds something that is neither a node nor a name.
+        """
+        try:
+            spec = as_spec(fn)
+        except TypeError as exc:
+            raise PlanError(f"node {name or fn!r}: {exc}") from None
+        if name is None:
+            name = self._auto_name(spec.name)
+        elif not isinstance(name, str) or not name:
+            raise PlanError(f"node name must be a non-empty string, got {name!r}")
+        elif name in self._by_name:
+            raise PlanError(f"node name {name!r} is already used by {self._by_name[name]!r}")
+        found: list[Node] = []
+        find_nodes(args, found)
+        find_nodes(kwargs, found)
+        for dep in found:
+            if dep._plan is not self:
+                raise PlanError(f"node {name!r}: argument {dep!r} belongs to another plan")
+        if after is None:
+            after_t: tuple[Node | str, ...] = ()
+        elif isinstance(after, (Node, str)):
+            after_t = (after,)
+        else:
+            after_t = tuple(after)
+        for a in after_t:
+            if isinstance(a, Node):
+                if a._plan is not self:
+                    raise PlanError(f"node {name!r}: after= entry {a!r} belongs to another plan")
+            elif not isinstance(a, str):
+                raise PlanError(
+                    f"node {name!r}: after= takes nodes or node names, got {type(a).__name__} {a!r}"
+                )
+        deps = tuple(dict.fromkeys(found))
+        node = Node(self, len(self._nodes), name, spec, args, kwargs, deps, after_t)
+        self._nodes.append(node)
+        self._by_name[name] = node
+        return node
+
+    def _auto_name(self, base: str) -> str:
+        n = self._auto_names.get(base, 0)
+        name = base if n == 0 else f"{base}#{n}"
+        while name in self._by_name:
+            n += 1
+            name = f"{base}#{n}"
+        self._auto_names[base] = n + 1
+        return name
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node, in plan order."""
+        return tuple(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(tuple(self._nodes))
+
+    def __getitem__(self, name: str) -> Node:
+        """The node called ``name``.
+
+        Raises:
+            KeyError: no such node.
+        """
+        return self._by_name[name]
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, Node):
+            return item._plan is self
+        return item in self._by_name
+
+    def __repr__(self) -> str:
+        return f"<Plan of {len(self._nodes)} nodes>"
+
+    def graph(self) -> Graph:
+        """Resolve ``after=`` names and check the plan; called before a run.
+
+        Returns:
+            The :class:`Graph` of the plan.
+
+        Raises:
+            PlanError: an ``after=`` name that no node has (naming the node and the
+                name), or a cycle (naming the nodes on it, in order).
+        """
+        n = len(self._nodes)
+        deps: list[list[int]] = []
+        for node in self._nodes:
+            ids = {d.index for d in node.deps}
+            for a in node._after:
+                if isinstance(a, str):
+                    target = self._by_name.get(a)
+                    if target is None:
+                        raise PlanError(
+                            f"node {node.name!r}: after= names unknown node {a!r}"
+                            + _suggest(a, self._by_name)
+                        )
+                    ids.add(target.index)
+                else:
+                    ids.add(a.index)
+            if node.index in ids:
+                raise PlanError(f"cycle: node {node.name!r} runs after itself")
+            deps.append(sorted(ids))
+        dependents: list[list[int]] = [[] for _ in range(n)]
+        for i, ds in enumerate(deps):
+            for d in ds:
+                dependents[d].append(i)
+        # Kahn's algorithm; a heap keeps plan order among ready nodes.
+        import heapq
+
+        indegree = [len(ds) for ds in deps]
+        heap = [i for i in range(n) if indegree[i] == 0]
+        heapq.heapify(heap)
+        order: list[int] = []
+        while heap:
+            i = heapq.heappop(heap)
+            order.append(i)
+            for j in dependents[i]:
+                indegree[j] -= 1
+                if indegree[j] == 0:
+                    heapq.heappush(heap, j)
+        if len(order) < n:
+            raise PlanError("cycle: " + " -> ".join(self._find_cycle(deps, indegree)))
+        return Graph(
+            nodes=tuple(self._nodes),
+            deps=tuple(tuple(ds) for ds in deps),
+            dependents=tuple(tuple(ds) for ds in dependents),
+            order=tuple(order),
+        )
+
+    def _find_cycle(self, deps: list[list[int]], indegree: list[int]) -> list[str]:
+        # Every node left with indegree > 0 waits on another such node: walk the
+        # "waits for" edges until a node repeats; that loop is a cycle.
+        start = next(i for i, k in enumerate(indegree) if k > 0)
+        seen: dict[int, int] = {}
+        path: list[int] = []
+        i = start
+        while i not in seen:
+            seen[i] = len(path)
+            path.append(i)
+            i = next(d for d in deps[i] if indegree[d] > 0)
+        cycle = path[seen[i] :]
+        cycle.reverse()  # print in run order: a -> b means b runs after a
+        names = [self._nodes[k].name for k in cycle]
+        return [*names, names[0]]
+
+
+def _suggest(name: str, known: dict[str, Node]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

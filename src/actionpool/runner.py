@@ -1,0 +1,449 @@
+"""The :class:`Runner`: owns the pools, the router and the scheduler.
+
+Data flow::
+
+    caller thread                         scheduler thread (one asyncio loop)
+    -------------                         -----------------------------------
+    run(plan)  ──graph check, pickle state──► PlanRun.start ──► Scheduler ──► pools
+    submit(fn) ──pickle call────────────────► CallRun.add   ──┘
+    map(fn, xs) = a window of submits
+    ◄──── Report / Future result ─────────── transitions on results
+
+Sync calls block on a ``concurrent.futures.Future`` of the loop; async calls await it;
+so a runner works the same from scripts, threads and a notebook's running loop.
+States: *open* -> *closed* (``close()``/``shutdown()``/leaving ``with``); a closed
+runner refuses new work, and every worker process it started has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from .action import ActionSpec, as_spec
+from .errors import PlanError, SerializationError
+from .events import Event
+from .outcome import Report
+from .plan import Plan
+from .pools import Pool
+from .pools.process import ProcessPool
+from .pools.threads import ThreadPool
+from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
+from .sizing import Sizing, compute_sizing
+from .transfer import dumps_call, dumps_state
+
+__all__ = ["Runner"]
+
+T = TypeVar("T")
+
+
+class Runner(Executor):
+    """Runs actions in parallel: CPU actions in processes, I/O actions in threads.
+
+    A runner is a :class:`concurrent.futures.Executor` and a context manager::
+
+        with ap.Runner() as runner:
+            fut = runner.submit(simulate, 1, steps=1000)
+            for y in runner.map(simulate, range(100), steps=1000): ...
+            report = runner.run(plan, state={"k": 1})
+
+    Args:
+        cpu_workers: processes in the CPU pool; default from :func:`compute_sizing`
+            (or ``ACTIONPOOL_CPU_WORKERS``).
+        io_workers: threads in the I/O pool; default likewise (``ACTIONPOOL_IO_WORKERS``).
+        backend: ``"local"`` (the only backend so far).
+
+    Raises:
+        ValueError: a worker count is not an int >= 1, or an unknown backend.
+    """
+
+    def __init__(
+        self,
+        cpu_workers: int | None = None,
+        io_workers: int | None = None,
+        *,
+        backend: str = "local",
+    ) -> None:
+        if backend != "local":
+            raise ValueError(f"backend must be 'local', got {backend!r}")
+        self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="actionpool-scheduler", daemon=True
+        )
+        self._thread.start()
+        self._pools: dict[str, Pool] = {
+            "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads),
+            "io": ThreadPool(self.sizing.io_workers, self._loop),
+        }
+        self._sched = Scheduler(self._loop, self._pools)
+        self._calls = CallRun(self._sched, uuid.uuid4().hex[:12])
+        self._runs: set[PlanRun] = set()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ---- Executor API ----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Run ``fn(*args, **kwargs)`` on the pool of its kind.
+
+        The arguments are pickled now, in this thread (the action gets a private copy,
+        whatever the caller does with them afterwards).
+
+        Returns:
+            A :class:`concurrent.futures.Future` of the value. Its exception is the
+            action's own (type, message; remote traceback as ``__cause__``), or
+            :class:`~actionpool.SerializationError` naming the argument that could not
+            be pickled. ``future.cancel()`` works until the call starts.
+
+        Raises:
+            RuntimeError: the runner is closed.
+            TypeError: ``fn`` is not callable.
+        """
+        spec = as_spec(fn)
+        fut: Future[T] = Future()
+        try:
+            call = dumps_call(spec.name, spec, args, kwargs)
+        except SerializationError as exc:
+            fut.set_exception(exc)
+            return fut
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a closed Runner")
+            self._loop.call_soon_threadsafe(self._calls.add, spec, call, args, kwargs, fut)
+        return fut
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        window: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[T]:
+        """``fn(*items, **kwargs)`` for each item of ``zip(*iterables)``, results in order.
+
+        Streams: at most ``window`` calls are in flight, and the input is read only as
+        results are consumed, so an endless iterator runs in constant memory.
+
+        Args:
+            fn: the action.
+            *iterables: the positional arguments, zipped.
+            timeout: seconds, from this call, after which waiting for a result raises
+                ``TimeoutError`` (as in ``Executor.map``); ``None`` waits forever.
+            chunksize: items per task (1: one task per item).
+            window: tasks in flight at most; default twice the pool's size.
+            **kwargs: passed to every call.
+
+        Returns:
+            An iterator of results in input order. An action's exception is raised
+            when its item is reached; the calls still in flight are then cancelled.
+
+        Raises:
+            ValueError: ``chunksize`` or ``window`` is not an int >= 1.
+        """
+        spec = as_spec(fn)
+        size = self._pools[spec.kind].size
+        window = 2 * size if window is None else window
+        for opt, val in (("chunksize", chunksize), ("window", window)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"map: {opt} must be an int >= 1, got {val!r}")
+        end = None if timeout is None else time.monotonic() + timeout
+        items = zip(*iterables, strict=False)
+        if chunksize == 1:
+            calls: Iterator[Future[Any]] = (self.submit(spec, *a, **kwargs) for a in items)
+        else:
+            calls = (
+                self.submit(_run_chunk, spec, chunk, kwargs) for chunk in _chunks(items, chunksize)
+            )
+        pending: deque[Future[Any]] = deque()
+        for fut in calls:  # start the first window now, like Executor.map does
+            pending.append(fut)
+            if len(pending) >= window:
+                break
+        return self._map_results(pending, calls, window, end, chunksize > 1)
+
+    @staticmethod
+    def _map_results(
+        pending: deque[Future[Any]],
+        calls: Iterator[Future[Any]],
+        window: int,
+        end: float | None,
+        chunked: bool,
+    ) -> Iterator[Any]:
+        try:
+            while pending:
+                fut = pending.popleft()
+                left = None if end is None else max(0.0, end - time.monotonic())
+                value = fut.result(timeout=left)
+                for nxt in calls:  # refill before yielding, to keep workers busy
+                    pending.append(nxt)
+                    if len(pending) >= window:
+                        break
+                if chunked:
+                    for ok, item in value:
+                        if not ok:
+                            raise item
+                        yield item
+                else:
+                    yield value
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close the runner: refuse new work, then stop the pools.
+
+        Args:
+            wait: wait for submitted calls and runs to finish and for every worker
+                process to exit.
+            cancel_futures: cancel the calls that have not started.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if cancel_futures:
+            self._on_loop(lambda: self._sched.cancel_waiting(self._calls))
+        if wait:
+            self._wait_idle()
+        for pool in self._pools.values():
+            pool.close(cancel=not wait)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        """Same as ``shutdown(wait=True)``."""
+        self.shutdown(wait=True)
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Leaving the block on an error or Ctrl-C must not wait for queued work.
+        self.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # best effort at interpreter exit
+                self.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Runner {state} {self.sizing}>"
+
+    # ---- plans ---------------------------------------------------------------------
+
+    def run(
+        self,
+        plan: Plan,
+        state: Any = None,
+        *,
+        failure: str = "collect",
+        on_event: Callable[[Event], Any] | None = None,
+        progress: bool = False,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+    ) -> Report:
+        """Run every node of ``plan`` and return the :class:`~actionpool.Report`.
+
+        Nodes start the moment their own dependencies have succeeded (no level-by-level
+        barrier); among ready nodes, plan order decides.
+
+        Args:
+            plan: the :class:`~actionpool.Plan`.
+            state: the run's initial state (usually a dict), pickled once; each action
+                that takes a :class:`~actionpool.Context` gets its own copy. Never
+                modified.
+            failure: ``"collect"`` (every node gets an outcome; dependents of a node
+                that did not succeed are ``SKIPPED``) or ``"fail_fast"`` (the first
+                failure cancels what has not started).
+            on_event: called with each :class:`~actionpool.Event`, on the scheduler
+                thread.
+            progress: show a progress bar (tqdm; notebook-aware).
+            reducers: ``{state key: fn(current, new)}`` to combine updates of a key
+                from nodes that the plan does not order.
+
+        Returns:
+            The report: an outcome per node in plan order, the merged state, a status.
+
+        Raises:
+            PlanError: the plan has an unknown ``after=`` name or a cycle, or an
+                option is bad; nothing has run.
+            StateConflict: two unordered nodes updated the same key without a reducer
+                (the report is attached as ``.report``).
+            RuntimeError: the runner is closed, or this is called from an ``on_event``
+                callback (the scheduler thread).
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Runner.run cannot be called from the scheduler thread (on_event)")
+        run = self._start_run(plan, state, failure, on_event, progress, reducers)
+        cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
+        try:
+            return cf.result()
+        except KeyboardInterrupt:
+            self._on_loop(lambda: run._cancel_rest())
+            raise
+
+    async def arun(
+        self,
+        plan: Plan,
+        state: Any = None,
+        *,
+        failure: str = "collect",
+        on_event: Callable[[Event], Any] | None = None,
+        progress: bool = False,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+    ) -> Report:
+        """The same as :meth:`run`, for ``async`` code and notebooks.
+
+        ``report = await runner.arun(plan)``; the run goes on on the runner's own
+        scheduler thread, so a notebook's running loop is never blocked.
+        """
+        run = self._start_run(plan, state, failure, on_event, progress, reducers)
+        cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
+        return await asyncio.wrap_future(cf)
+
+    def _start_run(
+        self,
+        plan: Plan,
+        state: Any,
+        failure: str,
+        on_event: Callable[[Event], Any] | None,
+        progress: bool,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None,
+    ) -> PlanRun:
+        if not isinstance(plan, Plan):
+            raise PlanError(f"run() takes a Plan, got {type(plan).__name__}")
+        check_failure_policy(failure)
+        if on_event is not None and not callable(on_event):
+            raise PlanError(f"on_event must be callable, got {on_event!r}")
+        if reducers is not None:
+            if not isinstance(reducers, Mapping):
+                raise PlanError(
+                    f"reducers must be a mapping of state key to function, got {reducers!r}"
+                )
+            for key, fn in reducers.items():
+                if not callable(fn):
+                    raise PlanError(f"reducer for state key {key!r} must be callable, got {fn!r}")
+        graph = plan.graph()
+        state_bytes: bytes | None = None
+        state_error: SerializationError | None = None
+        if any(n.action.wants_context for n in graph.nodes):
+            try:
+                state_bytes = dumps_state({} if state is None else state)
+            except SerializationError as exc:
+                state_error = exc
+        on_event = _with_progress(on_event, len(graph.nodes)) if progress else on_event
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot run a plan on a closed Runner")
+            run = PlanRun(
+                self._sched,
+                graph,
+                uuid.uuid4().hex[:12],
+                state,
+                state_bytes,
+                state_error,
+                failure,
+                on_event,
+                reducers,
+            )
+            self._runs.add(run)
+        return run
+
+    async def _await_run(self, run: PlanRun) -> Report:
+        run.start()
+        try:
+            return await run.done
+        finally:
+            self._runs.discard(run)
+            close = getattr(run.on_event, "close", None)
+            if close is not None:
+                close()
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _on_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the scheduler thread and wait for it."""
+
+        async def call() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def _wait_idle(self) -> None:
+        """Block until every submitted call and every run has ended."""
+
+        async def idle() -> None:
+            while True:
+                waits: list[asyncio.Future[Any]] = [r.done for r in self._runs]
+                waits += [
+                    asyncio.wrap_future(r.user_future)
+                    for r in self._calls.live
+                    if r.user_future is not None
+                ]
+                if not waits:
+                    return
+                await asyncio.wait(waits)
+                await asyncio.sleep(0)  # let finished runs leave self._runs
+
+        asyncio.run_coroutine_threadsafe(idle(), self._loop).result()
+
+
+def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _run_chunk(
+    spec: ActionSpec, chunk: list[tuple[Any, ...]], kwargs: dict[str, Any]
+) -> list[tuple[bool, Any]]:
+    """Run ``spec`` over a chunk of argument tuples, keeping each item's error."""
+    out: list[tuple[bool, Any]] = []
+    for args in chunk:
+        try:
+            out.append((True, spec(*args, **kwargs)))
+        except Exception as exc:  # noqa: BLE001 - raised again in the parent at its item
+            out.append((False, exc))
+    return out
+
+
+class _Progress:
+    """An ``on_event`` wrapper that drives a tqdm bar (notebook-aware)."""
+
+    def __init__(self, inner: Callable[[Event], Any] | None, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.inner = inner
+        self.bar = tqdm(total=total, unit="node", desc="actionpool")
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "finished":
+            self.bar.update(1)
+        if self.inner is not None:
+            self.inner(event)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _with_progress(inner: Callable[[Event], Any] | None, total: int) -> Callable[[Event], Any]:
+    try:
+        return _Progress(inner, total)
+    except ImportError as exc:
+        raise PlanError("progress=True needs tqdm: pip install 'actionpool[progress]'") from exc

@@ -1,0 +1,642 @@
+"""The scheduler: decides what runs when. Lives on the runner's event-loop thread.
+
+Data flow::
+
+    Runner.run(plan) ──► PlanRun ──(ready nodes)──► Scheduler ready queues (per pool,
+                                                    plan order) ──admission──► Pool
+    Runner.submit()  ──► CallRun ──┘                                             │
+                                                                                 ▼
+    Report ◄── PlanRun._finish ◄── transitions ◄── _on_result ◄── loop ◄── Future[Result]
+
+Every node (a plan node or a submitted call) is a :class:`NodeRecord` whose lifecycle
+is an explicit state machine::
+
+    PENDING ──► READY ──► RUNNING ──► SUCCEEDED | FAILED | TIMED_OUT | CRASHED | CANCELLED
+       │          │  ▲        │
+       │          │  └────────┘ (retry, or resubmit after a pool broke)
+       └──────────┴──► SKIPPED | CANCELLED | FAILED (could not be serialized)
+
+Only :meth:`Scheduler.transition` changes a record's state; it checks the move against
+:data:`TRANSITIONS` and calls the one handler for the target state, so every rule about
+a state lives in one function. The scheduler never touches processes (pools do) and a
+pool never decides order (the scheduler does). All methods run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from ._worker import Result, Task, rebuild_error
+from .action import ActionSpec
+from .errors import ActionFailed, PlanError, SerializationError, StateConflict, WorkerCrashed
+from .events import Event
+from .outcome import Outcome, Report, RunStatus, Status
+from .plan import Graph, Node, resolve
+from .state import merge_state
+from .transfer import dumps_call, loads
+
+if TYPE_CHECKING:
+    from .pools import Pool
+
+__all__ = ["CallRun", "NodeRecord", "NodeState", "PlanRun", "Scheduler", "TRANSITIONS"]
+
+
+class NodeState(Enum):
+    """Where a node is in its lifecycle (see the module docstring's diagram)."""
+
+    PENDING = "pending"  # waiting for its dependencies
+    READY = "ready"  # dependencies met, waiting for a pool slot (or a retry's backoff)
+    RUNNING = "running"  # handed to a pool
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+_P, _R, _X = NodeState.PENDING, NodeState.READY, NodeState.RUNNING
+TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    _P: frozenset({_R, NodeState.SKIPPED, NodeState.CANCELLED}),
+    _R: frozenset({_X, NodeState.SKIPPED, NodeState.FAILED, NodeState.CANCELLED}),
+    _X: frozenset(
+        {
+            _R,
+            NodeState.SUCCEEDED,
+            NodeState.FAILED,
+            NodeState.TIMED_OUT,
+            NodeState.CRASHED,
+            NodeState.CANCELLED,
+        }
+    ),
+}
+"""The legal moves: ``TRANSITIONS[from]`` is the set of states a node may move to."""
+
+TERMINAL = frozenset(NodeState) - set(TRANSITIONS)
+
+
+class NodeRecord:
+    """The scheduler's record of one node during one run."""
+
+    __slots__ = (
+        "attempts",
+        "call",
+        "deltas",
+        "deps_left",
+        "error",
+        "finished_at",
+        "index",
+        "key",
+        "name",
+        "node",
+        "pool",
+        "run",
+        "spec",
+        "started_at",
+        "state",
+        "traceback",
+        "user_future",
+        "value",
+        "worker",
+    )
+
+    def __init__(
+        self, run: _Run, index: int, name: str, spec: ActionSpec, node: Node | None
+    ) -> None:
+        self.run = run
+        self.index = index
+        self.name = name
+        self.spec = spec
+        self.node = node
+        self.key = (run.seq, index)
+        self.state = NodeState.PENDING
+        self.deps_left = 0
+        self.attempts = 0
+        self.call: bytes | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.traceback: str | None = None
+        self.deltas: dict[str, Any] | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.worker: int | str | None = None
+        self.pool: str | None = None
+        self.user_future: Future[Any] | None = None
+
+    def __lt__(self, other: NodeRecord) -> bool:  # heap order: run, then plan order
+        return self.key < other.key
+
+    def __repr__(self) -> str:
+        return f"<NodeRecord {self.name!r} {self.state.value}>"
+
+
+class _Run:
+    """What the scheduler needs of a run (a plan run or the runner's stream of calls)."""
+
+    seq: int
+    run_id: str
+    state_bytes: bytes | None
+    state_error: SerializationError | None
+    on_event: Callable[[Event], Any] | None
+
+    def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+    def may_start(self, rec: NodeRecord) -> bool:
+        return True
+
+    def state_for_validate(self) -> Any:
+        """A private copy of the state for a ``validate`` callable."""
+        return loads(self.state_bytes) if self.state_bytes is not None else {}
+
+    def node_finished(self, rec: NodeRecord) -> None:
+        raise NotImplementedError
+
+
+class Scheduler:
+    """Admission, dispatch and result handling for every run of one runner.
+
+    Args:
+        loop: the runner's event loop; every method runs on its thread.
+        pools: ``{"cpu": pool, "io": pool}``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool]) -> None:
+        self.loop = loop
+        self.pools = dict(pools)
+        self._ready: dict[str, list[NodeRecord]] = {k: [] for k in self.pools}
+        self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
+        self._running: set[NodeRecord] = set()
+        self._dispatch_pending = False
+        self._seq = itertools.count(1)
+
+    def next_seq(self) -> int:
+        """A sequence number for a new run (earlier runs dispatch first)."""
+        return next(self._seq)
+
+    # ---- the state machine -------------------------------------------------------
+
+    def transition(self, rec: NodeRecord, to: NodeState, **info: Any) -> None:
+        """Move ``rec`` to state ``to`` and run that state's handler.
+
+        Raises:
+            AssertionError: the move is not in :data:`TRANSITIONS` (a scheduler bug).
+        """
+        frm = rec.state
+        if to not in TRANSITIONS.get(frm, ()):
+            raise AssertionError(f"node {rec.name!r}: illegal transition {frm.value} -> {to.value}")
+        rec.state = to
+        _HANDLERS[to](self, rec, frm, **info)
+
+    def _to_ready(self, rec: NodeRecord, frm: NodeState, delay: float = 0.0) -> None:
+        if frm is NodeState.RUNNING:
+            self._release(rec)
+        if delay > 0:
+            self.loop.call_later(delay, self._enqueue, rec)
+        else:
+            self._enqueue(rec)
+
+    def _to_running(self, rec: NodeRecord, frm: NodeState, task: Task) -> None:
+        kind = rec.spec.kind
+        pool = self.pools[kind]
+        rec.attempts += 1
+        rec.pool = kind
+        self._free[kind] -= 1
+        self._running.add(rec)
+        self.emit(rec, "queued")
+        attempt = rec.attempts
+        try:
+            fut = pool.submit(task, rec.spec.is_async)
+        except Exception as exc:  # noqa: BLE001 - a closed or broken pool fails this node
+            self.transition(rec, NodeState.FAILED, error=exc)
+            return
+
+        def done(f: Future[Result]) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
+                self.loop.call_soon_threadsafe(self._on_result, rec, attempt, f)
+
+        fut.add_done_callback(done)
+
+    def _to_terminal(
+        self,
+        rec: NodeRecord,
+        frm: NodeState,
+        error: BaseException | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        if frm is NodeState.RUNNING:
+            self._release(rec)
+        if error is not None:
+            rec.error = error
+        if traceback is not None:
+            rec.traceback = traceback
+        rec.finished_at = time.time()
+        self.emit(rec, "finished", Status(rec.state.value))
+        rec.run.node_finished(rec)
+
+    # ---- queues and admission ----------------------------------------------------
+
+    def _enqueue(self, rec: NodeRecord) -> None:
+        if rec.state is not NodeState.READY:  # cancelled during a backoff
+            return
+        heapq.heappush(self._ready[rec.spec.kind], rec)
+        self.schedule_dispatch()
+
+    def _release(self, rec: NodeRecord) -> None:
+        self._running.discard(rec)
+        self._free[rec.spec.kind] += 1
+        self.schedule_dispatch()
+
+    def schedule_dispatch(self) -> None:
+        """Dispatch on the next loop iteration (coalesces bursts of finished nodes)."""
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self.loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        for kind, heap in self._ready.items():
+            while heap and self._free[kind] > 0:
+                rec = heapq.heappop(heap)
+                if rec.state is not NodeState.READY:
+                    continue
+                if not rec.run.may_start(rec):
+                    self.transition(rec, NodeState.CANCELLED)
+                    continue
+                task = self._prepare(rec)
+                if task is not None:
+                    self.transition(rec, NodeState.RUNNING, task=task)
+
+    def _prepare(self, rec: NodeRecord) -> Task | None:
+        """Build the task for ``rec``'s next attempt; end the node if it cannot run."""
+        run, spec = rec.run, rec.spec
+        if spec.wants_context and run.state_error is not None:
+            err = SerializationError(f"node {rec.name!r}: {run.state_error}")
+            self.transition(rec, NodeState.FAILED, error=err)
+            return None
+        if rec.attempts == 0 and spec.validate is not None:
+            args, kwargs = run.arguments(rec)
+            try:
+                ok = spec.validate(run.state_for_validate(), *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self.transition(rec, NodeState.FAILED, error=exc)
+                return None
+            if not ok:
+                reason = ActionFailed(f"node {rec.name!r} skipped: validate returned {ok!r}")
+                self.transition(rec, NodeState.SKIPPED, error=reason)
+                return None
+        if rec.call is None:
+            args, kwargs = run.arguments(rec)
+            try:
+                rec.call = dumps_call(rec.name, spec, args, kwargs)
+            except SerializationError as exc:
+                self.transition(rec, NodeState.FAILED, error=exc)
+                return None
+        deadline = time.time() + spec.timeout if spec.timeout is not None else None
+        return Task(
+            run.run_id,
+            rec.name,
+            rec.attempts + 1,
+            deadline,
+            spec.wants_context,
+            run.state_bytes if spec.wants_context else None,
+            rec.call,
+        )
+
+    # ---- results -------------------------------------------------------------------
+
+    def _on_result(self, rec: NodeRecord, attempt: int, fut: Future[Result]) -> None:
+        if rec.state is not NodeState.RUNNING or rec.attempts != attempt:
+            return  # a stale result: the node was cancelled or re-dispatched meanwhile
+        exc = fut.exception()
+        if exc is not None:
+            self._on_pool_error(rec, exc)
+            return
+        result = fut.result()
+        rec.started_at = result.started_at
+        rec.worker = result.worker
+        self.emit(rec, "started", at=result.started_at)
+        for kind, at, data in result.events:
+            self.emit(rec, kind, data, at=at)
+        if result.ok:
+            try:
+                rec.value = loads(result.value) if result.value is not None else None
+                rec.deltas = loads(result.deltas) if result.deltas is not None else None
+            except Exception as err:  # noqa: BLE001
+                serr = SerializationError(
+                    f"node {rec.name!r}: its return value could not be unpickled here"
+                    f" ({type(err).__name__}: {err})"
+                )
+                self.transition(rec, NodeState.FAILED, error=serr)
+                return
+            self.transition(rec, NodeState.SUCCEEDED)
+            return
+        error = rebuild_error(result)
+        if result.traceback and error.__cause__ is None:
+            error.__cause__ = _RemoteTraceback(result.traceback)
+        spec = rec.spec
+        if rec.attempts <= spec.retries and isinstance(error, spec.retry_on):
+            delay = backoff_delay(spec.backoff, rec.attempts)
+            self.emit(rec, "retrying", {"attempt": rec.attempts, "error": error, "delay_s": delay})
+            self.transition(rec, NodeState.READY, delay=delay)
+            return
+        self.transition(rec, NodeState.FAILED, error=error, traceback=result.traceback or None)
+
+    def _on_pool_error(self, rec: NodeRecord, exc: BaseException) -> None:
+        # A loky worker died: the executor is broken and every pending future fails.
+        name = type(exc).__name__
+        if "Broken" in name or "Terminated" in name:
+            err: BaseException = WorkerCrashed(
+                f"node {rec.name!r}: its worker process died ({exc})"
+            )
+            self.transition(rec, NodeState.CRASHED, error=err)
+        else:
+            self.transition(rec, NodeState.FAILED, error=exc)
+
+    # ---- events --------------------------------------------------------------------
+
+    def emit(self, rec: NodeRecord, kind: str, data: Any = None, at: float | None = None) -> None:
+        """Deliver an event to the run's ``on_event`` (errors there become warnings)."""
+        cb = rec.run.on_event
+        if cb is None:
+            return
+        try:
+            cb(Event(kind, rec.node, rec.name, time.time() if at is None else at, data))
+        except Exception as exc:  # noqa: BLE001 - a broken callback must not break the run
+            warnings.warn(
+                f"on_event raised {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=1
+            )
+
+    def cancel_waiting(self, run: _Run) -> None:
+        """End every node of ``run`` that has not started ``CANCELLED``."""
+        for heap in self._ready.values():
+            for rec in heap:
+                if rec.run is run and rec.state is NodeState.READY:
+                    self.transition(rec, NodeState.CANCELLED)
+
+
+_HANDLERS: dict[NodeState, Callable[..., None]] = {
+    NodeState.READY: Scheduler._to_ready,
+    NodeState.RUNNING: Scheduler._to_running,
+    **{s: Scheduler._to_terminal for s in TERMINAL},
+}
+
+
+class _RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of its exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def backoff_delay(base: float, attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based).
+
+    Exponential backoff with "equal jitter" (AWS Architecture Blog, "Exponential
+    Backoff And Jitter", 2015): ``d = base * 2**(attempt-1)``, then a uniform draw in
+    ``[d/2, d]`` so that retries of many nodes do not synchronise.
+    """
+    if base <= 0:
+        return 0.0
+    d = base * 2 ** (attempt - 1)
+    return float(d / 2 + random.uniform(0, d / 2))
+
+
+class PlanRun(_Run):
+    """One execution of a :class:`~actionpool.Plan`; resolves to a :class:`Report`."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        graph: Graph,
+        run_id: str,
+        state: Any,
+        state_bytes: bytes | None,
+        state_error: SerializationError | None,
+        failure: str,
+        on_event: Callable[[Event], Any] | None,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None,
+    ) -> None:
+        self.sched = sched
+        self.graph = graph
+        self.seq = sched.next_seq()
+        self.run_id = run_id
+        self.initial_state = state
+        self.state_bytes = state_bytes
+        self.state_error = state_error
+        self.failure = failure
+        self.on_event = on_event
+        self.reducers = reducers
+        self.recs = [NodeRecord(self, n.index, n.name, n.action, n) for n in graph.nodes]
+        for rec, deps in zip(self.recs, graph.deps, strict=True):
+            rec.deps_left = len(deps)
+        self.remaining = len(self.recs)
+        self.started_at = time.time()
+        self.failed_fast = False
+        self.done: asyncio.Future[Report] = sched.loop.create_future()
+        self._finished: deque[NodeRecord] = deque()
+        self._draining = False
+
+    def start(self) -> None:
+        """Mark the nodes without dependencies ready (call on the loop thread)."""
+        if not self.recs:
+            self._finish()
+            return
+        for rec in self.recs:
+            if rec.deps_left == 0:
+                self.sched.transition(rec, NodeState.READY)
+
+    def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        node = rec.node
+        assert node is not None
+        if not node.deps:
+            return node.args, node.kwargs
+
+        def value_of(n: Node) -> Any:
+            return self.recs[n.index].value
+
+        return resolve(node.args, value_of), resolve(node.kwargs, value_of)
+
+    def node_finished(self, rec: NodeRecord) -> None:
+        # A worklist instead of recursion: a failure at the head of a 10,000-node chain
+        # skips every node after it without growing the stack.
+        self._finished.append(rec)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._finished:
+                self._propagate(self._finished.popleft())
+        finally:
+            self._draining = False
+        if self.remaining == 0 and not self.done.done():
+            self._finish()
+
+    def _propagate(self, rec: NodeRecord) -> None:
+        self.remaining -= 1
+        ok = rec.state is NodeState.SUCCEEDED
+        for j in self.graph.dependents[rec.index]:
+            dep = self.recs[j]
+            if dep.state is not NodeState.PENDING:
+                continue
+            if ok:
+                dep.deps_left -= 1
+                if dep.deps_left == 0:
+                    self.sched.transition(dep, NodeState.READY)
+            else:
+                why = f"upstream node {rec.name!r} {rec.state.value}"
+                if rec.error is not None and rec.state is not NodeState.SKIPPED:
+                    why += f" ({type(rec.error).__name__}: {rec.error})"
+                err = ActionFailed(f"node {dep.name!r} skipped: {why}")
+                self.sched.transition(dep, NodeState.SKIPPED, error=err, traceback=why)
+        if (
+            not ok
+            and self.failure == "fail_fast"
+            and rec.state is not NodeState.SKIPPED
+            and not self.failed_fast
+        ):
+            self.failed_fast = True
+            self._cancel_rest()
+
+    def _cancel_rest(self) -> None:
+        self.sched.cancel_waiting(self)
+        for rec in self.recs:
+            if rec.state is NodeState.PENDING:
+                self.sched.transition(rec, NodeState.CANCELLED)
+
+    def _finish(self) -> None:
+        outcomes = [_outcome(rec) for rec in self.recs]
+        deltas = [
+            (i, self.recs[i].name, self.recs[i].deltas)
+            for i in self.graph.order
+            if self.recs[i].deltas and self.recs[i].state is NodeState.SUCCEEDED
+        ]
+        status = run_status(outcomes, self.failed_fast)
+        try:
+            state = merge_state(
+                self.initial_state,
+                deltas,  # type: ignore[arg-type]
+                self.graph.ancestors,
+                self.reducers,
+            )
+        except (StateConflict, TypeError) as exc:
+            report = Report(
+                outcomes, self.initial_state, status, self.run_id, self.started_at, time.time()
+            )
+            setattr(exc, "report", report)  # noqa: B010 - no result is lost
+            self.done.set_exception(exc)
+            return
+        self.done.set_result(
+            Report(outcomes, state, status, self.run_id, self.started_at, time.time())
+        )
+
+
+class CallRun(_Run):
+    """The runner's stream of :meth:`Runner.submit` calls; each ends its own Future."""
+
+    def __init__(self, sched: Scheduler, run_id: str) -> None:
+        self.sched = sched
+        self.seq = 0
+        self.run_id = run_id
+        self.state_bytes = None
+        self.state_error = None
+        self.on_event = None
+        self._index = itertools.count()
+        self.live: dict[NodeRecord, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def add(
+        self,
+        spec: ActionSpec,
+        call: bytes,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: Future[Any],
+    ) -> None:
+        """Queue one call (on the loop thread); ``future`` gets its value or error.
+
+        ``call`` is ``(spec, args, kwargs)`` already pickled by the submitting thread;
+        ``args`` and ``kwargs`` are kept only for the action's ``validate``.
+        """
+        rec = NodeRecord(self, next(self._index), spec.name, spec, None)
+        rec.call = call
+        rec.user_future = future
+        self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
+        self.sched.transition(rec, NodeState.READY)
+
+    def may_start(self, rec: NodeRecord) -> bool:
+        assert rec.user_future is not None
+        # A future the caller cancelled while it waited ends here, never runs.
+        return rec.attempts > 0 or rec.user_future.set_running_or_notify_cancel()
+
+    def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.live[rec]
+
+    def node_finished(self, rec: NodeRecord) -> None:
+        self.live.pop(rec, None)
+        fut = rec.user_future
+        assert fut is not None
+        if fut.done():  # cancelled before it started
+            return
+        if rec.state is NodeState.SUCCEEDED:
+            fut.set_result(rec.value)
+        elif rec.state is NodeState.CANCELLED and not fut.running():
+            fut.cancel()
+        else:
+            fut.set_exception(rec.error or ActionFailed(f"call {rec.name!r} {rec.state.value}"))
+
+
+def _outcome(rec: NodeRecord) -> Outcome:
+    assert rec.node is not None
+    status = Status(rec.state.value)
+    duration = None
+    if rec.started_at is not None and rec.finished_at is not None:
+        duration = max(0.0, rec.finished_at - rec.started_at)
+    return Outcome(
+        node=rec.node,
+        name=rec.name,
+        status=status,
+        value=rec.value if status is Status.SUCCEEDED else None,
+        error=rec.error,
+        traceback=rec.traceback,
+        attempts=rec.attempts,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at,
+        duration_s=duration,
+        pool=rec.pool,
+        worker=rec.worker,
+    )
+
+
+def run_status(
+    outcomes: list[Outcome], failed_fast: bool = False, cancelled: bool = False
+) -> RunStatus:
+    """The :class:`RunStatus` of a run from its outcomes."""
+    if cancelled:
+        return RunStatus.CANCELLED
+    ok = sum(o.status is Status.SUCCEEDED for o in outcomes)
+    if ok == len(outcomes):
+        return RunStatus.SUCCEEDED
+    if failed_fast or ok == 0:
+        return RunStatus.FAILED
+    return RunStatus.PARTIAL
+
+
+def check_failure_policy(failure: str) -> None:
+    """Raise :class:`PlanError` unless ``failure`` is ``"collect"`` or ``"fail_fast"``."""
+    if failure not in ("collect", "fail_fast"):
+        raise PlanError(f"failure must be 'collect' or 'fail_fast', got {failure!r}")

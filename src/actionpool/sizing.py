@@ -1,0 +1,222 @@
+"""How big the pools are: :class:`Sizing`, read from this machine, never hard-coded.
+
+Formulas (each number's origin is repeated in :attr:`Sizing.reason`):
+
+* ``usable_cores = loky.cpu_count()``: logical CPUs this process may use, after CPU
+  affinity and cgroup CPU quotas (loky implements both; we do not re-implement them).
+* ``physical_cores = loky.cpu_count(only_physical_cores=True)``, same limits applied.
+* ``memory_budget = MEMORY_FRACTION x psutil.virtual_memory().available`` (bytes).
+* ``worker_footprint``: the unique memory (USS) of a freshly started Python process
+  that has imported the worker's modules, measured once per interpreter (bytes).
+* ``cpu_workers = max(1, min(physical_cores, memory_budget // worker_footprint))``.
+* ``blas_threads = max(1, usable_cores // cpu_workers)``: BLAS/OpenMP threads per
+  worker, so that workers x threads <= usable cores (no oversubscription).
+* ``io_workers = max(32, IO_THREADS_PER_CORE x usable_cores)``, capped by a quarter of the
+  soft open-file limit (each I/O action may hold a few descriptors).
+  CPython's ``ThreadPoolExecutor`` default is ``min(32, cpu_count + 4)``; I/O actions
+  spend their time waiting, so we keep at least its 32 and grow with the cores.
+
+Overrides: ``Runner(cpu_workers=..., io_workers=...)`` arguments first, then the
+``ACTIONPOOL_CPU_WORKERS`` / ``ACTIONPOOL_IO_WORKERS`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import loky
+import psutil
+
+__all__ = ["IO_THREADS_PER_CORE", "MEMORY_FRACTION", "Sizing", "compute_sizing", "worker_footprint"]
+
+MEMORY_FRACTION = 0.8
+"""Share of the available memory that actions may use; the rest is left to the OS."""
+
+IO_THREADS_PER_CORE = 8
+"""I/O threads per usable core beyond CPython's floor of 32."""
+
+_FOOTPRINT: int | None = None
+_FOOTPRINT_PROBE = (
+    "import actionpool._worker, psutil;"
+    "m = psutil.Process().memory_full_info();"
+    "print(getattr(m, 'uss', m.rss))"
+)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The pool sizes of a runner and how they were reached.
+
+    Attributes:
+        cpu_workers: processes in the CPU pool.
+        io_workers: threads in the I/O pool.
+        memory_budget: bytes that actions' declared ``memory`` may add up to.
+        blas_threads: BLAS/OpenMP threads allowed inside each CPU worker.
+        reason: one line per number saying where it came from.
+        usable_cores: logical CPUs usable by this process (affinity, cgroups).
+        physical_cores: physical cores among them.
+        available_memory: ``psutil.virtual_memory().available`` when measured, bytes.
+        worker_footprint: measured memory of one idle worker, bytes (0 if not measured).
+    """
+
+    cpu_workers: int
+    io_workers: int
+    memory_budget: int
+    blas_threads: int
+    reason: str
+    usable_cores: int
+    physical_cores: int
+    available_memory: int
+    worker_footprint: int
+
+    def __str__(self) -> str:
+        return (
+            f"cpu_workers={self.cpu_workers} io_workers={self.io_workers} "
+            f"blas_threads={self.blas_threads} memory_budget={_fmt_bytes(self.memory_budget)}"
+        )
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def worker_footprint() -> int:
+    """Unique memory (bytes) of a fresh worker process, measured once per interpreter.
+
+    Starts ``python -c 'import actionpool._worker'`` and reads its USS with psutil
+    (RSS where USS is unavailable).
+
+    Raises:
+        RuntimeError: the probe process failed.
+    """
+    global _FOOTPRINT
+    if _FOOTPRINT is None:
+        out = subprocess.run(
+            [sys.executable, "-c", _FOOTPRINT_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"could not measure a worker's memory: {out.stderr.strip()}")
+        _FOOTPRINT = int(out.stdout.split()[-1])
+    return _FOOTPRINT
+
+
+def _override(arg: int | None, var: str) -> tuple[int | None, str]:
+    if arg is not None:
+        if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
+            raise ValueError(f"{var.split('_', 1)[1].lower()} must be an int >= 1, got {arg!r}")
+        return arg, "argument"
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return None, ""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {var} must be an int >= 1, got {raw!r}")
+    return value, var
+
+
+def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None) -> Sizing:
+    """Size the pools from this machine's cores and memory (see the module docstring).
+
+    Args:
+        cpu_workers: force the CPU pool's size (else ``ACTIONPOOL_CPU_WORKERS``, else
+            computed).
+        io_workers: force the I/O pool's size (else ``ACTIONPOOL_IO_WORKERS``, else
+            computed).
+
+    Returns:
+        The :class:`Sizing`.
+
+    Raises:
+        ValueError: an override is not an int >= 1 (naming the argument or variable).
+    """
+    cpu_forced, cpu_src = _override(cpu_workers, "ACTIONPOOL_CPU_WORKERS")
+    io_forced, io_src = _override(io_workers, "ACTIONPOOL_IO_WORKERS")
+    usable = max(1, loky.cpu_count())
+    physical = max(1, min(usable, loky.cpu_count(only_physical_cores=True)))
+    available = int(psutil.virtual_memory().available)
+    budget = int(available * MEMORY_FRACTION)
+    reasons: list[str] = []
+    footprint = 0
+    if cpu_forced is not None:
+        cpu = cpu_forced
+        reasons.append(f"cpu_workers={cpu} from {cpu_src}")
+    else:
+        footprint = worker_footprint()
+        by_memory = max(1, budget // max(1, footprint))
+        cpu = max(1, min(physical, by_memory))
+        limit = "physical cores" if physical <= by_memory else "memory budget / worker footprint"
+        reasons.append(
+            f"cpu_workers={cpu} = min({physical} physical cores [loky.cpu_count, affinity+cgroups],"
+            f" {by_memory} = budget {_fmt_bytes(budget)} / worker {_fmt_bytes(footprint)});"
+            f" limited by {limit}"
+        )
+    blas = max(1, usable // cpu)
+    reasons.append(f"blas_threads={blas} = {usable} usable cores // {cpu} cpu workers")
+    if io_forced is not None:
+        io = io_forced
+        reasons.append(f"io_workers={io} from {io_src}")
+    else:
+        wanted = max(32, IO_THREADS_PER_CORE * usable)
+        cap = wanted
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != resource.RLIM_INFINITY:
+                cap = max(1, soft // 4)
+        except (ImportError, OSError, ValueError):  # not on POSIX
+            pass
+        io = max(1, min(wanted, cap))
+        why = f"max(32, {IO_THREADS_PER_CORE} x {usable} usable cores)"
+        if cap < wanted:
+            why += f", capped at a quarter of the open-file limit ({cap})"
+        reasons.append(f"io_workers={io} = {why}")
+    reasons.append(
+        f"memory_budget={_fmt_bytes(budget)} = {MEMORY_FRACTION:.0%} of"
+        f" {_fmt_bytes(available)} available [psutil]"
+    )
+    return Sizing(
+        cpu_workers=cpu,
+        io_workers=io,
+        memory_budget=budget,
+        blas_threads=blas,
+        reason="; ".join(reasons),
+        usable_cores=usable,
+        physical_cores=physical,
+        available_memory=available,
+        worker_footprint=footprint,
+    )
+
+
+BLAS_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMEXPR_MAX_THREADS",
+    "POLARS_MAX_THREADS",
+    "RAYON_NUM_THREADS",
+)
+"""Environment variables set in every CPU worker to ``blas_threads`` before any import,
+for the libraries that read their thread count from the environment at import time."""
+
+
+def worker_env(blas_threads: int) -> dict[str, str]:
+    """The environment overrides for CPU workers (see :data:`BLAS_ENV_VARS`)."""
+    return {var: str(blas_threads) for var in BLAS_ENV_VARS}
