@@ -161,7 +161,7 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         limit = "physical cores" if physical <= by_memory else "memory budget / worker footprint"
         reasons.append(
             f"cpu_workers={cpu} = min({physical} physical cores [loky.cpu_count, affinity+cgroups],"
-            f" {by_memory} = budget {_fmt_bytes(budget)} / worker {_fmt_bytes(footprint)});"
+            f" {by_memory} = budget {_fmt_bytes(budget)} / worker {_fmt_bytes(footprint)}),"
             f" limited by {limit}"
         )
     blas = max(1, usable // cpu)

@@ -1,0 +1,72 @@
+"""Command line: ``python -m actionpool info | demo``.
+
+* ``info``: this machine's sizing (cores, memory, pool sizes and why), versions, and the
+  BLAS/OpenMP libraries threadpoolctl finds.
+* ``demo``: the main job, on real input: measure every ``.py`` file of the standard
+  library in parallel and compare with the same work done serially
+  (see :mod:`actionpool.demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+
+def info() -> int:
+    """Print the sizing and environment; returns 0."""
+    import cloudpickle
+    import loky
+    import numpy
+    import psutil
+    import threadpoolctl
+
+    from . import __version__
+    from .sizing import compute_sizing
+
+    sizing = compute_sizing()
+    print(f"actionpool {__version__} on Python {platform.python_version()} ({sys.platform})")
+    print(f"machine: {platform.machine()}, {platform.processor() or 'unknown processor'}")
+    print(
+        f"cores: {sizing.usable_cores} usable, {sizing.physical_cores} physical "
+        f"(loky.cpu_count: affinity and cgroup quotas applied)"
+    )
+    print(f"memory: {sizing.available_memory / 2**30:.1f} GiB available [psutil]")
+    print(f"sizing: {sizing}")
+    for line in sizing.reason.split("; "):
+        print(f"  {line}")
+    print(
+        f"versions: loky {loky.__version__}, cloudpickle {cloudpickle.__version__}, "
+        f"psutil {psutil.__version__}, numpy {numpy.__version__}, "
+        f"threadpoolctl {threadpoolctl.__version__}"
+    )
+    pools = threadpoolctl.threadpool_info()
+    print(f"thread pools in this process ({len(pools)}):")
+    for p in pools:
+        print(
+            f"  {p.get('internal_api')} ({p.get('user_api')}): {p.get('num_threads')} threads,"
+            f" {p.get('filepath')}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m actionpool`` and the ``actionpool`` script."""
+    parser = argparse.ArgumentParser(prog="python -m actionpool")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print this machine's sizing and environment")
+    sub.add_parser("demo", help="analyse the standard library in parallel", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return info()
+    from .demo import main as demo_main
+
+    return demo_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

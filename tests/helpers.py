@@ -1,0 +1,73 @@
+"""Module-level actions for tests: importable, so loky workers load them by reference."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import actionpool as ap
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def boom(msg: str = "boom") -> None:
+    raise ValueError(msg)
+
+
+def pid(_: Any = None) -> int:
+    return os.getpid()
+
+
+def sleep_then(value: Any, seconds: float) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float]:
+    """Sleep ``seconds`` and return (tag, start, end) in time.time() seconds."""
+    start = time.time()
+    time.sleep(seconds)
+    return tag, start, time.time()
+
+
+@ap.action(kind="io")
+def io_stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float, str]:
+    import threading
+
+    start = time.time()
+    time.sleep(seconds)
+    return tag, start, time.time(), threading.current_thread().name
+
+
+@ap.action(kind="cpu")
+def set_key(ctx: ap.Context, key: str, value: Any) -> Any:
+    ctx.update({key: value})
+    return value
+
+
+@ap.action(kind="cpu")
+def mutate_state(ctx: ap.Context) -> Any:
+    ctx.state["items"].append(os.getpid())
+    return list(ctx.state["items"])
+
+
+@ap.action(kind="io")
+def io_mutate_state(ctx: ap.Context) -> Any:
+    ctx.state["items"].append("io")
+    return list(ctx.state["items"])
+
+
+class Unpicklable:
+    """Cannot be pickled (holds a lock)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
