@@ -42,14 +42,15 @@ from typing import Any, NamedTuple
 import actionpool as ap
 
 WORD = re.compile(r"[a-z']+")
-VOCABULARY = (
+SAMPLE_TEXT = (
     "the of and to in is that it was for on are with as his they be at one have this from "
     "or had by word but what some we can out other were all there when up use your how said "
     "an each she which do their time if will way about many then them write would like so "
     "these her long make thing see him two has look more day could go come did number sound "
     "no most people my over know water than call first who may down side been now find "
     "action pool worker process thread plan node state event report outcome runner fan"
-).split()
+)
+VOCABULARY = SAMPLE_TEXT.split()
 
 
 class Counts(NamedTuple):
@@ -184,7 +185,8 @@ def print_report(report: ap.Report) -> None:
     print(f"{'node':<24} {'status':<10} {'pool':<5} {'worker':<22} {'seconds':>8}")
     for o in report.outcomes:
         seconds = f"{o.duration_s:.3f}" if o.duration_s is not None else "-"
-        print(f"{o.name:<24} {o.status!s:<10} {o.pool or '-':<5} {o.worker!s:<22} {seconds:>8}")
+        worker = "-" if o.worker is None else str(o.worker)
+        print(f"{o.name:<24} {o.status!s:<10} {o.pool or '-':<5} {worker:<22} {seconds:>8}")
     print("state:")
     for key, value in report.state.items():
         if key != "stopwords":
@@ -211,7 +213,7 @@ def check(report: ap.Report, summary: Summary) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("paths", nargs="*", type=Path, help="text files (default: generate)")
     parser.add_argument("--files", type=int, default=8, help="files to generate (default 8)")
     parser.add_argument("--lines", type=int, default=20_000, help="lines per file (default 20000)")

@@ -132,11 +132,9 @@ def warm_up(runner: ap.Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--parts", type=int, default=8, help="actions to fan out (default 8)")
-    parser.add_argument(
-        "--size", type=int, default=250_000, help="paths per part (default 250000)"
-    )
+    parser.add_argument("--size", type=int, default=250_000, help="paths per part (default 250000)")
     args = parser.parse_args(argv)
     if args.parts < 1 or args.size < 1:
         parser.error("--parts and --size must be >= 1")

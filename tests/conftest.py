@@ -25,15 +25,28 @@ def _is_tracker(proc: psutil.Process) -> bool:
     return any(t in cmd for t in _TRACKERS)
 
 
-def leftover_children(grace_s: float = 5.0) -> list[psutil.Process]:
-    """Children of this process still alive after ``grace_s`` seconds (trackers excepted)."""
+def _runner_workers(runners: list[object]) -> set[int]:
+    pids: set[int] = set()
+    for r in runners:
+        if not getattr(r, "_closed", True):
+            pids.update(r.worker_pids())  # type: ignore[attr-defined]
+    return pids
+
+
+def leftover_children(
+    grace_s: float = 5.0, allowed: set[int] = frozenset()
+) -> list[psutil.Process]:  # type: ignore[assignment]
+    """Children still alive after ``grace_s`` seconds, except trackers and ``allowed`` pids."""
     me = psutil.Process(os.getpid())
     deadline = time.monotonic() + grace_s
     while True:
         alive = [
             p
             for p in me.children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not _is_tracker(p)
+            if p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE
+            and not _is_tracker(p)
+            and p.pid not in allowed
         ]
         if not alive or time.monotonic() > deadline:
             return alive
@@ -42,9 +55,17 @@ def leftover_children(grace_s: float = 5.0) -> list[psutil.Process]:
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
-    """Fail the test if it leaves a child process running (and kill what it left)."""
+    """Fail the test if it leaves a child process running (and kill what it left).
+
+    Workers of runners that were already open when the test began (module-scoped
+    fixtures) belong to their fixture, not to the test; they are checked when the
+    fixture's module ends.
+    """
+    from actionpool.runner import _LIVE
+
+    before = list(_LIVE)
     yield
-    alive = leftover_children()
+    alive = leftover_children(allowed=_runner_workers(before))
     if alive:
         desc = []
         for p in alive:
@@ -57,6 +78,19 @@ def no_leftover_processes() -> Iterator[None]:
             except psutil.Error:
                 pass
         pytest.fail("test left child processes running:\n" + "\n".join(desc))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_processes_per_module() -> Iterator[None]:
+    """After each module's fixtures are torn down, no child process may remain."""
+    yield
+    alive = leftover_children()
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not alive, f"module left child processes running: {[p.pid for p in alive]}"
 
 
 @pytest.fixture

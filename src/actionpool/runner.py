@@ -18,10 +18,12 @@ runner refuses new work, and every worker process it started has exited.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
@@ -42,6 +44,16 @@ from .transfer import dumps_call, dumps_state
 __all__ = ["Runner"]
 
 T = TypeVar("T")
+
+_LIVE: weakref.WeakSet[Runner] = weakref.WeakSet()
+"""Every open runner; closed at interpreter exit so no worker outlives its parent."""
+
+
+@atexit.register
+def _close_all() -> None:
+    for runner in list(_LIVE):
+        with contextlib.suppress(Exception):
+            runner.shutdown(wait=False, cancel_futures=True)
 
 
 class Runner(Executor):
@@ -88,6 +100,7 @@ class Runner(Executor):
         self._runs: set[PlanRun] = set()
         self._closed = False
         self._lock = threading.Lock()
+        _LIVE.add(self)
 
     # ---- Executor API ----------------------------------------------------------------
 
@@ -211,6 +224,7 @@ class Runner(Executor):
             if self._closed:
                 return
             self._closed = True
+        _LIVE.discard(self)
         if cancel_futures:
             self._on_loop(lambda: self._sched.cancel_waiting(self._calls))
         if wait:
@@ -220,6 +234,11 @@ class Runner(Executor):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the CPU pool's live worker processes (empty before first use)."""
+        pool = self._pools["cpu"]
+        return pool.pids() if isinstance(pool, ProcessPool) else []
 
     def close(self) -> None:
         """Same as ``shutdown(wait=True)``."""

@@ -1,0 +1,382 @@
+"""Runner: routing, submit, map, run/arun, closing, state isolation (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import actionpool as ap
+from tests import helpers as h
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[ap.Runner]:
+    with ap.Runner(cpu_workers=2, io_workers=8) as r:
+        yield r
+
+
+# ---- routing ------------------------------------------------------------------------
+
+
+def test_cpu_actions_run_in_worker_processes_and_io_actions_in_threads(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    cpu = plan.add(h.pid, name="cpu")
+    io = plan.add(h.io_stamp, "x", name="io")
+    report = shared.run(plan)
+    assert report.status is ap.RunStatus.SUCCEEDED
+    assert report[cpu] != os.getpid()
+    assert report.outcome(cpu).pool == "cpu"
+    assert report.outcome(cpu).worker == report[cpu]
+    tag, _, _, thread = report[io]
+    assert thread.startswith("actionpool-io")
+    assert report.outcome(io).pool == "io"
+    assert report.outcome(io).worker == thread
+
+
+def test_async_io_action_runs_on_the_runners_loop(shared: ap.Runner) -> None:
+    @ap.action(kind="io")
+    async def fetch(x: int) -> tuple[int, str]:
+        await asyncio.sleep(0.01)
+        return x * 2, threading.current_thread().name
+
+    assert shared.submit(fetch, 21).result(timeout=10) == (42, "actionpool-scheduler")
+
+
+def test_async_cpu_action_runs_in_a_worker(shared: ap.Runner) -> None:
+    async def double(x: int) -> tuple[int, int]:
+        await asyncio.sleep(0)
+        return 2 * x, os.getpid()
+
+    value, worker_pid = shared.submit(double, 4).result(timeout=30)
+    assert value == 8 and worker_pid != os.getpid()
+
+
+# ---- submit -------------------------------------------------------------------------
+
+
+def test_submit_returns_a_concurrent_future_with_the_value(shared: ap.Runner) -> None:
+    fut = shared.submit(h.add, 2, b=3)
+    assert isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 5
+
+
+def test_submit_keeps_the_exception_type_message_and_remote_traceback(shared: ap.Runner) -> None:
+    fut = shared.submit(h.boom, "bad input 42")
+    with pytest.raises(ValueError, match="bad input 42") as info:
+        fut.result(timeout=30)
+    assert "in boom" in str(info.value.__cause__)  # the worker's traceback
+
+
+def test_submit_pickles_arguments_at_submit_time(shared: ap.Runner) -> None:
+    data = [1, 2, 3]
+    fut = shared.submit(sum, data)
+    data.append(100)  # the action got its own copy already
+    assert fut.result(timeout=30) == 6
+
+
+def test_a_future_cancelled_before_it_starts_never_runs(tmp_path: object) -> None:
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        first = r.submit(h.io_stamp, "a", 0.5)
+        second = r.submit(h.io_stamp, "b", 0.0)
+        assert second.cancel()
+        assert first.result(timeout=30)[0] == "a"
+        assert second.cancelled()
+
+
+def test_runner_is_an_executor_for_run_in_executor(shared: ap.Runner) -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(shared, h.square, 7)
+
+    assert asyncio.run(main()) == 49
+
+
+def test_submit_to_a_closed_runner_raises() -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    r.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.submit(h.square, 2)
+
+
+# ---- map ----------------------------------------------------------------------------
+
+
+def test_map_yields_in_input_order(shared: ap.Runner) -> None:
+    # later items finish first: order must still follow the input
+    delays = [0.3, 0.2, 0.1, 0.0]
+    out = list(shared.map(h.sleep_then, range(4), delays))
+    assert out == [0, 1, 2, 3]
+
+
+def test_map_forwards_keyword_arguments(shared: ap.Runner) -> None:
+    assert list(shared.map(h.add, range(5), b=10)) == [10, 11, 12, 13, 14]
+
+
+def test_map_streams_an_endless_iterator_with_a_bounded_window(shared: ap.Runner) -> None:
+    pulled = 0
+
+    def numbers() -> Iterator[int]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    results = shared.map(h.square, numbers(), window=4)
+    first = list(itertools.islice(results, 20))
+    assert first == [i * i for i in range(20)]
+    assert pulled <= 20 + 4 + 1  # never more than the window ahead of the consumer
+    results.close()  # type: ignore[attr-defined]
+
+
+def test_map_raises_the_actions_exception_at_its_item(shared: ap.Runner) -> None:
+    def maybe_fail(x: int) -> int:
+        if x == 3:
+            raise KeyError(f"item {x}")
+        return x
+
+    seen = []
+    with pytest.raises(KeyError, match="item 3"):
+        for y in shared.map(maybe_fail, range(10)):
+            seen.append(y)
+    assert seen == [0, 1, 2]
+
+
+def test_map_with_chunks_keeps_order_and_errors(shared: ap.Runner) -> None:
+    assert list(shared.map(h.square, range(23), chunksize=5)) == [i * i for i in range(23)]
+
+    def fail_at_7(x: int) -> int:
+        if x == 7:
+            raise ValueError("seven")
+        return x
+
+    seen = []
+    with pytest.raises(ValueError, match="seven"):
+        for y in shared.map(fail_at_7, range(20), chunksize=4):
+            seen.append(y)
+    assert seen == list(range(7))
+
+
+def test_map_timeout_raises_timeout_error(shared: ap.Runner) -> None:
+    it = shared.map(h.sleep_then, [1], [2.0], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        next(it)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_map_rejects_bad_window_and_chunksize(shared: ap.Runner, bad: object) -> None:
+    with pytest.raises(ValueError, match="window"):
+        shared.map(h.square, range(3), window=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunksize"):
+        shared.map(h.square, range(3), chunksize=bad)  # type: ignore[arg-type]
+
+
+# ---- run ----------------------------------------------------------------------------
+
+
+def test_run_resolves_nodes_in_arguments_lists_tuples_and_dicts(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    a = plan.add(h.add, 1, 2, name="a")
+    b = plan.add(h.square, a, name="b")
+    c = plan.add(h.io_stamp, "c", name="c")
+
+    def combine(x: list[int], pair: tuple[int, int], d: dict[str, int]) -> int:
+        return sum(x) + sum(pair) + sum(d.values())
+
+    total = plan.add(combine, [a, b], (b, 1), {"a": a, "k": 5}, name="total")
+    after = plan.add(h.add, 0, name="after", after=["total", c])
+    report = shared.run(plan)
+    assert report[total] == (3 + 9) + (9 + 1) + (3 + 5)
+    assert report[after] == 0
+    assert report.values["b"] == 9
+    assert [o.name for o in report.outcomes] == ["a", "b", "c", "total", "after"]
+
+
+def test_after_nodes_finish_before_the_node_starts(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    first = plan.add(h.stamp, "first", 0.2, name="first")
+    second = plan.add(h.stamp, "second", name="second", after=[first])
+    report = shared.run(plan)
+    assert report[second][1] >= report[first][2]
+
+
+def test_nodes_start_when_their_own_dependencies_finish(shared: ap.Runner) -> None:
+    # slow (1.5 s) and fast (0 s) start together; child depends on fast only, so it
+    # must start long before slow finishes: no level-by-level barrier.
+    plan = ap.Plan()
+    slow = plan.add(h.io_stamp, "slow", 1.5, name="slow")
+    fast = plan.add(h.io_stamp, "fast", 0.0, name="fast")
+    child = plan.add(h.io_stamp, "child", 0.0, name="child", after=[fast])
+    report = shared.run(plan)
+    assert report[child][1] < report[slow][2] - 0.5
+
+
+def test_cpu_and_io_nodes_overlap(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    cpu = plan.add(h.stamp, "cpu", 0.6, name="cpu")
+    io = plan.add(h.io_stamp, "io", 0.6, name="io")
+    report = shared.run(plan)
+    _, c0, c1 = report[cpu]
+    _, i0, i1, _ = report[io]
+    assert max(c0, i0) < min(c1, i1)  # the two intervals intersect
+
+
+def test_arun_from_async_code(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    a = plan.add(h.square, 6)
+
+    async def main() -> ap.Report:
+        return await shared.arun(plan)
+
+    assert asyncio.run(main())[a] == 36
+
+
+def test_arun_does_not_block_the_callers_loop(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    plan.add(h.io_stamp, "slow", 0.5)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    async def main() -> None:
+        t = asyncio.create_task(ticker())
+        await shared.arun(plan)
+        t.cancel()
+
+    asyncio.run(main())
+    assert ticks >= 5
+
+
+def test_a_plan_can_run_twice(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    a = plan.add(h.square, 3)
+    assert shared.run(plan)[a] == 9
+    assert shared.run(plan)[a] == 9
+
+
+def test_concurrent_runs_from_threads(shared: ap.Runner) -> None:
+    def one(i: int) -> int:
+        plan = ap.Plan()
+        n = plan.add(h.square, i)
+        return int(shared.run(plan)[n])
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(one, range(8))) == [i * i for i in range(8)]
+
+
+def test_run_rejects_bad_options_before_running(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    plan.add(h.square, 1)
+    with pytest.raises(ap.PlanError, match="failure"):
+        shared.run(plan, failure="sometimes")
+    with pytest.raises(ap.PlanError, match="reducer for state key 'k'"):
+        shared.run(plan, reducers={"k": 3})  # type: ignore[dict-item]
+    with pytest.raises(ap.PlanError, match="takes a Plan"):
+        shared.run([h.square])  # type: ignore[arg-type]
+
+
+def test_empty_plan_succeeds(shared: ap.Runner) -> None:
+    report = shared.run(ap.Plan(), state={"a": 1})
+    assert report.status is ap.RunStatus.SUCCEEDED
+    assert report.outcomes == ()
+    assert report.state == {"a": 1}
+
+
+# ---- state isolation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", [h.mutate_state, h.io_mutate_state])
+def test_every_action_gets_a_private_copy_of_the_state(
+    shared: ap.Runner, action: ap.ActionSpec
+) -> None:
+    state = {"items": ["start"]}
+    plan = ap.Plan()
+    nodes = [plan.add(action, name=f"n{i}") for i in range(4)]
+    report = shared.run(plan, state=state)
+    for n in nodes:
+        value = report[n]
+        assert len(value) == 2 and value[0] == "start"  # never sees the others' appends
+    assert state == {"items": ["start"]}  # the caller's object is untouched
+    assert report.state == {"items": ["start"]}
+
+
+def test_io_action_arguments_are_private_copies(shared: ap.Runner) -> None:
+    @ap.action(kind="io")
+    def grow(xs: list[int]) -> list[int]:
+        xs.append(1)
+        return xs
+
+    data: list[int] = []
+    plan = ap.Plan()
+    a = plan.add(grow, data)
+    b = plan.add(grow, data)
+    report = shared.run(plan)
+    assert report[a] == [1] and report[b] == [1] and data == []
+
+
+def test_context_fields(shared: ap.Runner) -> None:
+    def info(ctx: ap.Context) -> tuple[str, str, int, bool]:
+        return ctx.node, ctx.run_id, ctx.attempt, ctx.cancelled()
+
+    plan = ap.Plan()
+    n = plan.add(info, name="who")
+    report = shared.run(plan)
+    assert report[n] == ("who", report.run_id, 1, False)
+
+
+# ---- closing --------------------------------------------------------------------------
+
+
+def test_no_worker_survives_the_with_block() -> None:
+    with ap.Runner(cpu_workers=2, io_workers=2) as r:
+        pids = set(r.map(h.pid, range(20)))
+        assert os.getpid() not in pids
+        assert all(psutil.pid_exists(p) for p in pids)
+    for p in pids:
+        assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+def test_close_waits_for_submitted_work() -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    futs = [r.submit(h.sleep_then, i, 0.1) for i in range(3)]
+    r.close()
+    assert [f.result(timeout=0) for f in futs] == [0, 1, 2]
+
+
+def test_leaving_the_block_on_an_error_does_not_wait_for_queued_calls() -> None:
+    start = time.monotonic()
+    with (
+        pytest.raises(RuntimeError, match="user error"),
+        ap.Runner(cpu_workers=1, io_workers=1) as r,
+    ):
+        futs = [r.submit(h.io_stamp, i, 0.3) for i in range(10)]
+        raise RuntimeError("user error")
+    assert time.monotonic() - start < 3.0  # not 10 x 0.3 s
+    assert sum(f.cancelled() for f in futs) >= 5
+
+
+def test_an_idle_runner_starts_no_process() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with ap.Runner(cpu_workers=2, io_workers=2) as r:
+        assert r.submit(h.io_stamp, "x").result(timeout=30)[0] == "x"
+        now = psutil.Process().children(recursive=True)
+        assert not [
+            p for p in now if p.pid not in before and "LokyProcess" in " ".join(p.cmdline())
+        ]
+
+
+def test_repr_and_sizing(shared: ap.Runner) -> None:
+    assert isinstance(shared.sizing, ap.Sizing)
+    assert shared.sizing.cpu_workers == 2 and shared.sizing.io_workers == 8
+    assert "open" in repr(shared)
