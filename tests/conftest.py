@@ -7,6 +7,7 @@ started by the first pool and exiting when the parent does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -73,10 +74,8 @@ def no_leftover_processes() -> Iterator[None]:
                 desc.append(f"{p.pid}: {' '.join(p.cmdline())[:120]}")
             except psutil.Error:
                 desc.append(str(p.pid))
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         pytest.fail("test left child processes running:\n" + "\n".join(desc))
 
 
@@ -86,10 +85,8 @@ def no_leftover_processes_per_module() -> Iterator[None]:
     yield
     alive = leftover_children()
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     assert not alive, f"module left child processes running: {[p.pid for p in alive]}"
 
 

@@ -35,7 +35,7 @@ def test_cpu_actions_run_in_worker_processes_and_io_actions_in_threads(shared: a
     assert report[cpu] != os.getpid()
     assert report.outcome(cpu).pool == "cpu"
     assert report.outcome(cpu).worker == report[cpu]
-    tag, _, _, thread = report[io]
+    _tag, _, _, thread = report[io]
     assert thread.startswith("actionpool-io")
     assert report.outcome(io).pool == "io"
     assert report.outcome(io).worker == thread

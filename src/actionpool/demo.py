@@ -274,9 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {m.complexity:6,}  {m.path}  ({m.lines:,} lines, {m.functions} functions,"
             f" nesting {m.max_nesting})"
         )
-    print(
-        f"wall time: {wall:.2f} s for the run ({t3 - t0:.2f} s with pool start and shutdown)"
-    )
+    print(f"wall time: {wall:.2f} s for the run ({t3 - t0:.2f} s with pool start and shutdown)")
     if args.no_serial:
         return 0
     s0 = time.perf_counter()

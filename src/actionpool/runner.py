@@ -356,7 +356,7 @@ class Runner(Executor):
         graph = plan.graph()
         state_bytes: bytes | None = None
         state_error: SerializationError | None = None
-        if any(n.action.wants_context for n in graph.nodes):
+        if any(n.action.wants_context or n.action.validate for n in graph.nodes):
             try:
                 state_bytes = dumps_state({} if state is None else state)
             except SerializationError as exc:

@@ -281,7 +281,8 @@ class Scheduler:
     def _prepare(self, rec: NodeRecord) -> Task | None:
         """Build the task for ``rec``'s next attempt; end the node if it cannot run."""
         run, spec = rec.run, rec.spec
-        if spec.wants_context and run.state_error is not None:
+        needs_state = spec.wants_context or spec.validate is not None
+        if needs_state and run.state_error is not None:
             err = SerializationError(f"node {rec.name!r}: {run.state_error}")
             self.transition(rec, NodeState.FAILED, error=err)
             return None

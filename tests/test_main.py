@@ -1,0 +1,81 @@
+"""The command line: ``python -m actionpool info`` and ``demo`` on real input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "actionpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_info_prints_the_sizing_and_why() -> None:
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    for text in ("cpu_workers=", "io_workers=", "blas_threads=", "memory_budget=", "physical"):
+        assert text in out.stdout
+    assert "loky.cpu_count" in out.stdout
+
+
+def test_demo_on_part_of_the_stdlib() -> None:
+    out = run("demo", "--limit", "150", "--batch-bytes", "100000")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "files: 150" in text
+    assert "sizing: cpu_workers=" in text
+    assert "io (read)" in text and "cpu (" in text
+    assert "ten most complex modules" in text
+    assert "serial time of the same work" in text and "speedup:" in text
+    assert "parallel and serial results agree" in text
+
+
+@pytest.mark.slow
+def test_demo_on_the_whole_stdlib_counts_every_file() -> None:
+    import sysconfig
+    from pathlib import Path
+
+    from actionpool.demo import find_sources
+
+    expected = len(find_sources(Path(sysconfig.get_paths()["stdlib"]).resolve()))
+    out = run("demo", "--no-serial", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"files: {expected} " in out.stdout
+    assert "run succeeded" in out.stdout
+
+
+def test_demo_rejects_a_missing_path(tmp_path: object) -> None:
+    out = run("demo", "--path", "/nonexistent/dir")
+    assert out.returncode == 2 and "not a directory" in out.stderr
+
+
+def test_unknown_command() -> None:
+    out = run("frobnicate")
+    assert out.returncode == 2
+
+
+def test_analyse_source_measures_a_module() -> None:
+    from actionpool.demo import analyse_source
+
+    src = b"""
+class A:
+    def f(self, x):
+        if x and x > 1:
+            for i in range(x):
+                pass
+        return [y for y in range(3) if y]
+"""
+    m = analyse_source("m.py", src)
+    assert (m.functions, m.classes, m.lines) == (1, 1, 7)
+    # module 1 + function 1 + if 1 + and 1 + for 1 + comprehension-if 1
+    assert m.complexity == 6
+    assert m.max_nesting == 4  # class > def > if > for
+    bad = analyse_source("bad.py", b"def (:\n")
+    assert bad.error.startswith("SyntaxError")
