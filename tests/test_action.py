@@ -258,6 +258,14 @@ def test_parse_memory(text, expected):
     assert isinstance(got, int)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2.01GB", 2_010_000_000), ("2.01MB", 2_010_000), ("4.06KB", 4060)],
+)
+def test_parse_memory_is_exact_for_decimal_sizes(text, expected):
+    assert parse_memory(text) == expected
+
+
 NOT_SIZES = [-1, -0.5, "-5MiB", "abc", "", "12 parsecs", "MiB", "1.5.2GB", True, False]
 NOT_SIZES += [math.nan, math.inf, None, [512]]
 
@@ -279,15 +287,20 @@ def test_idempotent_defaults_by_kind():
     assert ap.action(plain, kind="cpu", idempotent=False).idempotent is False
 
 
-@pytest.mark.xfail(
-    reason="BUG: with_options/action(spec, kind=...) keeps the idempotent default resolved"
-    " for the old kind (ActionSpec.__post_init__ replaces None by kind=='cpu' for good)",
-    strict=True,
-)
 @pytest.mark.parametrize(("start", "to", "expected"), [("cpu", "io", False), ("io", "cpu", True)])
-def test_redeclaring_kind_keeps_the_kind_default_for_idempotent(start, to, expected):
+def test_redeclaring_kind_rederives_the_default_idempotent(start, to, expected):
     spec = ap.action(plain, kind=start)
     assert ap.action(spec, kind=to).idempotent is expected
+    assert spec.with_options(kind=to).idempotent is expected
+    # also after a trip by value (the spec is not a module attribute)
+    assert loads(dumps(spec)).with_options(kind=to).idempotent is expected
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_declared_idempotent_survives_a_kind_change(declared):
+    spec = ap.action(plain, kind="cpu", idempotent=declared)
+    assert spec.with_options(kind="io").idempotent is declared
+    assert ap.action(spec, kind="io").with_options(kind="cpu").idempotent is declared
 
 
 # ---- Context injection ----------------------------------------------------------------

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Literal, TypeVar, overload
 
 __all__ = ["ActionSpec", "Context", "action", "as_spec", "parse_memory"]
@@ -81,7 +82,8 @@ def parse_memory(value: int | float | str) -> int:
     if isinstance(value, str):
         m = _MEMORY_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            # Fraction, not float: "2.01GB" must be 2_010_000_000 bytes exactly
+            return int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
     raise ValueError(
         f"memory must be a size in bytes or a string like '512MiB' or '1.5GB', got {value!r}"
     )
@@ -154,6 +156,7 @@ class ActionSpec:
     memory: int | None = None
     threads: int = 1
     validate: Callable[..., bool] | None = None
+    idempotent_by_default: bool = field(default=False, init=False, repr=False)
     wants_context: bool = field(default=False, init=False)
     is_async: bool = field(default=False, init=False)
 
@@ -198,6 +201,7 @@ class ActionSpec:
             raise bad("backoff", f"must be a non-negative number of seconds, got {self.backoff!r}")
         if self.idempotent is None:
             set_(self, "idempotent", self.kind == "cpu")
+            set_(self, "idempotent_by_default", True)
         elif not isinstance(self.idempotent, bool):
             raise bad("idempotent", f"must be True or False, got {self.idempotent!r}")
         if self.memory is not None:
@@ -214,11 +218,16 @@ class ActionSpec:
 
     def options(self) -> dict[str, Any]:
         """The declared options as a dict (what :func:`action` accepts)."""
-        return {k: getattr(self, k) for k in _OPTIONS}
+        opts = {k: getattr(self, k) for k in _OPTIONS}
+        if self.idempotent_by_default:
+            opts["idempotent"] = None
+        return opts
 
     def with_options(self, **options: Any) -> ActionSpec:
         """A copy of this action with some options changed (validated the same way)."""
         _check_option_names(self.name, options)
+        if self.idempotent_by_default and "idempotent" not in options:
+            options["idempotent"] = None  # re-derive the default for a new kind
         return replace(self, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -277,7 +286,8 @@ def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """
 
     def declare(f: Callable[..., Any]) -> ActionSpec:
-        name = options.get("name") or getattr(f, "__qualname__", None) or repr(f)
+        name = options.get("name") or getattr(f, "name", None)
+        name = name or getattr(f, "__qualname__", None) or repr(f)
         _check_option_names(str(name), options)
         if isinstance(f, ActionSpec):
             return f.with_options(**options)

@@ -10,6 +10,7 @@ anything.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,17 +80,42 @@ def resolve(obj: Any, value_of: Callable[[Node], Any]) -> Any:
     """
     if isinstance(obj, Node):
         return value_of(obj)
-    if isinstance(obj, list):
-        return [resolve(item, value_of) for item in obj]
-    if isinstance(obj, tuple):
+    if isinstance(obj, (list, tuple)):
         items = [resolve(item, value_of) for item in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        if type(obj) is list:
+            return items
+        if type(obj) is tuple:
+            return tuple(items)
         if hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*items)
-        return type(obj)(items) if type(obj) is not tuple else tuple(items)
+        return _rebuilt(obj, items)
     if isinstance(obj, dict):
-        out = {resolve(k, value_of): resolve(v, value_of) for k, v in obj.items()}
-        return out if type(obj) is dict else type(obj)(out)
+        pairs = [(resolve(k, value_of), resolve(v, value_of)) for k, v in obj.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, obj.items(), strict=True)):
+            return obj
+        if type(obj) is dict:
+            return dict(pairs)
+        # a dict subclass (defaultdict, OrderedDict...): a shallow copy keeps its type
+        # and extra state (a defaultdict's factory), then takes the resolved items
+        new = copy.copy(obj)
+        new.clear()
+        new.update(pairs)
+        return new
     return obj
+
+
+def _rebuilt(obj: list[Any] | tuple[Any, ...], items: list[Any]) -> Any:
+    """A list/tuple subclass holding ``items``, keeping its type when it can."""
+    if isinstance(obj, list):
+        new = copy.copy(obj)
+        new[:] = items
+        return new
+    try:
+        return type(obj)(items)
+    except TypeError:
+        return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -187,7 +213,13 @@ class Plan:
         elif isinstance(after, (Node, str)):
             after_t = (after,)
         else:
-            after_t = tuple(after)
+            try:
+                after_t = tuple(after)
+            except TypeError:
+                raise PlanError(
+                    f"node {name!r}: after= takes a node, a name or a list of them,"
+                    f" got {type(after).__name__} {after!r}"
+                ) from None
         for a in after_t:
             if isinstance(a, Node):
                 if a._plan is not self:

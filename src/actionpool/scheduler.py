@@ -286,24 +286,21 @@ class Scheduler:
             err = SerializationError(f"node {rec.name!r}: {run.state_error}")
             self.transition(rec, NodeState.FAILED, error=err)
             return None
-        if rec.attempts == 0 and spec.validate is not None:
-            args, kwargs = run.arguments(rec)
+        validating = rec.attempts == 0 and spec.validate is not None
+        if validating or rec.call is None:  # first attempt: arguments are needed
             try:
-                ok = spec.validate(run.state_for_validate(), *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001
+                args, kwargs = run.arguments(rec)
+            except Exception as exc:  # noqa: BLE001 - a bad argument ends the node, never hangs the run
                 self.transition(rec, NodeState.FAILED, error=exc)
                 return None
-            if not ok:
-                reason = ActionFailed(f"node {rec.name!r} skipped: validate returned {ok!r}")
-                self.transition(rec, NodeState.SKIPPED, error=reason)
+            if validating and not self._validate(rec, args, kwargs):
                 return None
-        if rec.call is None:
-            args, kwargs = run.arguments(rec)
-            try:
-                rec.call = dumps_call(rec.name, spec, args, kwargs)
-            except SerializationError as exc:
-                self.transition(rec, NodeState.FAILED, error=exc)
-                return None
+            if rec.call is None:
+                try:
+                    rec.call = dumps_call(rec.name, spec, args, kwargs)
+                except SerializationError as exc:
+                    self.transition(rec, NodeState.FAILED, error=exc)
+                    return None
         deadline = time.time() + spec.timeout if spec.timeout is not None else None
         return Task(
             run.run_id,
@@ -314,6 +311,20 @@ class Scheduler:
             run.state_bytes if spec.wants_context else None,
             rec.call,
         )
+
+    def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Run the action's ``validate`` in the parent; end the node unless it says yes."""
+        assert rec.spec.validate is not None
+        try:
+            ok = rec.spec.validate(rec.run.state_for_validate(), *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.transition(rec, NodeState.FAILED, error=exc)
+            return False
+        if not ok:
+            reason = ActionFailed(f"node {rec.name!r} skipped: validate returned {ok!r}")
+            self.transition(rec, NodeState.SKIPPED, error=reason)
+            return False
+        return True
 
     # ---- results -------------------------------------------------------------------
 
