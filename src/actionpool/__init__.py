@@ -1,32 +1,64 @@
 """actionpool: run actions in parallel, with an outcome for every one.
 
-CPU-bound actions run on a loky process pool, I/O-bound ones on a thread pool; plans
-are dependency graphs that run with as much parallelism as their edges allow.
+CPU-bound actions run in worker processes, I/O-bound ones on a thread pool; plans are
+dependency graphs that run with as much parallelism as their edges allow.
 
 >>> import actionpool as ap
->>> with ap.Runner() as runner:
+>>> with ap.Runner(cpu_workers=1, io_workers=1) as runner:
 ...     list(runner.map(abs, [-1, -2]))
 [1, 2]
+
+Public names are imported on first use (PEP 562), so that a worker process, which
+needs only the action and transfer modules, starts without importing the scheduler.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Eager: the submodule ``actionpool.action`` would otherwise shadow the function
+# ``action`` as a package attribute once anything imports it. It is light.
 from .action import ActionSpec, Context, action
-from .errors import (
-    ActionFailed,
-    ActionpoolError,
-    ActionTimeout,
-    PlanError,
-    RemoteError,
-    SerializationError,
-    StateConflict,
-    WorkerCrashed,
-)
-from .events import Event
-from .outcome import Outcome, Report, RunStatus, Status
-from .plan import Node, Plan
-from .runner import Runner
-from .sizing import Sizing
+
+if TYPE_CHECKING:
+    from .errors import (
+        ActionFailed,
+        ActionpoolError,
+        ActionTimeout,
+        PlanError,
+        RemoteError,
+        SerializationError,
+        StateConflict,
+        WorkerCrashed,
+    )
+    from .events import Event
+    from .outcome import Outcome, Report, RunStatus, Status
+    from .plan import Node, Plan
+    from .runner import Runner
+    from .sizing import Sizing
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "ActionFailed": "errors",
+    "ActionpoolError": "errors",
+    "ActionTimeout": "errors",
+    "PlanError": "errors",
+    "RemoteError": "errors",
+    "SerializationError": "errors",
+    "StateConflict": "errors",
+    "WorkerCrashed": "errors",
+    "Event": "events",
+    "Outcome": "outcome",
+    "Report": "outcome",
+    "RunStatus": "outcome",
+    "Status": "outcome",
+    "Node": "plan",
+    "Plan": "plan",
+    "Runner": "runner",
+    "Sizing": "sizing",
+}
 
 __all__ = [
     "ActionFailed",
@@ -51,3 +83,16 @@ __all__ = [
     "__version__",
     "action",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'actionpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,36 +2,50 @@
 
 Data flow of one attempt::
 
-    parent (scheduler)                      worker (loky process or I/O thread)
-    ------------------                      -----------------------------------
-    Task(meta, state bytes, call bytes) --> execute(task)
-                                              unpickle call  -> private args
-                                              unpickle state -> private Context.state
-                                              run the action
-                                              pickle value, deltas, exception
-    Result tuple  <-----------------------  return Result
+    parent (scheduler + pool)                worker (process main loop, or I/O thread)
+    -------------------------                -----------------------------------------
+    (attempt id, Task) ── socket ─────────►  inbox thread ─► main thread
+                        ◄─────────────────   ("started", id, time)
+                                             unpickle call  -> private args
+                                             unpickle state -> private Context.state
+                                             arm SIGALRM at the timeout (soft timeout)
+                                             run the action
+                        ◄─────────────────   ("event", id, kind, time, data)  (ctx.emit/progress)
+                        ◄─────────────────   ("result", id, Result)
 
-The same function runs in both pools, so an io action gets private copies and its
-result is checked for picklability exactly like a cpu action's. The result is a
-plain tuple of bytes and builtins, so returning it can never fail: every pickling
-problem is caught here and reported as a :class:`~actionpool.SerializationError` or,
-for an exception that cannot travel, a :class:`~actionpool.RemoteError`.
+The same :func:`execute` runs in both pools, so an io action gets private copies and
+its result is checked for picklability exactly like a cpu action's. A :class:`Result`
+holds only bytes and builtins, so sending it can never fail: every pickling problem is
+caught here and reported as a :class:`~actionpool.SerializationError`, or, for an
+exception that cannot travel, a :class:`~actionpool.RemoteError`.
+
+A worker process (:func:`process_main`) runs actions in its main thread, so the soft
+timeout (``SIGALRM`` -> :class:`~actionpool.ActionTimeout`) reaches Python code. Its
+inbox thread reads the socket; EOF there means the parent died, and the worker kills
+its own process group (itself and anything its actions started) at once.
 """
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import os
+import pickle
+import queue
+import signal
+import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .action import ActionSpec, Context
-from .errors import RemoteError, SerializationError
+from .errors import ActionTimeout, RemoteError, SerializationError
 from .transfer import dumps, loads
 
-__all__ = ["Result", "Task", "execute", "execute_async", "init_process"]
+__all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
+
+Sink = Callable[[str, float, Any], None]
 
 
 class Task(NamedTuple):
@@ -40,7 +54,7 @@ class Task(NamedTuple):
     run_id: str
     node: str
     attempt: int
-    deadline: float | None  # time.time() seconds, or None
+    timeout: float | None  # seconds from the start of the attempt, or None
     wants_state: bool
     state: bytes | None  # the run's state, pickled once per run
     call: bytes  # (fn, args, kwargs), pickled by transfer.dumps_call
@@ -61,20 +75,34 @@ class Result(NamedTuple):
     error_message: str
     traceback: str
     deltas: bytes | None
-    events: list[tuple[str, float, Any]]
     started_at: float
     finished_at: float
     worker: int | str
 
 
+class _Alarm:
+    """The soft timeout of the attempt running in this process's main thread."""
+
+    armed = False
+    node = ""
+    timeout = 0.0
+
+
 _IN_PROCESS = False
 
 
-def init_process(blas_threads: int) -> None:
-    """loky initializer: mark this process a worker and cap BLAS/OpenMP threads.
+def _on_alarm(signum: int, frame: Any) -> None:
+    # Raise only while the action runs: a late alarm must not hit our own bookkeeping.
+    if _Alarm.armed:
+        _Alarm.armed = False
+        raise ActionTimeout(f"node {_Alarm.node!r} ran past its timeout of {_Alarm.timeout:g} s")
 
-    The environment variables (``OMP_NUM_THREADS`` ...) are set by the pool before
-    this process imports anything; threadpoolctl covers libraries already loaded.
+
+def init_process(blas_threads: int) -> None:
+    """Mark this process a worker and cap BLAS/OpenMP threads in it.
+
+    The environment variables (``OMP_NUM_THREADS`` ...) are set before the worker's
+    interpreter starts; threadpoolctl covers libraries already loaded.
     """
     global _IN_PROCESS
     _IN_PROCESS = True
@@ -87,7 +115,9 @@ def _worker_id() -> int | str:
     return os.getpid() if _IN_PROCESS else threading.current_thread().name
 
 
-def _prepare(task: Task) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context | None]:
+def _prepare(
+    task: Task, sink: Sink | None, cancel: threading.Event | None, started: float
+) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context | None]:
     try:
         fn, args, kwargs = loads(task.call)
         if isinstance(fn, ActionSpec):  # call the function itself: the Context is ours to make
@@ -108,7 +138,8 @@ def _prepare(task: Task) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context 
                     f"node {task.node!r}: the state could not be unpickled in the worker"
                     f" ({type(exc).__name__}: {exc})"
                 ) from exc
-        ctx = Context(state, task.node, task.run_id, task.attempt, task.deadline)
+        deadline = started + task.timeout if task.timeout is not None else None
+        ctx = Context(state, task.node, task.run_id, task.attempt, deadline, cancel, sink)
     return fn, args, kwargs, ctx
 
 
@@ -120,14 +151,11 @@ def _success(task: Task, value: Any, ctx: Context | None, started: float) -> Res
             f"node {task.node!r}: the return value of type {type(value).__name__}"
             f" cannot be pickled ({type(exc).__name__}: {exc})"
         )
-        return _failure(task, err, ctx, started, tb="")
+        return _failure(task, err, started, tb="")
     deltas = _dump_deltas(task, ctx)
     if isinstance(deltas, BaseException):
-        return _failure(task, deltas, ctx, started, tb="")
-    events = ctx._events if ctx is not None else []
-    return Result(
-        True, value_bytes, None, "", "", "", deltas, events, started, time.time(), _worker_id()
-    )
+        return _failure(task, deltas, started, tb="")
+    return Result(True, value_bytes, None, "", "", "", deltas, started, time.time(), _worker_id())
 
 
 def _dump_deltas(task: Task, ctx: Context | None) -> bytes | SerializationError | None:
@@ -147,9 +175,7 @@ def _dump_deltas(task: Task, ctx: Context | None) -> bytes | SerializationError 
         return SerializationError(f"node {task.node!r}: its state updates cannot be pickled")
 
 
-def _failure(
-    task: Task, exc: BaseException, ctx: Context | None, started: float, tb: str | None = None
-) -> Result:
+def _failure(task: Task, exc: BaseException, started: float, tb: str | None = None) -> Result:
     if tb is None:
         tb = "".join(traceback.format_exception(exc))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -163,44 +189,65 @@ def _failure(
         error: bytes | None = dumps(exc)
     except Exception:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
         error = None
-    events = ctx._events if ctx is not None else []
     return Result(
-        False, None, error, type_name, message, tb, None, events, started, time.time(), _worker_id()
+        False, None, error, type_name, message, tb, None, started, time.time(), _worker_id()
     )
 
 
-def execute(task: Task) -> Result:
-    """Run one attempt of a node (sync callables; ``async def`` ones get a fresh loop).
+def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None = None) -> Result:
+    """Run one attempt of a node (``async def`` callables get a fresh event loop).
 
-    Never raises for the action's sake: every error is in the :class:`Result`.
+    In a worker process the attempt's ``timeout`` is enforced softly: ``SIGALRM``
+    raises :class:`~actionpool.ActionTimeout` inside the action at the deadline.
+
+    Args:
+        task: the attempt.
+        sink: receives ``(kind, time, data)`` for each ``ctx.emit`` / ``ctx.progress``.
+        cancel: set when the attempt is cancelled (``ctx.cancelled()`` turns True).
+
+    Returns:
+        The :class:`Result`; never raises for the action's sake.
     """
     started = time.time()
-    ctx: Context | None = None
+    alarm = _IN_PROCESS and task.timeout is not None
     try:
-        fn, args, kwargs, ctx = _prepare(task)
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started)
         if ctx is not None:
             args = (ctx, *args)
-        value = fn(*args, **kwargs)
-        if asyncio.iscoroutine(value):
-            value = asyncio.run(value)
-    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt in a worker is a failure too
-        return _failure(task, exc, ctx, started)
+        if alarm:
+            assert task.timeout is not None
+            _Alarm.node, _Alarm.timeout, _Alarm.armed = task.node, task.timeout, True
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, started + task.timeout - time.time()))
+        try:
+            value = fn(*args, **kwargs)
+            if inspect.iscoroutine(value):
+                import asyncio
+
+                value = asyncio.run(value)
+        finally:
+            if alarm:
+                _Alarm.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except BaseException as exc:  # noqa: BLE001 - even SystemExit ends as this node's failure
+        return _failure(task, exc, started)
     return _success(task, value, ctx, started)
 
 
-async def execute_async(task: Task) -> Result:
-    """Run one attempt of an ``async def`` io action on the caller's event loop."""
+async def execute_async(
+    task: Task, sink: Sink | None = None, cancel: threading.Event | None = None
+) -> Result:
+    """Run one attempt of an ``async def`` io action on the caller's event loop.
+
+    Cancelling the awaiting task cancels the action (``CancelledError`` propagates).
+    """
     started = time.time()
-    ctx: Context | None = None
     try:
-        fn, args, kwargs, ctx = _prepare(task)
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started)
         if ctx is not None:
             args = (ctx, *args)
         value = await fn(*args, **kwargs)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        return _failure(task, exc, ctx, started)
+    except Exception as exc:  # noqa: BLE001 - CancelledError is a BaseException: it propagates
+        return _failure(task, exc, started)
     return _success(task, value, ctx, started)
 
 
@@ -219,3 +266,66 @@ def rebuild_error(result: Result) -> BaseException:
     if not isinstance(exc, BaseException):
         exc = RemoteError(result.error_type, result.error_message, result.traceback)
     return exc
+
+
+# ---- the worker process ------------------------------------------------------------
+
+
+def _read_inbox(conn: Any, inbox: queue.SimpleQueue[Any]) -> None:
+    try:
+        while True:
+            data = conn.recv_bytes()
+            if not data:  # b"": stop after the current attempt
+                inbox.put(None)
+                return
+            inbox.put(pickle.loads(data))
+    except (EOFError, OSError):
+        # The parent is gone (killed, crashed): nobody will read our results. Stop now,
+        # with every process our actions started (we lead our own process group).
+        try:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+
+def process_main() -> None:
+    """Entry point of a CPU worker process: ``python -c ... <fd> <blas_threads>``.
+
+    Started by :class:`actionpool.pools.process.ProcessPool` in a new session (so it
+    leads its own process group, and a terminal's Ctrl-C reaches only the parent),
+    with the BLAS thread caps already in its environment.
+    """
+    from multiprocessing.connection import Connection
+
+    conn = Connection(int(sys.argv[1]))
+    init_process(int(sys.argv[2]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
+    signal.signal(signal.SIGALRM, _on_alarm)
+    send_lock = threading.Lock()
+
+    def send(msg: tuple[Any, ...]) -> None:
+        data = pickle.dumps(msg, protocol=5)
+        with send_lock:  # ctx.emit may be called from threads the action started
+            conn.send_bytes(data)
+
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    threading.Thread(target=_read_inbox, args=(conn, inbox), name="inbox", daemon=True).start()
+    send(("ready", os.getpid()))
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            return
+        attempt_id, task = msg
+        # an action that blocked signals must not leave the next one without its alarm
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        send(("started", attempt_id, time.time()))
+
+        def sink(kind: str, at: float, data: Any, _id: int = attempt_id) -> None:
+            try:
+                payload = dumps(data)
+            except Exception:  # noqa: BLE001 - an event must not fail the action
+                payload = dumps(repr(data))
+            send(("event", _id, kind, at, payload))
+
+        result = execute(task, sink)
+        send(("result", attempt_id, result))

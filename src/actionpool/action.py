@@ -325,7 +325,17 @@ class Context:
         attempt: which attempt this is, starting at 1.
     """
 
-    __slots__ = ("_cancel", "_deadline", "_deltas", "_events", "attempt", "node", "run_id", "state")
+    __slots__ = (
+        "_cancel",
+        "_deadline",
+        "_deltas",
+        "_events",
+        "_sink",
+        "attempt",
+        "node",
+        "run_id",
+        "state",
+    )
 
     def __init__(
         self,
@@ -335,6 +345,7 @@ class Context:
         attempt: int = 1,
         deadline: float | None = None,
         cancel_event: threading.Event | None = None,
+        sink: Callable[[str, float, Any], None] | None = None,
     ) -> None:
         self.state = state
         self.node = node
@@ -342,8 +353,9 @@ class Context:
         self.attempt = attempt
         self._deadline = deadline
         self._cancel = cancel_event
+        self._sink = sink
         self._deltas: dict[str, Any] = {}
-        self._events: list[tuple[str, float, Any]] = []
+        self._events: list[tuple[str, float, Any]] = []  # kept when there is no sink
 
     def update(self, changes: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         """Record state changes, merged into ``Report.state`` at the fan-in.
@@ -365,11 +377,17 @@ class Context:
 
     def emit(self, data: Any) -> None:
         """Report an event (``kind="emitted"``) to the parent's ``on_event``, in order."""
-        self._events.append(("emitted", time.time(), data))
+        self._report("emitted", data)
 
     def progress(self, done: float, total: float | None = None) -> None:
         """Report this action's progress (``kind="progress"``, data ``(done, total)``)."""
-        self._events.append(("progress", time.time(), (done, total)))
+        self._report("progress", (done, total))
+
+    def _report(self, kind: str, data: Any) -> None:
+        if self._sink is not None:
+            self._sink(kind, time.time(), data)
+        else:
+            self._events.append((kind, time.time(), data))
 
     def cancelled(self) -> bool:
         """True once the run is cancelled or this action's deadline has passed."""

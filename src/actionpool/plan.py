@@ -34,7 +34,7 @@ class Node:
         args, kwargs: the call's arguments, nodes still in place.
     """
 
-    __slots__ = ("_after", "_plan", "action", "args", "deps", "index", "kwargs", "name")
+    __slots__ = ("_after", "_plan", "action", "args", "deps", "index", "join", "kwargs", "name")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class Node:
         self.kwargs = kwargs
         self.deps = deps  # nodes whose values are arguments
         self._after = after
+        self.join: tuple[str, int] | None = None  # ("race", 1) / ("quorum", k)
 
     def __repr__(self) -> str:
         return f"<Node {self.name!r} #{self.index} {self.action.name}>"
@@ -234,6 +235,52 @@ class Plan:
         self._by_name[name] = node
         return node
 
+    def race(self, nodes: Iterable[Node], *, name: str | None = None) -> Node:
+        """A node whose value is the value of the first of ``nodes`` to succeed.
+
+        The moment one input succeeds, the race succeeds and every input still
+        pending or running is cancelled (a running cpu input's worker is killed);
+        those end ``CANCELLED`` and do not count against the run's status. A failed
+        input does not win. If every input fails, the race fails.
+
+        Raises:
+            PlanError: ``nodes`` is empty or holds something that is not a node of
+                this plan.
+        """
+        return self._join("race", 1, nodes, name)
+
+    def quorum(self, k: int, nodes: Iterable[Node], *, name: str | None = None) -> Node:
+        """A node whose value is the list of the first ``k`` successes among ``nodes``.
+
+        Values are in completion order. Once ``k`` inputs succeeded, the rest are
+        cancelled as in :meth:`race`; once fewer than ``k`` can still succeed, the
+        quorum fails.
+
+        Raises:
+            PlanError: ``k`` is not between 1 and ``len(nodes)``, or ``nodes`` holds
+                something that is not a node of this plan.
+        """
+        return self._join("quorum", k, nodes, name)
+
+    def _join(self, kind: str, k: int, nodes: Iterable[Node], name: str | None) -> Node:
+        label = name or kind
+        inputs = tuple(nodes) if not isinstance(nodes, Node) else (nodes,)
+        if not inputs:
+            raise PlanError(f"{kind} {label!r}: needs at least one input node")
+        for n in inputs:
+            if not isinstance(n, Node) or n._plan is not self:
+                raise PlanError(f"{kind} {label!r}: {n!r} is not a node of this plan")
+        if len(set(inputs)) != len(inputs):
+            raise PlanError(f"{kind} {label!r}: an input node is given twice")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(inputs):
+            raise PlanError(
+                f"{kind} {label!r}: k must be an int from 1 to {len(inputs)} (the number of"
+                f" inputs), got {k!r}"
+            )
+        node = self.add(_JOINS[kind], name=name, after=inputs)
+        node.join = (kind, k)
+        return node
+
     def _auto_name(self, base: str) -> str:
         n = self._auto_names.get(base, 0)
         name = base if n == 0 else f"{base}#{n}"
@@ -340,6 +387,20 @@ class Plan:
         cycle.reverse()  # print in run order: a -> b means b runs after a
         names = [self._nodes[k].name for k in cycle]
         return [*names, names[0]]
+
+
+def _race() -> None:
+    """Placeholder action of race nodes: they are decided by the scheduler, never run."""
+
+
+def _quorum() -> None:
+    """Placeholder action of quorum nodes: they are decided by the scheduler, never run."""
+
+
+_JOINS = {
+    "race": ActionSpec(_race, name="race"),
+    "quorum": ActionSpec(_quorum, name="quorum"),
+}
 
 
 def _suggest(name: str, known: dict[str, Node]) -> str:

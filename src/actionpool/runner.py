@@ -27,6 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
 
 from .action import ActionSpec, as_spec
@@ -35,7 +36,7 @@ from .events import Event
 from .outcome import Report
 from .plan import Plan
 from .pools import Pool
-from .pools.process import ProcessPool
+from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
 from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
 from .sizing import Sizing, compute_sizing
@@ -71,9 +72,12 @@ class Runner(Executor):
             (or ``ACTIONPOOL_CPU_WORKERS``).
         io_workers: threads in the I/O pool; default likewise (``ACTIONPOOL_IO_WORKERS``).
         backend: ``"local"`` (the only backend so far).
+        timeout_grace: seconds a cpu action gets, after :class:`~actionpool.ActionTimeout`
+            was raised inside it at its timeout, before its worker is killed.
 
     Raises:
-        ValueError: a worker count is not an int >= 1, or an unknown backend.
+        ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
+            positive number, or an unknown backend.
     """
 
     def __init__(
@@ -82,9 +86,18 @@ class Runner(Executor):
         io_workers: int | None = None,
         *,
         backend: str = "local",
+        timeout_grace: float = 1.0,
     ) -> None:
         if backend != "local":
             raise ValueError(f"backend must be 'local', got {backend!r}")
+        if (
+            isinstance(timeout_grace, bool)
+            or not isinstance(timeout_grace, (int, float))
+            or not 0 < timeout_grace < float("inf")
+        ):
+            raise ValueError(
+                f"timeout_grace must be a positive number of seconds, got {timeout_grace!r}"
+            )
         self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -95,7 +108,7 @@ class Runner(Executor):
             "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads),
             "io": ThreadPool(self.sizing.io_workers, self._loop),
         }
-        self._sched = Scheduler(self._loop, self._pools)
+        self._sched = Scheduler(self._loop, self._pools, float(timeout_grace))
         self._calls = CallRun(self._sched, uuid.uuid4().hex[:12])
         self._runs: set[PlanRun] = set()
         self._closed = False
@@ -225,8 +238,8 @@ class Runner(Executor):
                 return
             self._closed = True
         _LIVE.discard(self)
-        if cancel_futures:
-            self._on_loop(lambda: self._sched.cancel_waiting(self._calls))
+        if cancel_futures or not wait:
+            self._cancel(None, "the runner was shut down")
         if wait:
             self._wait_idle()
         for pool in self._pools.values():
@@ -234,6 +247,39 @@ class Runner(Executor):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    def cancel(self) -> None:
+        """Cancel every run and submitted call in progress; the runner stays usable.
+
+        Nodes and calls that had not started end ``CANCELLED`` at once; running cpu
+        actions are stopped by killing their worker processes (this call returns once
+        they are gone, at most a few seconds); running io actions end ``CANCELLED``
+        at once, their ``ctx.cancelled()`` turns True and ``async def`` ones are
+        cancelled. Runs in progress return reports with status ``CANCELLED``; the
+        futures of cancelled calls are cancelled. Safe to call from any thread.
+        """
+        self._cancel(None, "runner.cancel()")
+
+    def _cancel(self, runs: list[PlanRun] | None, why: str) -> None:
+        def cancel_on_loop() -> list[Future[Any]]:
+            targets: list[Any] = list(self._runs) if runs is None else list(runs)
+            if runs is None:
+                targets.append(self._calls)
+            killed = []
+            for run in targets:
+                for rec in run.live_records():
+                    if isinstance(rec.handle, ProcessAttempt):
+                        killed.append(rec.handle.future)
+                run.cancel(why)
+            return killed
+
+        if self._loop.is_closed():
+            return
+        if threading.current_thread() is self._thread:
+            cancel_on_loop()
+            return
+        killed = self._on_loop(cancel_on_loop)
+        wait_futures(killed, timeout=10)  # the workers are gone when this returns
 
     def worker_pids(self) -> list[int]:
         """The pids of the CPU pool's live worker processes (empty before first use)."""
@@ -308,8 +354,11 @@ class Runner(Executor):
         cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
         try:
             return cf.result()
-        except KeyboardInterrupt:
-            self._on_loop(lambda: run._cancel_rest())
+        except KeyboardInterrupt as exc:
+            # Ctrl-C (also Jupyter's interrupt): stop this run's actions, keep its report.
+            self._cancel([run], "KeyboardInterrupt")
+            with contextlib.suppress(Exception):
+                exc.report = cf.result(timeout=10)  # type: ignore[attr-defined]
             raise
 
     async def arun(
@@ -382,7 +431,10 @@ class Runner(Executor):
     async def _await_run(self, run: PlanRun) -> Report:
         run.start()
         try:
-            return await run.done
+            return await asyncio.shield(run.done)
+        except asyncio.CancelledError:  # the awaiting task (arun) was cancelled
+            run.cancel("the task awaiting the run was cancelled")
+            raise
         finally:
             self._runs.discard(run)
             close = getattr(run.on_event, "close", None)

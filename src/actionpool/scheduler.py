@@ -2,24 +2,42 @@
 
 Data flow::
 
-    Runner.run(plan) ──► PlanRun ──(ready nodes)──► Scheduler ready queues (per pool,
-                                                    plan order) ──admission──► Pool
-    Runner.submit()  ──► CallRun ──┘                                             │
-                                                                                 ▼
-    Report ◄── PlanRun._finish ◄── transitions ◄── _on_result ◄── loop ◄── Future[Result]
+    Runner.run(plan) ─► PlanRun ─(ready nodes)─► Scheduler ready queues (per pool,
+                                                 plan order) ─admission─► Pool
+    Runner.submit()  ─► CallRun ─┘                                          │
+                                                                            ▼
+    Report ◄─ PlanRun._finish ◄─ transitions ◄─ _on_started / _on_result ◄─ the loop
+                                   ▲ timers: soft deadline (io), hard kill (cpu)
 
 Every node (a plan node or a submitted call) is a :class:`NodeRecord` whose lifecycle
 is an explicit state machine::
 
     PENDING ──► READY ──► RUNNING ──► SUCCEEDED | FAILED | TIMED_OUT | CRASHED | CANCELLED
        │          │  ▲        │
-       │          │  └────────┘ (retry, or resubmit after a pool broke)
-       └──────────┴──► SKIPPED | CANCELLED | FAILED (could not be serialized)
+       │          │  └────────┘ (retry after backoff)
+       │          └──► SKIPPED (validate said no) | FAILED (cannot be serialized) | CANCELLED
+       └──► SKIPPED (an upstream did not succeed) | CANCELLED
+            | SUCCEEDED / FAILED (race and quorum nodes, decided by their inputs)
 
 Only :meth:`Scheduler.transition` changes a record's state; it checks the move against
-:data:`TRANSITIONS` and calls the one handler for the target state, so every rule about
+:data:`TRANSITIONS` and calls the one handler of the target state, so every rule about
 a state lives in one function. The scheduler never touches processes (pools do) and a
-pool never decides order (the scheduler does). All methods run on the loop thread.
+pool never decides order (the scheduler does). All methods run on the loop thread;
+pools report through ``loop.call_soon_threadsafe``, in the order things happened.
+
+Failure rules (DESIGN.md, "Failure", "Timeouts", "Crashes and recovery"):
+
+* an action that raised is retried while ``attempts <= retries`` and the error is one
+  of ``retry_on``, after :func:`backoff_delay`; the last error is kept;
+* cpu timeout: the worker raises :class:`~actionpool.ActionTimeout` inside the action
+  at the deadline (soft); ``timeout_grace`` seconds later the scheduler kills the
+  worker (hard); either way the node ends ``TIMED_OUT``;
+* io timeout: at the deadline the node ends ``TIMED_OUT``, ``ctx.cancelled()`` turns
+  True and an ``async def`` action is cancelled (a thread cannot be killed);
+* a dead worker ends its node ``CRASHED`` with :class:`~actionpool.WorkerCrashed`; it
+  is re-run only if ``retry_on`` names ``WorkerCrashed`` (the user's consent);
+* ``fail_fast``: the first failure cancels every node that has not ended, running
+  ones included.
 """
 
 from __future__ import annotations
@@ -33,13 +51,20 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from ._worker import Result, Task, rebuild_error
 from .action import ActionSpec
-from .errors import ActionFailed, PlanError, SerializationError, StateConflict, WorkerCrashed
+from .errors import (
+    ActionFailed,
+    ActionTimeout,
+    PlanError,
+    SerializationError,
+    StateConflict,
+    WorkerCrashed,
+)
 from .events import Event
 from .outcome import Outcome, Report, RunStatus, Status
 from .plan import Graph, Node, resolve
@@ -47,9 +72,17 @@ from .state import merge_state
 from .transfer import dumps_call, loads
 
 if TYPE_CHECKING:
-    from .pools import Pool
+    from .pools import Attempt, Pool
 
-__all__ = ["CallRun", "NodeRecord", "NodeState", "PlanRun", "Scheduler", "TRANSITIONS"]
+__all__ = [
+    "TRANSITIONS",
+    "CallRun",
+    "NodeRecord",
+    "NodeState",
+    "PlanRun",
+    "Scheduler",
+    "backoff_delay",
+]
 
 
 class NodeState(Enum):
@@ -68,7 +101,9 @@ class NodeState(Enum):
 
 _P, _R, _X = NodeState.PENDING, NodeState.READY, NodeState.RUNNING
 TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
-    _P: frozenset({_R, NodeState.SKIPPED, NodeState.CANCELLED}),
+    _P: frozenset(
+        {_R, NodeState.SKIPPED, NodeState.CANCELLED, NodeState.SUCCEEDED, NodeState.FAILED}
+    ),
     _R: frozenset({_X, NodeState.SKIPPED, NodeState.FAILED, NodeState.CANCELLED}),
     _X: frozenset(
         {
@@ -81,7 +116,8 @@ TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
         }
     ),
 }
-"""The legal moves: ``TRANSITIONS[from]`` is the set of states a node may move to."""
+"""The legal moves: ``TRANSITIONS[from]`` is the set of states a node may move to.
+``PENDING -> SUCCEEDED/FAILED`` is only taken by race and quorum nodes."""
 
 TERMINAL = frozenset(NodeState) - set(TRANSITIONS)
 
@@ -96,8 +132,12 @@ class NodeRecord:
         "deps_left",
         "error",
         "finished_at",
+        "handle",
         "index",
+        "join_losses",
+        "join_wins",
         "key",
+        "lost",
         "name",
         "node",
         "pool",
@@ -105,6 +145,7 @@ class NodeRecord:
         "spec",
         "started_at",
         "state",
+        "stop_reason",
         "traceback",
         "user_future",
         "value",
@@ -133,6 +174,11 @@ class NodeRecord:
         self.worker: int | str | None = None
         self.pool: str | None = None
         self.user_future: Future[Any] | None = None
+        self.handle: Attempt | None = None
+        self.stop_reason = ""  # why the scheduler stopped the running attempt
+        self.lost = False  # cancelled because a race/quorum was decided without it
+        self.join_wins: list[NodeRecord] = []
+        self.join_losses = 0
 
     def __lt__(self, other: NodeRecord) -> bool:  # heap order: run, then plan order
         return self.key < other.key
@@ -149,12 +195,13 @@ class _Run:
     state_bytes: bytes | None
     state_error: SerializationError | None
     on_event: Callable[[Event], Any] | None
+    cancelled: bool = False
 
     def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
         raise NotImplementedError
 
     def may_start(self, rec: NodeRecord) -> bool:
-        return True
+        return not self.cancelled
 
     def state_for_validate(self) -> Any:
         """A private copy of the state for a ``validate`` callable."""
@@ -163,21 +210,34 @@ class _Run:
     def node_finished(self, rec: NodeRecord) -> None:
         raise NotImplementedError
 
+    def live_records(self) -> list[NodeRecord]:
+        raise NotImplementedError
+
+    def cancel(self, why: str) -> None:
+        """End every node of this run that has not ended ``CANCELLED``."""
+        self.cancelled = True
+        for rec in self.live_records():
+            self.sched.cancel_node(rec, why)  # type: ignore[attr-defined]
+
 
 class Scheduler:
-    """Admission, dispatch and result handling for every run of one runner.
+    """Admission, dispatch, deadlines and results for every run of one runner.
 
     Args:
         loop: the runner's event loop; every method runs on its thread.
         pools: ``{"cpu": pool, "io": pool}``.
+        timeout_grace: seconds between a cpu action's soft timeout and the kill of
+            its worker.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool], timeout_grace: float
+    ) -> None:
         self.loop = loop
         self.pools = dict(pools)
+        self.timeout_grace = timeout_grace
         self._ready: dict[str, list[NodeRecord]] = {k: [] for k in self.pools}
         self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
-        self._running: set[NodeRecord] = set()
         self._dispatch_pending = False
         self._seq = itertools.count(1)
 
@@ -200,8 +260,7 @@ class Scheduler:
         _HANDLERS[to](self, rec, frm, **info)
 
     def _to_ready(self, rec: NodeRecord, frm: NodeState, delay: float = 0.0) -> None:
-        if frm is NodeState.RUNNING:
-            self._release(rec)
+        rec.handle = None
         if delay > 0:
             self.loop.call_later(delay, self._enqueue, rec)
         else:
@@ -209,24 +268,35 @@ class Scheduler:
 
     def _to_running(self, rec: NodeRecord, frm: NodeState, task: Task) -> None:
         kind = rec.spec.kind
-        pool = self.pools[kind]
         rec.attempts += 1
         rec.pool = kind
+        rec.stop_reason = ""
+        rec.started_at = None
+        rec.worker = None
         self._free[kind] -= 1
-        self._running.add(rec)
         self.emit(rec, "queued")
         attempt = rec.attempts
-        try:
-            fut = pool.submit(task, rec.spec.is_async)
-        except Exception as exc:  # noqa: BLE001 - a closed or broken pool fails this node
-            self.transition(rec, NodeState.FAILED, error=exc)
-            return
+        call_soon = self.loop.call_soon_threadsafe
+
+        def on_started(worker: int | str, at: float) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
+                call_soon(self._on_started, rec, attempt, worker, at)
+
+        def on_event(kind: str, at: float, data: Any) -> None:
+            with contextlib.suppress(RuntimeError):
+                call_soon(self._on_worker_event, rec, attempt, kind, at, data)
 
         def done(f: Future[Result]) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
-                self.loop.call_soon_threadsafe(self._on_result, rec, attempt, f)
+            with contextlib.suppress(RuntimeError):
+                call_soon(self._on_result, rec, attempt, f)
 
-        fut.add_done_callback(done)
+        try:
+            rec.handle = self.pools[kind].submit(task, rec.spec.is_async, on_started, on_event)
+        except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
+            self._free[kind] += 1
+            self.transition(rec, NodeState.FAILED, error=exc)
+            return
+        rec.handle.future.add_done_callback(done)
 
     def _to_terminal(
         self,
@@ -235,8 +305,6 @@ class Scheduler:
         error: BaseException | None = None,
         traceback: str | None = None,
     ) -> None:
-        if frm is NodeState.RUNNING:
-            self._release(rec)
         if error is not None:
             rec.error = error
         if traceback is not None:
@@ -251,11 +319,6 @@ class Scheduler:
         if rec.state is not NodeState.READY:  # cancelled during a backoff
             return
         heapq.heappush(self._ready[rec.spec.kind], rec)
-        self.schedule_dispatch()
-
-    def _release(self, rec: NodeRecord) -> None:
-        self._running.discard(rec)
-        self._free[rec.spec.kind] += 1
         self.schedule_dispatch()
 
     def schedule_dispatch(self) -> None:
@@ -301,12 +364,11 @@ class Scheduler:
                 except SerializationError as exc:
                     self.transition(rec, NodeState.FAILED, error=exc)
                     return None
-        deadline = time.time() + spec.timeout if spec.timeout is not None else None
         return Task(
             run.run_id,
             rec.name,
             rec.attempts + 1,
-            deadline,
+            spec.timeout,
             spec.wants_context,
             run.state_bytes if spec.wants_context else None,
             rec.call,
@@ -326,21 +388,70 @@ class Scheduler:
             return False
         return True
 
-    # ---- results -------------------------------------------------------------------
+    # ---- what the pools report ------------------------------------------------------
+
+    def _current(self, rec: NodeRecord, attempt: int) -> bool:
+        return rec.state is NodeState.RUNNING and rec.attempts == attempt
+
+    def _on_started(self, rec: NodeRecord, attempt: int, worker: int | str, at: float) -> None:
+        if not self._current(rec, attempt):
+            return
+        rec.started_at = at
+        rec.worker = worker
+        self.emit(rec, "started", at=at)
+        timeout = rec.spec.timeout
+        if timeout is None:
+            return
+        elapsed = max(0.0, time.time() - at)
+        if rec.spec.kind == "cpu":  # the worker raises at the deadline; kill if it must
+            delay = timeout + self.timeout_grace - elapsed
+            self.loop.call_later(max(0.0, delay), self._hard_timeout, rec, attempt)
+        else:
+            self.loop.call_later(max(0.0, timeout - elapsed), self._io_timeout, rec, attempt)
+
+    def _on_worker_event(
+        self, rec: NodeRecord, attempt: int, kind: str, at: float, data: Any
+    ) -> None:
+        if self._current(rec, attempt):
+            self.emit(rec, kind, data, at=at)
+
+    def _hard_timeout(self, rec: NodeRecord, attempt: int) -> None:
+        if self._current(rec, attempt) and rec.handle is not None:
+            rec.stop_reason = "timeout"
+            rec.handle.cancel("timeout")  # kills the worker; _on_result ends the node
+
+    def _io_timeout(self, rec: NodeRecord, attempt: int) -> None:
+        if not self._current(rec, attempt) or rec.handle is None:
+            return
+        rec.stop_reason = "timeout"
+        rec.handle.cancel("timeout")  # ctx.cancelled() turns True; async tasks cancelled
+        err = ActionTimeout(
+            f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s"
+            " (its thread was asked to stop: ctx.cancelled() is True)"
+        )
+        self._failed(rec, err, None)
 
     def _on_result(self, rec: NodeRecord, attempt: int, fut: Future[Result]) -> None:
-        if rec.state is not NodeState.RUNNING or rec.attempts != attempt:
-            return  # a stale result: the node was cancelled or re-dispatched meanwhile
-        exc = fut.exception()
-        if exc is not None:
-            self._on_pool_error(rec, exc)
+        # Every dispatched attempt frees its slot exactly once, when its pool is done
+        # with it: a thread abandoned at its timeout keeps its slot until it returns.
+        self._free[rec.spec.kind] += 1
+        self.schedule_dispatch()
+        if not self._current(rec, attempt):
+            return  # stale: the node was cancelled, timed out or re-dispatched meanwhile
+        try:
+            result = fut.result()
+        except CancelledError:
+            self._failed(rec, ActionFailed(f"node {rec.name!r}: its attempt was withdrawn"), None)
             return
-        result = fut.result()
-        rec.started_at = result.started_at
-        rec.worker = result.worker
-        self.emit(rec, "started", at=result.started_at)
-        for kind, at, data in result.events:
-            self.emit(rec, kind, data, at=at)
+        except WorkerCrashed as exc:
+            self._on_crash(rec, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a pool failure ends the node
+            self._failed(rec, exc, None)
+            return
+        if rec.started_at is None:
+            rec.started_at = result.started_at
+            rec.worker = result.worker
         if result.ok:
             try:
                 rec.value = loads(result.value) if result.value is not None else None
@@ -350,31 +461,55 @@ class Scheduler:
                     f"node {rec.name!r}: its return value could not be unpickled here"
                     f" ({type(err).__name__}: {err})"
                 )
-                self.transition(rec, NodeState.FAILED, error=serr)
+                self._failed(rec, serr, None)
                 return
             self.transition(rec, NodeState.SUCCEEDED)
             return
         error = rebuild_error(result)
         if result.traceback and error.__cause__ is None:
             error.__cause__ = _RemoteTraceback(result.traceback)
+        self._failed(rec, error, result.traceback or None)
+
+    def _on_crash(self, rec: NodeRecord, exc: WorkerCrashed) -> None:
+        if rec.stop_reason == "timeout":
+            grace = self.timeout_grace
+            err = ActionTimeout(
+                f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s and did not"
+                f" stop within {grace:g} s of the soft timeout, so its worker was killed"
+            )
+            self._failed(rec, err, None)
+        else:
+            self._failed(rec, exc, None)
+
+    def _failed(self, rec: NodeRecord, error: BaseException, tb: str | None) -> None:
+        """End an attempt that did not succeed: retry it, or end the node."""
         spec = rec.spec
-        if rec.attempts <= spec.retries and isinstance(error, spec.retry_on):
+        if isinstance(error, WorkerCrashed):
+            consented = any(issubclass(t, WorkerCrashed) for t in spec.retry_on)
+            status = NodeState.CRASHED
+        else:
+            consented = isinstance(error, spec.retry_on)
+            status = NodeState.TIMED_OUT if isinstance(error, ActionTimeout) else NodeState.FAILED
+        if consented and rec.attempts <= spec.retries and not rec.run.cancelled:
             delay = backoff_delay(spec.backoff, rec.attempts)
             self.emit(rec, "retrying", {"attempt": rec.attempts, "error": error, "delay_s": delay})
             self.transition(rec, NodeState.READY, delay=delay)
             return
-        self.transition(rec, NodeState.FAILED, error=error, traceback=result.traceback or None)
+        if rec.state is NodeState.READY:  # could not even be dispatched
+            status = NodeState.FAILED
+        self.transition(rec, status, error=error, traceback=tb)
 
-    def _on_pool_error(self, rec: NodeRecord, exc: BaseException) -> None:
-        # A loky worker died: the executor is broken and every pending future fails.
-        name = type(exc).__name__
-        if "Broken" in name or "Terminated" in name:
-            err: BaseException = WorkerCrashed(
-                f"node {rec.name!r}: its worker process died ({exc})"
-            )
-            self.transition(rec, NodeState.CRASHED, error=err)
-        else:
-            self.transition(rec, NodeState.FAILED, error=exc)
+    # ---- cancellation ----------------------------------------------------------------
+
+    def cancel_node(self, rec: NodeRecord, why: str) -> None:
+        """End ``rec`` ``CANCELLED`` now; a running attempt is stopped (process killed)."""
+        if rec.state in TERMINAL:
+            return
+        if rec.state is NodeState.RUNNING and rec.handle is not None:
+            rec.stop_reason = "cancel"
+            rec.handle.cancel("cancel")
+        err = ActionFailed(f"node {rec.name!r} cancelled: {why}")
+        self.transition(rec, NodeState.CANCELLED, error=err)
 
     # ---- events --------------------------------------------------------------------
 
@@ -389,13 +524,6 @@ class Scheduler:
             warnings.warn(
                 f"on_event raised {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=1
             )
-
-    def cancel_waiting(self, run: _Run) -> None:
-        """End every node of ``run`` that has not started ``CANCELLED``."""
-        for heap in self._ready.values():
-            for rec in heap:
-                if rec.run is run and rec.state is NodeState.READY:
-                    self.transition(rec, NodeState.CANCELLED)
 
 
 _HANDLERS: dict[NodeState, Callable[..., None]] = {
@@ -470,8 +598,14 @@ class PlanRun(_Run):
             self._finish()
             return
         for rec in self.recs:
-            if rec.deps_left == 0:
-                self.sched.transition(rec, NodeState.READY)
+            if rec.deps_left == 0 and rec.state is NodeState.PENDING:
+                if rec.node is not None and rec.node.join is not None:
+                    self._decide_join(rec)  # a race of nothing
+                else:
+                    self.sched.transition(rec, NodeState.READY)
+
+    def live_records(self) -> list[NodeRecord]:
+        return [r for r in self.recs if r.state not in TERMINAL]
 
     def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
         node = rec.node
@@ -506,7 +640,13 @@ class PlanRun(_Run):
             dep = self.recs[j]
             if dep.state is not NodeState.PENDING:
                 continue
-            if ok:
+            if dep.node is not None and dep.node.join is not None:
+                if ok:
+                    dep.join_wins.append(rec)
+                else:
+                    dep.join_losses += 1
+                self._decide_join(dep)
+            elif ok:
                 dep.deps_left -= 1
                 if dep.deps_left == 0:
                     self.sched.transition(dep, NodeState.READY)
@@ -516,20 +656,37 @@ class PlanRun(_Run):
                     why += f" ({type(rec.error).__name__}: {rec.error})"
                 err = ActionFailed(f"node {dep.name!r} skipped: {why}")
                 self.sched.transition(dep, NodeState.SKIPPED, error=err, traceback=why)
-        if (
-            not ok
-            and self.failure == "fail_fast"
-            and rec.state is not NodeState.SKIPPED
-            and not self.failed_fast
-        ):
+        failed = rec.state in (NodeState.FAILED, NodeState.TIMED_OUT, NodeState.CRASHED)
+        if failed and self.failure == "fail_fast" and not self.failed_fast:
             self.failed_fast = True
-            self._cancel_rest()
+            for other in self.live_records():
+                self.sched.cancel_node(
+                    other, f"fail_fast after node {rec.name!r} {rec.state.value}"
+                )
 
-    def _cancel_rest(self) -> None:
-        self.sched.cancel_waiting(self)
-        for rec in self.recs:
-            if rec.state is NodeState.PENDING:
-                self.sched.transition(rec, NodeState.CANCELLED)
+    def _decide_join(self, rec: NodeRecord) -> None:
+        """Settle a race/quorum node once enough inputs succeeded or too many did not."""
+        assert rec.node is not None and rec.node.join is not None
+        kind, k = rec.node.join
+        inputs = self.graph.deps[rec.index]
+        wins = rec.join_wins
+        if len(wins) >= k:
+            rec.value = wins[0].value if kind == "race" else [w.value for w in wins[:k]]
+            rec.started_at = time.time()
+            self.sched.transition(rec, NodeState.SUCCEEDED)
+            winners = ", ".join(repr(w.name) for w in wins[:k])
+            for i in inputs:
+                other = self.recs[i]
+                if other.state not in TERMINAL:
+                    other.lost = True
+                    self.sched.cancel_node(other, f"{kind} {rec.name!r} was decided by {winners}")
+        elif len(inputs) - rec.join_losses < k:
+            need = "a success" if kind == "race" else f"{k} successes"
+            err = ActionFailed(
+                f"{kind} {rec.name!r} needed {need} but only {len(wins)} of its"
+                f" {len(inputs)} inputs succeeded"
+            )
+            self.sched.transition(rec, NodeState.FAILED, error=err)
 
     def _finish(self) -> None:
         outcomes = [_outcome(rec) for rec in self.recs]
@@ -538,14 +695,10 @@ class PlanRun(_Run):
             for i in self.graph.order
             if self.recs[i].deltas and self.recs[i].state is NodeState.SUCCEEDED
         ]
-        status = run_status(outcomes, self.failed_fast)
+        counted = [o for o, rec in zip(outcomes, self.recs, strict=True) if not rec.lost]
+        status = run_status(counted, self.failed_fast, self.cancelled)
         try:
-            state = merge_state(
-                self.initial_state,
-                deltas,  # type: ignore[arg-type]
-                self.graph.ancestors,
-                self.reducers,
-            )
+            state = merge_state(self.initial_state, deltas, self.graph.ancestors, self.reducers)  # type: ignore[arg-type]
         except (StateConflict, TypeError) as exc:
             report = Report(
                 outcomes, self.initial_state, status, self.run_id, self.started_at, time.time()
@@ -590,6 +743,13 @@ class CallRun(_Run):
         self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
         self.sched.transition(rec, NodeState.READY)
 
+    def live_records(self) -> list[NodeRecord]:
+        return list(self.live)
+
+    def cancel(self, why: str) -> None:
+        super().cancel(why)
+        self.cancelled = False  # the stream of calls goes on after a cancel
+
     def may_start(self, rec: NodeRecord) -> bool:
         assert rec.user_future is not None
         # A future the caller cancelled while it waited ends here, never runs.
@@ -608,6 +768,9 @@ class CallRun(_Run):
             fut.set_result(rec.value)
         elif rec.state is NodeState.CANCELLED and not fut.running():
             fut.cancel()
+            fut.set_running_or_notify_cancel()
+        elif rec.state is NodeState.CANCELLED:
+            fut.set_exception(CancelledError(str(rec.error)))
         else:
             fut.set_exception(rec.error or ActionFailed(f"call {rec.name!r} {rec.state.value}"))
 
