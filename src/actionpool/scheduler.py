@@ -286,17 +286,19 @@ class Scheduler:
             with contextlib.suppress(RuntimeError):
                 call_soon(self._on_worker_event, rec, attempt, kind, at, data)
 
-        def done(f: Future[Result]) -> None:
-            with contextlib.suppress(RuntimeError):
-                call_soon(self._on_result, rec, attempt, f)
-
         try:
-            rec.handle = self.pools[kind].submit(task, rec.spec.is_async, on_started, on_event)
+            handle = self.pools[kind].submit(task, rec.spec.is_async, on_started, on_event)
         except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
             self._free[kind] += 1
             self.transition(rec, NodeState.FAILED, error=exc)
             return
-        rec.handle.future.add_done_callback(done)
+        rec.handle = handle
+
+        def done(f: Future[Result]) -> None:
+            with contextlib.suppress(RuntimeError):
+                call_soon(self._on_result, rec, attempt, handle)
+
+        handle.future.add_done_callback(done)
 
     def _to_terminal(
         self,
@@ -320,6 +322,14 @@ class Scheduler:
             return
         heapq.heappush(self._ready[rec.spec.kind], rec)
         self.schedule_dispatch()
+
+    def _release(self, kind: str, handle: Attempt) -> None:
+        """Free an attempt's slot, exactly once: when its pool is done with it, or at
+        once when an io attempt is abandoned (its thread no longer counts, see pools)."""
+        if not handle.released:
+            handle.released = True
+            self._free[kind] += 1
+            self.schedule_dispatch()
 
     def schedule_dispatch(self) -> None:
         """Dispatch on the next loop iteration (coalesces bursts of finished nodes)."""
@@ -425,17 +435,16 @@ class Scheduler:
             return
         rec.stop_reason = "timeout"
         rec.handle.cancel("timeout")  # ctx.cancelled() turns True; async tasks cancelled
+        self._release(rec.spec.kind, rec.handle)  # the thread is abandoned
         err = ActionTimeout(
             f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s"
             " (its thread was asked to stop: ctx.cancelled() is True)"
         )
         self._failed(rec, err, None)
 
-    def _on_result(self, rec: NodeRecord, attempt: int, fut: Future[Result]) -> None:
-        # Every dispatched attempt frees its slot exactly once, when its pool is done
-        # with it: a thread abandoned at its timeout keeps its slot until it returns.
-        self._free[rec.spec.kind] += 1
-        self.schedule_dispatch()
+    def _on_result(self, rec: NodeRecord, attempt: int, handle: Attempt) -> None:
+        self._release(rec.spec.kind, handle)
+        fut = handle.future
         if not self._current(rec, attempt):
             return  # stale: the node was cancelled, timed out or re-dispatched meanwhile
         try:
@@ -508,6 +517,8 @@ class Scheduler:
         if rec.state is NodeState.RUNNING and rec.handle is not None:
             rec.stop_reason = "cancel"
             rec.handle.cancel("cancel")
+            if rec.spec.kind == "io":
+                self._release(rec.spec.kind, rec.handle)  # the thread is abandoned
         err = ActionFailed(f"node {rec.name!r} cancelled: {why}")
         self.transition(rec, NodeState.CANCELLED, error=err)
 

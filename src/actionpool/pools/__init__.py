@@ -20,6 +20,7 @@ class Attempt(Protocol):
 
     future: Future[Result]
     killed: str
+    released: bool
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop the attempt as hard as the pool can (kill a process, flag a thread)."""

@@ -104,7 +104,17 @@ class ProcessAttempt:
         killed: why the pool was asked to stop it (``"timeout"``, ``"cancel"``), or "".
     """
 
-    __slots__ = ("_pool", "future", "id", "killed", "on_event", "on_started", "started", "task")
+    __slots__ = (
+        "_pool",
+        "future",
+        "id",
+        "killed",
+        "on_event",
+        "on_started",
+        "released",
+        "started",
+        "task",
+    )
 
     def __init__(
         self,
@@ -122,6 +132,7 @@ class ProcessAttempt:
         self.future: Future[Result] = Future()
         self.started = False
         self.killed = ""
+        self.released = False  # the scheduler freed this attempt's slot
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop this attempt now: withdraw it, or kill its worker's process group."""

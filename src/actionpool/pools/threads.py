@@ -1,23 +1,33 @@
-"""The I/O pool: a thread pool for ``kind="io"`` actions; ``async def`` ones run on a loop.
+"""The I/O pool: threads for ``kind="io"`` actions; ``async def`` ones run on a loop.
 
 Data flow::
 
-    scheduler ─submit(Task)─► ThreadPoolExecutor thread: on_started, _worker.execute ─► Future
-    scheduler ─submit(Task)─► the runner's event loop: _worker.execute_async ─────────► Future
+    scheduler ─submit(Task)─► queue ─► pool thread: on_started, _worker.execute ─► Future
+    scheduler ─submit(Task)─► the runner's event loop: _worker.execute_async ───► Future
 
 The thread runs the same ``execute`` as a CPU worker, so an io action also unpickles
-private copies of its arguments and state, and its result is pickled back. A thread
-cannot be killed: cancelling an attempt sets its ``ctx.cancelled()`` flag (and cancels
-an ``async def`` action's task); the thread's late result is ignored.
+private copies of its arguments and state, and its result is pickled back.
+
+A thread cannot be killed. Cancelling an attempt (timeout, cancel) sets its
+``ctx.cancelled()`` flag, cancels an ``async def`` action's task, and *abandons* the
+thread: its late result is ignored, it no longer counts toward the pool's size (a
+fresh thread serves the next attempt), and closing the pool does not wait for it.
+Pool threads are daemon threads for that reason: an abandoned thread stuck in a
+blocking call must not keep the interpreter from exiting. Threads that are not
+abandoned are always joined by :meth:`ThreadPool.close`.
+
+States of a pool thread: idle (waiting on the queue) -> busy -> idle ..., or
+abandoned (busy with an attempt nobody waits for; it exits when that returns).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from .._worker import Result, Task, execute, execute_async
@@ -30,36 +40,42 @@ class ThreadAttempt:
 
     Attributes:
         future: resolves to the :class:`~actionpool._worker.Result` (cancelled when an
-            ``async def`` action was cancelled).
+            ``async def`` action was cancelled, or withdrawn before a thread took it).
         cancel_event: what ``ctx.cancelled()`` reads.
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
     """
 
-    __slots__ = ("cancel_event", "future", "killed")
+    __slots__ = ("_pool", "cancel_event", "future", "killed", "released")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: ThreadPool) -> None:
+        self._pool = pool
         self.cancel_event = threading.Event()
         self.future: Future[Result] = Future()
         self.killed = ""
+        self.released = False  # the scheduler freed this attempt's slot
 
     def cancel(self, reason: str = "cancel") -> None:
-        """Ask the action to stop: ``ctx.cancelled()`` turns True; async tasks are cancelled."""
+        """Stop waiting for this attempt: flag it, cancel an async task, abandon the thread."""
         self.killed = self.killed or reason
         self.cancel_event.set()
-        self.future.cancel()  # async: cancels the task; threads: no-op once running
+        self.future.cancel()  # async: cancels the task; queued: withdrawn; running: no-op
+        self._pool.abandon(self)
 
 
 class ThreadPool:
-    """A ``ThreadPoolExecutor`` of ``size`` threads; states idle/started/closed."""
+    """Daemon threads started on demand, ``size`` of them serving at most."""
 
     kind = "io"
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
         self.size = size
         self._loop = loop
-        self._executor: ThreadPoolExecutor | None = None
-        self._closed = False
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._threads: dict[threading.Thread, ThreadAttempt | None] = {}  # serving threads
+        self._idle = 0
+        self._names = iter(range(1 << 62))
+        self._closed = False
 
     def submit(
         self,
@@ -68,12 +84,12 @@ class ThreadPool:
         on_started: Callable[[int | str, float], None] | None = None,
         on_event: Callable[[str, float, Any], None] | None = None,
     ) -> ThreadAttempt:
-        """Run ``task`` on a thread, or on the runner's loop for an ``async def`` action.
+        """Run ``task`` on a pool thread, or on the runner's loop for an ``async def`` action.
 
         Raises:
             RuntimeError: the pool is closed.
         """
-        att = ThreadAttempt()
+        att = ThreadAttempt(self)
         if is_async:
 
             async def run() -> Result:
@@ -86,22 +102,69 @@ class ThreadPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the io pool is closed")
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.size, thread_name_prefix="actionpool-io")
-            ex = self._executor
-
-        def run_in_thread() -> Result:
-            if on_started is not None:
-                on_started(threading.current_thread().name, time.time())
-            return execute(task, on_event, att.cancel_event)
-
-        att.future = ex.submit(run_in_thread)
+            self._queue.put((att, task, on_started, on_event))
+            if self._idle > 0:
+                self._idle -= 1
+            else:
+                t = threading.Thread(
+                    target=self._serve, name=f"actionpool-io-{next(self._names)}", daemon=True
+                )
+                self._threads[t] = None
+                t.start()
         return att
 
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            att, task, on_started, on_event = item
+            if not att.future.set_running_or_notify_cancel():
+                self._done(me)  # withdrawn before it started
+                continue
+            with self._lock:
+                self._threads[me] = att
+            if on_started is not None:
+                on_started(me.name, time.time())
+            try:
+                result = execute(task, on_event, att.cancel_event)
+            except BaseException as exc:  # noqa: BLE001 - execute never raises; belt and braces
+                att.future.set_exception(exc)
+            else:
+                att.future.set_result(result)
+            if att.killed:  # abandoned: the pool went on without this thread
+                return
+            self._done(me)
+
+    def _done(self, me: threading.Thread) -> None:
+        with self._lock:
+            self._threads[me] = None
+            self._idle += 1
+
+    def abandon(self, att: ThreadAttempt) -> None:
+        """Stop counting the thread that runs ``att``; a fresh one serves the next attempt."""
+        with self._lock:
+            for t, running in self._threads.items():
+                if running is att:
+                    del self._threads[t]
+                    return
+
     def close(self, cancel: bool = False) -> None:
-        """Shut the threads down, waiting for running actions (threads cannot be killed)."""
+        """Stop the pool; wait for every serving thread (abandoned ones are not waited for).
+
+        Args:
+            cancel: cancel (and so abandon) running attempts instead of waiting for them.
+        """
         with self._lock:
             self._closed = True
-            ex, self._executor = self._executor, None
-        if ex is not None:
-            ex.shutdown(wait=True, cancel_futures=cancel)
+            running = [a for a in self._threads.values() if a is not None]
+        if cancel:
+            for att in running:
+                att.cancel("cancel")
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        for t in threads:
+            t.join()
