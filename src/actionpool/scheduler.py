@@ -213,9 +213,12 @@ class _Run:
     def live_records(self) -> list[NodeRecord]:
         raise NotImplementedError
 
+    cancel_reason: str = ""
+
     def cancel(self, why: str) -> None:
         """End every node of this run that has not ended ``CANCELLED``."""
         self.cancelled = True
+        self.cancel_reason = why
         for rec in self.live_records():
             self.sched.cancel_node(rec, why)  # type: ignore[attr-defined]
 
@@ -661,6 +664,8 @@ class PlanRun(_Run):
                 dep.deps_left -= 1
                 if dep.deps_left == 0:
                     self.sched.transition(dep, NodeState.READY)
+            elif self.cancelled:  # a cancelled run's nodes end CANCELLED, not SKIPPED
+                self.sched.cancel_node(dep, self.cancel_reason)
             else:
                 why = f"upstream node {rec.name!r} {rec.state.value}"
                 if rec.error is not None and rec.state is not NodeState.SKIPPED:

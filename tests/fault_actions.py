@@ -1,0 +1,122 @@
+"""Module-level actions that fail in every way a worker can, for tests/test_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import actionpool as ap
+
+
+def write(path: str | None, text: str) -> None:
+    if path:
+        Path(path).write_text(text)
+
+
+def sleep_long(seconds: float = 30.0, mark: str | None = None) -> str:
+    write(mark, str(os.getpid()))
+    time.sleep(seconds)
+    return "woke"
+
+
+def spin_python(mark: str | None = None) -> None:
+    write(mark, str(os.getpid()))
+    while True:
+        pass
+
+
+def catch_timeout(mark: str) -> str:
+    try:
+        time.sleep(30)
+    except ap.ActionTimeout:
+        write(mark, "cleaned up")
+        raise
+    return "never"
+
+
+def block_signals_and_sleep(mark: str | None = None) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    write(mark, str(os.getpid()))
+    time.sleep(30)
+
+
+def stuck_in_c(mark: str | None = None) -> None:
+    # libc's sleep() restarts nowhere near the interpreter: with SIGALRM blocked, no
+    # Python signal handler can run until it returns (in 30 s).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    write(mark, str(os.getpid()))
+    ctypes.CDLL(None).sleep(30)
+
+
+@ap.action(kind="io", timeout=0.3)
+def io_until_cancelled(ctx: ap.Context, mark: str) -> str:
+    while not ctx.cancelled():
+        time.sleep(0.01)
+    write(mark, f"saw cancelled at {time.time()}")
+    return "stopped"
+
+
+@ap.action(kind="io", timeout=0.3)
+async def async_sleep(mark: str) -> str:
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        write(mark, "cancelled")
+        raise
+    return "never"
+
+
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def allocate_then_wait(mark: str) -> None:
+    block = bytearray(50 * 2**20)  # the kind of process the OOM killer picks
+    write(mark, str(os.getpid()))
+    time.sleep(30)
+    del block
+
+
+def crash_first_time(flag: str) -> str:
+    if not Path(flag).exists():
+        Path(flag).write_text("crashed once")
+        os._exit(7)
+    return "second attempt"
+
+
+def stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float, int]:
+    start = time.time()
+    time.sleep(seconds)
+    return tag, start, time.time(), os.getpid()
+
+
+def fail() -> None:
+    raise RuntimeError("first failure")
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"a={a} b={b}")
+        self.a, self.b = a, b
+
+
+def raise_unrebuildable() -> None:
+    raise NeedsTwoArgs(1, 2)
+
+
+def return_lock() -> Any:
+    return threading.Lock()
