@@ -216,7 +216,8 @@ def test_pool_heals_after_crashes(shared: ap.Runner) -> None:
 def test_an_attempt_that_never_started_is_resubmitted() -> None:
     pool = ProcessPool(1, 1)
     try:
-        task = Task("run", "stamp", 1, None, False, None, dumps_call("stamp", fa.stamp, ("x",), {}))
+        call = dumps_call("stamp", fa.stamp, ("x",), {})
+        task = Task("run", "stamp", 1, None, False, None, call, "ap-test-none", None, 1)
         att = pool.submit(task)
         (first,) = pool.pids()
         os.killpg(first, signal.SIGKILL)  # before its interpreter could even start

@@ -42,7 +42,11 @@ def test_illegal_transition_is_refused(shared: ap.Runner) -> None:
     plan = ap.Plan()
     plan.add(h.square, 1)
     sched = shared._sched
-    run = PlanRun(sched, plan.graph(), "x", None, None, None, "collect", None, None)
+    from actionpool.transfer import Arena
+
+    arena = Arena("ap-test-illegal", None)
+    run = PlanRun(sched, plan.graph(), "x", arena, None, None, None, "collect", None, None)
+    arena.close()
     rec: NodeRecord = run.recs[0]
     with pytest.raises(AssertionError, match="illegal transition pending -> running"):
         sched.transition(rec, NodeState.RUNNING)

@@ -111,7 +111,9 @@ def test_dumps_loads_round_trip_including_lambdas():
 
 
 def test_dumps_call_round_trip():
-    fn, args, kwargs = loads(dumps_call("n", add, (1,), {"b": 2}))
+    data, buffers = dumps_call("n", add, (1,), {"b": 2})
+    assert buffers == ()  # without an arena everything is in the pickle
+    fn, args, kwargs = loads(data)
     assert fn is add
     assert fn(*args, **kwargs) == 3
 
@@ -152,7 +154,8 @@ def test_serialization_error_is_an_actionpool_error():
 
 def test_dumps_state_round_trip():
     state = {"k": 1, "items": [1, 2]}
-    assert loads(dumps_state(state)) == state
+    data, buffers = dumps_state(state)
+    assert buffers == () and loads(data) == state
 
 
 def test_dumps_state_names_the_bad_key():

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
-from .transfer import dumps, loads
+from .transfer import Arena, Packed, arena_for, dumps, loads, unlink_worker_segments
 
 __all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
 
@@ -56,8 +56,11 @@ class Task(NamedTuple):
     attempt: int
     timeout: float | None  # seconds from the start of the attempt, or None
     wants_state: bool
-    state: bytes | None  # the run's state, pickled once per run
-    call: bytes  # (fn, args, kwargs), pickled by transfer.dumps_call
+    state: Packed | None  # the run's state, pickled once per run
+    call: Packed  # (fn, args, kwargs), pickled by transfer.dumps_call
+    shm_prefix: str  # the run's shared-memory arena (transfer.Arena)
+    shm_threshold: int | None  # bytes from which buffers travel through shared memory
+    blas_threads: int  # BLAS/OpenMP threads for this attempt (threads x per-slot cap)
 
 
 class Result(NamedTuple):
@@ -69,12 +72,12 @@ class Result(NamedTuple):
     """
 
     ok: bool
-    value: bytes | None
+    value: Packed | None
     error: bytes | None
     error_type: str
     error_message: str
     traceback: str
-    deltas: bytes | None
+    deltas: Packed | None
     started_at: float
     finished_at: float
     worker: int | str
@@ -89,6 +92,7 @@ class _Alarm:
 
 
 _IN_PROCESS = False
+_BLAS_DEFAULT = 0  # the cap set in this worker's environment (0: not a worker)
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -104,11 +108,25 @@ def init_process(blas_threads: int) -> None:
     The environment variables (``OMP_NUM_THREADS`` ...) are set before the worker's
     interpreter starts; threadpoolctl covers libraries already loaded.
     """
-    global _IN_PROCESS
+    global _IN_PROCESS, _BLAS_DEFAULT
     _IN_PROCESS = True
+    _BLAS_DEFAULT = blas_threads
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=blas_threads)
+
+
+def _blas_limits(threads: int) -> Any:
+    """Raise or lower BLAS/OpenMP pools for one attempt (``threads=`` of its action).
+
+    Libraries read the worker's environment cap when they load; an action that takes
+    several CPU slots gets ``threadpoolctl`` limits for its run, restored afterwards.
+    """
+    if not _IN_PROCESS or threads == _BLAS_DEFAULT:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
 
 
 def _worker_id() -> int | str:
@@ -116,10 +134,10 @@ def _worker_id() -> int | str:
 
 
 def _prepare(
-    task: Task, sink: Sink | None, cancel: threading.Event | None, started: float
+    task: Task, sink: Sink | None, cancel: threading.Event | None, started: float, arena: Arena
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context | None]:
     try:
-        fn, args, kwargs = loads(task.call)
+        fn, args, kwargs = arena.loads(task.call)
         if isinstance(fn, ActionSpec):  # call the function itself: the Context is ours to make
             fn = fn.fn
     except Exception as exc:
@@ -132,7 +150,7 @@ def _prepare(
         state: Any = {}
         if task.state is not None:
             try:
-                state = loads(task.state)
+                state = arena.loads(task.state)
             except Exception as exc:
                 raise SerializationError(
                     f"node {task.node!r}: the state could not be unpickled in the worker"
@@ -143,26 +161,28 @@ def _prepare(
     return fn, args, kwargs, ctx
 
 
-def _success(task: Task, value: Any, ctx: Context | None, started: float) -> Result:
+def _success(task: Task, value: Any, ctx: Context | None, started: float, arena: Arena) -> Result:
     try:
-        value_bytes = dumps(value)
+        value_bytes = arena.dumps(value)
     except Exception as exc:  # noqa: BLE001
         err = SerializationError(
             f"node {task.node!r}: the return value of type {type(value).__name__}"
             f" cannot be pickled ({type(exc).__name__}: {exc})"
         )
         return _failure(task, err, started, tb="")
-    deltas = _dump_deltas(task, ctx)
+    deltas = _dump_deltas(task, ctx, arena)
     if isinstance(deltas, BaseException):
         return _failure(task, deltas, started, tb="")
     return Result(True, value_bytes, None, "", "", "", deltas, started, time.time(), _worker_id())
 
 
-def _dump_deltas(task: Task, ctx: Context | None) -> bytes | SerializationError | None:
+def _dump_deltas(
+    task: Task, ctx: Context | None, arena: Arena
+) -> Packed | SerializationError | None:
     if ctx is None or not ctx._deltas:
         return None
     try:
-        return dumps(ctx._deltas)
+        return arena.dumps(ctx._deltas)
     except Exception:  # noqa: BLE001
         for key, value in ctx._deltas.items():
             try:
@@ -210,14 +230,32 @@ def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None
     """
     started = time.time()
     alarm = _IN_PROCESS and task.timeout is not None
+    arena = arena_for(task.shm_prefix, task.shm_threshold)
     try:
-        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started)
+        return _execute(task, sink, cancel, started, alarm, arena)
+    finally:
+        if not arena.owner:  # a worker: the parent owns the segments from here on
+            arena.release_mappings()
+
+
+def _execute(
+    task: Task,
+    sink: Sink | None,
+    cancel: threading.Event | None,
+    started: float,
+    alarm: bool,
+    arena: Arena,
+) -> Result:
+    ctx: Context | None = None
+    try:
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started, arena)
         if ctx is not None:
             args = (ctx, *args)
         if alarm:
             assert task.timeout is not None
             _Alarm.node, _Alarm.timeout, _Alarm.armed = task.node, task.timeout, True
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, started + task.timeout - time.time()))
+        limits = _blas_limits(task.blas_threads)
         try:
             value = fn(*args, **kwargs)
             if inspect.iscoroutine(value):
@@ -225,12 +263,14 @@ def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None
 
                 value = asyncio.run(value)
         finally:
+            if limits is not None:
+                limits.restore_original_limits()
             if alarm:
                 _Alarm.armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
     except BaseException as exc:  # noqa: BLE001 - even SystemExit ends as this node's failure
         return _failure(task, exc, started)
-    return _success(task, value, ctx, started)
+    return _success(task, value, ctx, started, arena)
 
 
 async def execute_async(
@@ -241,14 +281,15 @@ async def execute_async(
     Cancelling the awaiting task cancels the action (``CancelledError`` propagates).
     """
     started = time.time()
+    arena = arena_for(task.shm_prefix, task.shm_threshold)
     try:
-        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started)
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started, arena)
         if ctx is not None:
             args = (ctx, *args)
         value = await fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - CancelledError is a BaseException: it propagates
         return _failure(task, exc, started)
-    return _success(task, value, ctx, started)
+    return _success(task, value, ctx, started, arena)
 
 
 def rebuild_error(result: Result) -> BaseException:
@@ -280,9 +321,11 @@ def _read_inbox(conn: Any, inbox: queue.SimpleQueue[Any]) -> None:
                 return
             inbox.put(pickle.loads(data))
     except (EOFError, OSError):
-        # The parent is gone (killed, crashed): nobody will read our results. Stop now,
-        # with every process our actions started (we lead our own process group).
+        # The parent is gone (killed, crashed): nobody will read our results or claim
+        # the shared memory we made for them. Unlink it and stop now, with every
+        # process our actions started (we lead our own process group).
         try:
+            unlink_worker_segments()
             os.killpg(os.getpgid(0), signal.SIGKILL)
         finally:
             os._exit(1)

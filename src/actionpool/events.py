@@ -2,8 +2,10 @@
 
 Each node's events reach ``on_event`` in this order: ``queued`` (handed to a pool),
 ``started``, then any ``progress`` / ``emitted`` the action reported, then
-``finished`` (with its status). They are delivered on the runner's scheduler thread,
-one at a time; keep ``on_event`` quick.
+``finished`` (with its status); ``retrying`` comes between attempts. ``paused`` and
+``resumed`` (``node`` None) say that dispatch stopped because available memory fell
+below the runner's ``memory_floor``, and started again. They are delivered on the
+runner's scheduler thread, one at a time; keep ``on_event`` quick.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from typing import Any
 
 __all__ = ["EVENT_KINDS", "Event"]
 
-EVENT_KINDS = ("queued", "started", "progress", "emitted", "retrying", "finished")
+EVENT_KINDS = (
+    "queued",
+    "started",
+    "progress",
+    "emitted",
+    "retrying",
+    "finished",
+    "paused",
+    "resumed",
+)
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,9 @@ class Event:
         time: ``time.time()`` seconds when it happened (in the worker for ``started``,
             ``progress`` and ``emitted``).
         data: ``emitted``: what the action passed to ``ctx.emit``; ``progress``:
-            ``(done, total)``; ``finished``: the :class:`~actionpool.Status`; else None.
+            ``(done, total)``; ``finished``: the :class:`~actionpool.Status`;
+            ``retrying``: ``{"attempt", "error", "delay_s"}``; ``paused`` / ``resumed``:
+            ``{"available", "floor"}`` in bytes; else None.
     """
 
     kind: str

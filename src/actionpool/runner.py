@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import itertools
+import os
 import threading
 import time
 import uuid
@@ -30,6 +32,8 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, TypeVar
 
+import psutil
+
 from .action import ActionSpec, as_spec
 from .errors import PlanError, SerializationError
 from .events import Event
@@ -39,8 +43,8 @@ from .pools import Pool
 from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
 from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
-from .sizing import Sizing, compute_sizing
-from .transfer import dumps_call, dumps_state
+from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
+from .transfer import DEFAULT_SHM_THRESHOLD, Arena, Packed, dumps_call, dumps_state
 
 __all__ = ["Runner"]
 
@@ -74,6 +78,13 @@ class Runner(Executor):
         backend: ``"local"`` (the only backend so far).
         timeout_grace: seconds a cpu action gets, after :class:`~actionpool.ActionTimeout`
             was raised inside it at its timeout, before its worker is killed.
+        shm_threshold: buffers (NumPy arrays...) of at least this many bytes in
+            arguments, state and results travel through shared memory, once per run,
+            and arrive read-only; ``None`` pickles everything through the pipes.
+        memory_floor: bytes of available memory (psutil) below which no node is
+            dispatched until memory recovers (backpressure); default
+            ``MEMORY_FLOOR_FRACTION`` of total memory; 0 turns it off. Settable later
+            as ``runner.memory_floor``.
 
     Raises:
         ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
@@ -87,6 +98,8 @@ class Runner(Executor):
         *,
         backend: str = "local",
         timeout_grace: float = 1.0,
+        shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
+        memory_floor: int | None = None,
     ) -> None:
         if backend != "local":
             raise ValueError(f"backend must be 'local', got {backend!r}")
@@ -98,6 +111,15 @@ class Runner(Executor):
             raise ValueError(
                 f"timeout_grace must be a positive number of seconds, got {timeout_grace!r}"
             )
+        if shm_threshold is not None and (
+            isinstance(shm_threshold, bool)
+            or not isinstance(shm_threshold, int)
+            or shm_threshold < 0
+        ):
+            raise ValueError(
+                f"shm_threshold must be a number of bytes >= 0 or None, got {shm_threshold!r}"
+            )
+        self.shm_threshold = shm_threshold
         self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -108,8 +130,22 @@ class Runner(Executor):
             "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads),
             "io": ThreadPool(self.sizing.io_workers, self._loop),
         }
-        self._sched = Scheduler(self._loop, self._pools, float(timeout_grace))
+        if memory_floor is None:
+            memory_floor = int(psutil.virtual_memory().total * MEMORY_FLOOR_FRACTION)
+        elif (
+            isinstance(memory_floor, bool) or not isinstance(memory_floor, int) or memory_floor < 0
+        ):
+            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {memory_floor!r}")
+        self._sched = Scheduler(
+            self._loop,
+            self._pools,
+            float(timeout_grace),
+            self.sizing.memory_budget,
+            self.sizing.blas_threads,
+            memory_floor,
+        )
         self._calls = CallRun(self._sched, uuid.uuid4().hex[:12])
+        self._call_ids = itertools.count()
         self._runs: set[PlanRun] = set()
         self._closed = False
         self._lock = threading.Lock()
@@ -135,15 +171,27 @@ class Runner(Executor):
         """
         spec = as_spec(fn)
         fut: Future[T] = Future()
+        if self._closed:
+            raise RuntimeError("cannot submit to a closed Runner")
         try:
-            call = dumps_call(spec.name, spec, args, kwargs)
+            self._check_fits(spec, spec.name)
+        except PlanError as exc:
+            fut.set_exception(exc)
+            return fut
+        arena = Arena(
+            f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}", self.shm_threshold
+        )
+        try:
+            call = dumps_call(spec.name, spec, args, kwargs, arena)
         except SerializationError as exc:
+            arena.close()
             fut.set_exception(exc)
             return fut
         with self._lock:
             if self._closed:
+                arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
-            self._loop.call_soon_threadsafe(self._calls.add, spec, call, args, kwargs, fut)
+            self._loop.call_soon_threadsafe(self._calls.add, spec, call, arena, args, kwargs, fut)
         return fut
 
     def map(
@@ -247,6 +295,33 @@ class Runner(Executor):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    @property
+    def memory_floor(self) -> int:
+        """Bytes of available memory below which dispatch pauses (0: never)."""
+        return self._sched.memory_floor
+
+    @memory_floor.setter
+    def memory_floor(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {value!r}")
+        self._sched.memory_floor = value
+        self._loop.call_soon_threadsafe(self._sched.schedule_dispatch)
+
+    def _check_fits(self, spec: ActionSpec, name: str) -> None:
+        """Raise PlanError for an action that no amount of waiting could admit."""
+        pool_size = self._pools[spec.kind].size
+        if spec.threads > pool_size:
+            raise PlanError(
+                f"node {name!r}: threads={spec.threads} can never fit: the {spec.kind} pool"
+                f" has {pool_size} slots"
+            )
+        budget = self.sizing.memory_budget
+        if spec.memory is not None and spec.memory > budget:
+            raise PlanError(
+                f"node {name!r}: memory={spec.memory} bytes can never fit in the memory"
+                f" budget of {budget} bytes ({self.sizing.reason.split('; ')[-1]})"
+            )
 
     def cancel(self) -> None:
         """Cancel every run and submitted call in progress; the runner stays usable.
@@ -403,11 +478,16 @@ class Runner(Executor):
                 if not callable(fn):
                     raise PlanError(f"reducer for state key {key!r} must be callable, got {fn!r}")
         graph = plan.graph()
-        state_bytes: bytes | None = None
+        for node in graph.nodes:
+            if node.join is None:
+                self._check_fits(node.action, node.name)
+        run_id = uuid.uuid4().hex[:12]
+        arena = Arena(f"ap-{os.getpid()}-{run_id}", self.shm_threshold)
+        state_bytes: Packed | None = None
         state_error: SerializationError | None = None
         if any(n.action.wants_context or n.action.validate for n in graph.nodes):
             try:
-                state_bytes = dumps_state({} if state is None else state)
+                state_bytes = dumps_state({} if state is None else state, arena)
             except SerializationError as exc:
                 state_error = exc
         on_event = _with_progress(on_event, len(graph.nodes)) if progress else on_event
@@ -417,7 +497,8 @@ class Runner(Executor):
             run = PlanRun(
                 self._sched,
                 graph,
-                uuid.uuid4().hex[:12],
+                run_id,
+                arena,
                 state,
                 state_bytes,
                 state_error,

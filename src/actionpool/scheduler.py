@@ -55,6 +55,8 @@ from concurrent.futures import CancelledError, Future
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from ._worker import Result, Task, rebuild_error
 from .action import ActionSpec
 from .errors import (
@@ -69,7 +71,7 @@ from .events import Event
 from .outcome import Outcome, Report, RunStatus, Status
 from .plan import Graph, Node, resolve
 from .state import merge_state
-from .transfer import dumps_call, loads
+from .transfer import Arena, Packed, dumps_call
 
 if TYPE_CHECKING:
     from .pools import Attempt, Pool
@@ -126,6 +128,7 @@ class NodeRecord:
     """The scheduler's record of one node during one run."""
 
     __slots__ = (
+        "arena",
         "attempts",
         "call",
         "deltas",
@@ -153,7 +156,13 @@ class NodeRecord:
     )
 
     def __init__(
-        self, run: _Run, index: int, name: str, spec: ActionSpec, node: Node | None
+        self,
+        run: _Run,
+        index: int,
+        name: str,
+        spec: ActionSpec,
+        node: Node | None,
+        arena: Arena | None = None,
     ) -> None:
         self.run = run
         self.index = index
@@ -164,7 +173,8 @@ class NodeRecord:
         self.state = NodeState.PENDING
         self.deps_left = 0
         self.attempts = 0
-        self.call: bytes | None = None
+        self.arena: Arena = arena if arena is not None else run.arena
+        self.call: Packed | None = None
         self.value: Any = None
         self.error: BaseException | None = None
         self.traceback: str | None = None
@@ -192,7 +202,8 @@ class _Run:
 
     seq: int
     run_id: str
-    state_bytes: bytes | None
+    arena: Arena
+    state_bytes: Packed | None
     state_error: SerializationError | None
     on_event: Callable[[Event], Any] | None
     cancelled: bool = False
@@ -205,7 +216,7 @@ class _Run:
 
     def state_for_validate(self) -> Any:
         """A private copy of the state for a ``validate`` callable."""
-        return loads(self.state_bytes) if self.state_bytes is not None else {}
+        return self.arena.loads(self.state_bytes) if self.state_bytes is not None else {}
 
     def node_finished(self, rec: NodeRecord) -> None:
         raise NotImplementedError
@@ -226,19 +237,40 @@ class _Run:
 class Scheduler:
     """Admission, dispatch, deadlines and results for every run of one runner.
 
+    Admission (DESIGN.md, "Admission"): a node is dispatched when a slot per declared
+    ``threads`` is free in its pool and its declared ``memory`` fits in what is left of
+    the memory budget; ready nodes are tried in plan order and smaller ones may pass a
+    node that does not fit yet (backfilling). While ``psutil``'s available memory is
+    below ``memory_floor``, nothing is dispatched (backpressure); ``paused`` and
+    ``resumed`` events say so.
+
     Args:
         loop: the runner's event loop; every method runs on its thread.
         pools: ``{"cpu": pool, "io": pool}``.
         timeout_grace: seconds between a cpu action's soft timeout and the kill of
             its worker.
+        memory_budget: bytes that running nodes' declared ``memory`` may add up to.
+        blas_threads: BLAS/OpenMP threads per CPU slot.
+        memory_floor: bytes of available memory below which dispatch pauses.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, pools: Mapping[str, Pool], timeout_grace: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pools: Mapping[str, Pool],
+        timeout_grace: float,
+        memory_budget: int,
+        blas_threads: int,
+        memory_floor: int,
     ) -> None:
         self.loop = loop
         self.pools = dict(pools)
         self.timeout_grace = timeout_grace
+        self.blas_threads = blas_threads
+        self.memory_floor = memory_floor
+        self._mem_free = memory_budget
+        self._paused = False
+        self._mem_checked = 0.0
         self._ready: dict[str, list[NodeRecord]] = {k: [] for k in self.pools}
         self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
         self._dispatch_pending = False
@@ -276,7 +308,10 @@ class Scheduler:
         rec.stop_reason = ""
         rec.started_at = None
         rec.worker = None
-        self._free[kind] -= 1
+        self._free[kind] -= rec.spec.threads
+        self._mem_free -= rec.spec.memory or 0
+        if kind == "cpu":  # a worker may write result segments until its attempt is over
+            rec.arena.hold()
         self.emit(rec, "queued")
         attempt = rec.attempts
         call_soon = self.loop.call_soon_threadsafe
@@ -292,7 +327,10 @@ class Scheduler:
         try:
             handle = self.pools[kind].submit(task, rec.spec.is_async, on_started, on_event)
         except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
-            self._free[kind] += 1
+            self._free[kind] += rec.spec.threads
+            self._mem_free += rec.spec.memory or 0
+            if kind == "cpu":
+                rec.arena.unhold()
             self.transition(rec, NodeState.FAILED, error=exc)
             return
         rec.handle = handle
@@ -326,12 +364,13 @@ class Scheduler:
         heapq.heappush(self._ready[rec.spec.kind], rec)
         self.schedule_dispatch()
 
-    def _release(self, kind: str, handle: Attempt) -> None:
-        """Free an attempt's slot, exactly once: when its pool is done with it, or at
-        once when an io attempt is abandoned (its thread no longer counts, see pools)."""
+    def _release(self, rec: NodeRecord, handle: Attempt) -> None:
+        """Free an attempt's slots and memory, exactly once: when its pool is done with
+        it, or at once when an io attempt is abandoned (its thread no longer counts)."""
         if not handle.released:
             handle.released = True
-            self._free[kind] += 1
+            self._free[rec.spec.kind] += rec.spec.threads
+            self._mem_free += rec.spec.memory or 0
             self.schedule_dispatch()
 
     def schedule_dispatch(self) -> None:
@@ -342,10 +381,16 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
+        if not any(self._ready.values()) or self._memory_low():
+            return
         for kind, heap in self._ready.items():
+            waiting: list[NodeRecord] = []  # ready, but too big for what is free now
             while heap and self._free[kind] > 0:
                 rec = heapq.heappop(heap)
                 if rec.state is not NodeState.READY:
+                    continue
+                if rec.spec.threads > self._free[kind] or (rec.spec.memory or 0) > self._mem_free:
+                    waiting.append(rec)
                     continue
                 if not rec.run.may_start(rec):
                     self.transition(rec, NodeState.CANCELLED)
@@ -353,6 +398,28 @@ class Scheduler:
                 task = self._prepare(rec)
                 if task is not None:
                     self.transition(rec, NodeState.RUNNING, task=task)
+            for rec in waiting:
+                heapq.heappush(heap, rec)
+
+    def _memory_low(self) -> bool:
+        """Backpressure: True (and a recheck scheduled) while available memory < floor."""
+        if self.memory_floor <= 0:
+            return False
+        now = time.monotonic()
+        if not self._paused and now - self._mem_checked < 0.05:
+            return False  # read /proc/meminfo at most every 50 ms while dispatching
+        self._mem_checked = now
+        available = int(psutil.virtual_memory().available)
+        low = available < self.memory_floor
+        if low != self._paused:
+            self._paused = low
+            data = {"available": available, "floor": self.memory_floor}
+            runs = {rec.run for heap in self._ready.values() for rec in heap}
+            for run in runs:
+                self._emit_run(run, "paused" if low else "resumed", data)
+        if low:  # memory gives no notification: look again in a while
+            self.loop.call_later(0.1, self.schedule_dispatch)
+        return low
 
     def _prepare(self, rec: NodeRecord) -> Task | None:
         """Build the task for ``rec``'s next attempt; end the node if it cannot run."""
@@ -373,7 +440,7 @@ class Scheduler:
                 return None
             if rec.call is None:
                 try:
-                    rec.call = dumps_call(rec.name, spec, args, kwargs)
+                    rec.call = dumps_call(rec.name, spec, args, kwargs, rec.arena)
                 except SerializationError as exc:
                     self.transition(rec, NodeState.FAILED, error=exc)
                     return None
@@ -385,6 +452,9 @@ class Scheduler:
             spec.wants_context,
             run.state_bytes if spec.wants_context else None,
             rec.call,
+            rec.arena.prefix,
+            rec.arena.threshold,
+            spec.threads * self.blas_threads,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -438,7 +508,7 @@ class Scheduler:
             return
         rec.stop_reason = "timeout"
         rec.handle.cancel("timeout")  # ctx.cancelled() turns True; async tasks cancelled
-        self._release(rec.spec.kind, rec.handle)  # the thread is abandoned
+        self._release(rec, rec.handle)  # the thread is abandoned
         err = ActionTimeout(
             f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s"
             " (its thread was asked to stop: ctx.cancelled() is True)"
@@ -446,7 +516,9 @@ class Scheduler:
         self._failed(rec, err, None)
 
     def _on_result(self, rec: NodeRecord, attempt: int, handle: Attempt) -> None:
-        self._release(rec.spec.kind, handle)
+        self._release(rec, handle)
+        if rec.spec.kind == "cpu":
+            rec.arena.unhold()
         fut = handle.future
         if not self._current(rec, attempt):
             return  # stale: the node was cancelled, timed out or re-dispatched meanwhile
@@ -466,8 +538,8 @@ class Scheduler:
             rec.worker = result.worker
         if result.ok:
             try:
-                rec.value = loads(result.value) if result.value is not None else None
-                rec.deltas = loads(result.deltas) if result.deltas is not None else None
+                rec.value = rec.arena.loads(result.value) if result.value is not None else None
+                rec.deltas = rec.arena.loads(result.deltas) if result.deltas is not None else None
             except Exception as err:  # noqa: BLE001
                 serr = SerializationError(
                     f"node {rec.name!r}: its return value could not be unpickled here"
@@ -521,19 +593,31 @@ class Scheduler:
             rec.stop_reason = "cancel"
             rec.handle.cancel("cancel")
             if rec.spec.kind == "io":
-                self._release(rec.spec.kind, rec.handle)  # the thread is abandoned
+                self._release(rec, rec.handle)  # the thread is abandoned
         err = ActionFailed(f"node {rec.name!r} cancelled: {why}")
         self.transition(rec, NodeState.CANCELLED, error=err)
 
     # ---- events --------------------------------------------------------------------
 
     def emit(self, rec: NodeRecord, kind: str, data: Any = None, at: float | None = None) -> None:
-        """Deliver an event to the run's ``on_event`` (errors there become warnings)."""
-        cb = rec.run.on_event
+        """Deliver an event about ``rec`` to its run's ``on_event``."""
+        self._emit_run(rec.run, kind, data, at, rec.node, rec.name)
+
+    def _emit_run(
+        self,
+        run: _Run,
+        kind: str,
+        data: Any = None,
+        at: float | None = None,
+        node: Node | None = None,
+        name: str = "",
+    ) -> None:
+        """Deliver an event to ``run``'s ``on_event`` (errors there become warnings)."""
+        cb = run.on_event
         if cb is None:
             return
         try:
-            cb(Event(kind, rec.node, rec.name, time.time() if at is None else at, data))
+            cb(Event(kind, node, name, time.time() if at is None else at, data))
         except Exception as exc:  # noqa: BLE001 - a broken callback must not break the run
             warnings.warn(
                 f"on_event raised {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=1
@@ -579,8 +663,9 @@ class PlanRun(_Run):
         sched: Scheduler,
         graph: Graph,
         run_id: str,
+        arena: Arena,
         state: Any,
-        state_bytes: bytes | None,
+        state_bytes: Packed | None,
         state_error: SerializationError | None,
         failure: str,
         on_event: Callable[[Event], Any] | None,
@@ -590,6 +675,7 @@ class PlanRun(_Run):
         self.graph = graph
         self.seq = sched.next_seq()
         self.run_id = run_id
+        self.arena = arena
         self.initial_state = state
         self.state_bytes = state_bytes
         self.state_error = state_error
@@ -705,6 +791,7 @@ class PlanRun(_Run):
             self.sched.transition(rec, NodeState.FAILED, error=err)
 
     def _finish(self) -> None:
+        self.arena.close_when_idle()  # report values keep the segments they use mapped
         outcomes = [_outcome(rec) for rec in self.recs]
         deltas = [
             (i, self.recs[i].name, self.recs[i].deltas)
@@ -743,7 +830,8 @@ class CallRun(_Run):
     def add(
         self,
         spec: ActionSpec,
-        call: bytes,
+        call: Packed,
+        arena: Arena,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         future: Future[Any],
@@ -753,7 +841,7 @@ class CallRun(_Run):
         ``call`` is ``(spec, args, kwargs)`` already pickled by the submitting thread;
         ``args`` and ``kwargs`` are kept only for the action's ``validate``.
         """
-        rec = NodeRecord(self, next(self._index), spec.name, spec, None)
+        rec = NodeRecord(self, next(self._index), spec.name, spec, None, arena)
         rec.call = call
         rec.user_future = future
         self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
@@ -776,6 +864,7 @@ class CallRun(_Run):
 
     def node_finished(self, rec: NodeRecord) -> None:
         self.live.pop(rec, None)
+        rec.arena.close_when_idle()
         fut = rec.user_future
         assert fut is not None
         if fut.done():  # cancelled before it started

@@ -30,10 +30,23 @@ from dataclasses import dataclass
 import loky
 import psutil
 
-__all__ = ["IO_THREADS_PER_CORE", "MEMORY_FRACTION", "Sizing", "compute_sizing", "worker_footprint"]
+__all__ = [
+    "BLAS_ENV_VARS",
+    "IO_THREADS_PER_CORE",
+    "MEMORY_FLOOR_FRACTION",
+    "MEMORY_FRACTION",
+    "Sizing",
+    "compute_sizing",
+    "worker_env",
+    "worker_footprint",
+]
 
 MEMORY_FRACTION = 0.8
 """Share of the available memory that actions may use; the rest is left to the OS."""
+
+MEMORY_FLOOR_FRACTION = 0.05
+"""Default backpressure floor: dispatch pauses while available memory is below this
+share of total memory (see ``Runner(memory_floor=...)``)."""
 
 IO_THREADS_PER_CORE = 8
 """I/O threads per usable core beyond CPython's floor of 32."""
