@@ -403,7 +403,7 @@ class Scheduler:
 
     def _memory_low(self) -> bool:
         """Backpressure: True (and a recheck scheduled) while available memory < floor."""
-        if self.memory_floor <= 0:
+        if self.memory_floor <= 0 and not self._paused:
             return False
         now = time.monotonic()
         if not self._paused and now - self._mem_checked < 0.05:

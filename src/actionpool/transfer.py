@@ -199,6 +199,9 @@ class Arena:
             hit = self._sources.get((addr, size))
             if hit is not None:
                 return hit[0]
+            for (src, src_size), ((name, offset, _), _keep) in self._sources.items():
+                if src <= addr and addr + size <= src + src_size:  # a view of a copied buffer
+                    return (name, offset + addr - src, size)
             for seg in self._segments.values():  # already shared (a node's result)
                 if seg.start <= addr and addr + size <= seg.end:
                     return (seg.name, addr - seg.start, size)

@@ -1,0 +1,256 @@
+"""Zero-copy arrays: shared memory once per run, read-only views, nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import actionpool as ap
+from actionpool.transfer import Arena
+from tests import fault_actions as fa
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def segments(pattern: str = "ap-*") -> list[str]:
+    return sorted(glob.glob(f"/dev/shm/{pattern}"))
+
+
+def mine() -> list[str]:
+    return segments(f"ap-{os.getpid()}-*")
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[ap.Runner]:
+    with ap.Runner(cpu_workers=2, io_workers=2, timeout_grace=0.3) as r:
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_segments() -> Iterator[None]:
+    yield
+    assert mine() == [], "a run left shared memory behind"
+
+
+# ---- actions (module level: workers import them by reference) --------------------------
+
+
+def describe(ctx: ap.Context, a: np.ndarray) -> dict[str, object]:
+    """What the action sees of its argument and of the state's array."""
+    names = segments(f"ap-*-{ctx.run_id}-*")
+    s = ctx.state.get("big")
+    try:
+        a[0] = -1.0
+        wrote = True
+    except ValueError:
+        wrote = False
+    return {
+        "writeable": a.flags.writeable,
+        "wrote": wrote,
+        "sum": float(a.sum()),
+        "segments": len(names),
+        "state_writeable": None if s is None else s.flags.writeable,
+        "pid": os.getpid(),
+    }
+
+
+def ones(n: int) -> np.ndarray:
+    return np.ones(n)
+
+
+def total(x: np.ndarray) -> tuple[bool, float]:
+    return x.flags.writeable, float(x.sum())
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+@ap.action(kind="io")
+def io_describe(a: np.ndarray) -> tuple[bool, float]:
+    return a.flags.writeable, float(a.sum())
+
+
+# ---- behaviour -----------------------------------------------------------------------------
+
+
+def test_a_large_argument_arrives_read_only_and_the_callers_array_is_untouched(
+    shared: ap.Runner,
+) -> None:
+    a = np.arange(1_000_000, dtype=np.float64)  # 8 MB
+    plan = ap.Plan()
+    n = plan.add(describe, a)
+    out = shared.run(plan)[n]
+    assert out["writeable"] is False and out["wrote"] is False
+    assert out["sum"] == float(a.sum())
+    assert out["pid"] != os.getpid()
+    assert a.flags.writeable and a[0] == 0.0  # ours: writeable, unchanged
+
+
+def test_one_segment_per_array_per_run_however_many_nodes_read_it(shared: ap.Runner) -> None:
+    a = np.random.default_rng(0).random(2_000_000)  # 16 MB
+    plan = ap.Plan()
+    nodes = [plan.add(describe, a) for _ in range(8)]
+    report = shared.run(plan, state={"big": a})  # the same array as state, too
+    outs = [report[n] for n in nodes]
+    assert {o["segments"] for o in outs} == {1}  # one copy for 8 args + the state
+    assert all(o["state_writeable"] is False for o in outs)
+    assert len({o["pid"] for o in outs}) >= 1
+
+
+def test_small_arrays_stay_in_the_pickle_and_are_writeable(shared: ap.Runner) -> None:
+    a = np.arange(1000, dtype=np.float64)  # 8 KB < 1 MiB
+    plan = ap.Plan()
+    n = plan.add(describe, a)
+    out = shared.run(plan)[n]
+    assert out["writeable"] is True and out["segments"] == 0
+
+
+def test_the_threshold_is_configurable() -> None:
+    a = np.arange(10_000, dtype=np.float64)  # 80 KB
+    with ap.Runner(cpu_workers=1, io_workers=1, shm_threshold=64 * 1024) as r:
+        plan = ap.Plan()
+        n = plan.add(describe, a)
+        assert r.run(plan)[n]["segments"] == 1
+    with ap.Runner(cpu_workers=1, io_workers=1, shm_threshold=None) as r:
+        plan = ap.Plan()
+        n = plan.add(describe, np.arange(1_000_000, dtype=np.float64))
+        out = r.run(plan)[n]
+        assert out["segments"] == 0 and out["writeable"] is True  # a pickled copy
+    with pytest.raises(ValueError, match="shm_threshold"):
+        ap.Runner(shm_threshold=-1)
+
+
+def test_node_to_node_values_travel_through_shared_memory(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    made = plan.add(ones, 1_000_000)
+    passed = plan.add(identity, made)
+    used = plan.add(total, passed)
+    report = shared.run(plan)
+    assert report[used] == (False, 1_000_000.0)
+    value = report[made]
+    assert isinstance(value, np.ndarray) and not value.flags.writeable
+    assert float(value.sum()) == 1_000_000.0  # still readable after the run's cleanup
+
+
+def test_io_actions_get_read_only_views_too(shared: ap.Runner) -> None:
+    a = np.ones(500_000)
+    plan = ap.Plan()
+    n = plan.add(io_describe, a)
+    assert shared.run(plan)[n] == (False, 500_000.0)
+
+
+def test_submit_and_map_use_shared_memory_too(shared: ap.Runner) -> None:
+    a = np.ones(300_000)
+    assert shared.submit(total, a).result(timeout=30) == (False, 300_000.0)
+    assert list(shared.map(total, [a, a])) == [(False, 300_000.0)] * 2
+
+
+def test_arena_places_each_buffer_once() -> None:
+    arena = Arena(f"ap-{os.getpid()}-unit", MiB)
+    try:
+        a = np.ones(MiB)
+        _, first = arena.dumps((a, a[: MiB // 2]))
+        _, again = arena.dumps({"x": a})
+        assert len(first) == 2 and len({d[0] for d in first}) == 1  # a view of a: same segment
+        assert again == first[:1]
+        b = arena.loads(arena.dumps(a))
+        assert not b.flags.writeable and np.array_equal(a, b)
+        assert len(mine()) == 1
+    finally:
+        arena.close()
+    assert mine() == []
+
+
+# ---- cleanup after every kind of ending --------------------------------------------------
+
+
+def sleep_with(a: np.ndarray, seconds: float) -> float:
+    time.sleep(seconds)
+    return float(a.sum())
+
+
+def crash_with(a: np.ndarray) -> None:
+    os._exit(1)
+
+
+def return_big_then_crash(flag: str) -> np.ndarray:
+    return np.ones(1_000_000)
+
+
+@pytest.mark.parametrize("ending", ["crash", "timeout", "cancel", "fail_fast"])
+def test_no_segment_survives_a_run_that_ended_badly(shared: ap.Runner, ending: str) -> None:
+    a = np.ones(1_000_000)
+    plan = ap.Plan()
+    if ending == "crash":
+        plan.add(crash_with, a)
+        plan.add(ones, 1_000_000)  # a worker-made result segment beside the crash
+    elif ending == "timeout":
+        plan.add(ap.action(sleep_with, timeout=0.3), a, 30.0)
+    elif ending == "fail_fast":
+        plan.add(sleep_with, a, 30.0)
+        plan.add(fa.fail, after=[plan.add(fa.stamp, "x", 0.2)])
+    else:
+        plan.add(sleep_with, a, 30.0)
+        import threading
+
+        threading.Timer(0.5, shared.cancel).start()
+    report = shared.run(plan, failure="fail_fast" if ending == "fail_fast" else "collect")
+    assert report.status is not ap.RunStatus.SUCCEEDED
+    deadline = time.monotonic() + 5
+    while mine() and time.monotonic() < deadline:  # the arena closes once workers are gone
+        time.sleep(0.01)
+    assert mine() == []
+
+
+def test_parent_death_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    mark = tmp_path / "pid"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import numpy as np
+            import actionpool as ap
+            from tests import fault_actions as fa
+
+            def hold(a, mark):
+                return fa.sleep_long(60.0, mark)
+
+            with ap.Runner(cpu_workers=1) as r:
+                plan = ap.Plan()
+                plan.add(hold, np.ones(2_000_000), sys.argv[1])
+                r.run(plan)
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mark)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert segments(f"ap-{proc.pid}-*"), "the run should have a segment while it runs"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while segments(f"ap-{proc.pid}-*") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert segments(f"ap-{proc.pid}-*") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
