@@ -4,7 +4,7 @@ Data flow of one attempt::
 
     parent (scheduler + pool)                worker (process main loop, or I/O thread)
     -------------------------                -----------------------------------------
-    (attempt id, Task) ── socket ─────────►  inbox thread ─► main thread
+    (attempt id, Task) ── socket ─────────►  main thread
                         ◄─────────────────   ("started", id, time)
                                              unpickle call  -> private args
                                              unpickle state -> private Context.state
@@ -19,10 +19,11 @@ holds only bytes and builtins, so sending it can never fail: every pickling prob
 caught here and reported as a :class:`~actionpool.SerializationError`, or, for an
 exception that cannot travel, a :class:`~actionpool.RemoteError`.
 
-A worker process (:func:`process_main`) runs actions in its main thread, so the soft
-timeout (``SIGALRM`` -> :class:`~actionpool.ActionTimeout`) reaches Python code. Its
-inbox thread reads the socket; EOF there means the parent died, and the worker kills
-its own process group (itself and anything its actions started) at once.
+A worker process (:func:`process_main`) reads its socket and runs actions in its main
+thread, so the soft timeout (``SIGALRM`` -> :class:`~actionpool.ActionTimeout`) reaches
+Python code. A watchdog thread waits for the parent's end of the socket to close
+(``poll`` for ``POLLRDHUP``, which reads nothing): that means the parent died, and the
+worker kills its own process group (itself and anything its actions started) at once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-import queue
 import signal
 import sys
 import threading
@@ -312,23 +312,31 @@ def rebuild_error(result: Result) -> BaseException:
 # ---- the worker process ------------------------------------------------------------
 
 
-def _read_inbox(conn: Any, inbox: queue.SimpleQueue[Any]) -> None:
+def _die_with_parent() -> None:
+    # The parent is gone (killed, crashed): nobody will read our results or claim the
+    # shared memory we made for them. Unlink it and stop now, with every process our
+    # actions started (we lead our own process group).
     try:
+        unlink_worker_segments()
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+def _watch_parent(fd: int) -> None:
+    """Watchdog thread: wait, reading nothing, until the parent's end of ``fd`` closes."""
+    import select
+
+    if hasattr(select, "POLLRDHUP"):  # Linux: woken by the close itself, never by data
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
         while True:
-            data = conn.recv_bytes()
-            if not data:  # b"": stop after the current attempt
-                inbox.put(None)
-                return
-            inbox.put(pickle.loads(data))
-    except (EOFError, OSError):
-        # The parent is gone (killed, crashed): nobody will read our results or claim
-        # the shared memory we made for them. Unlink it and stop now, with every
-        # process our actions started (we lead our own process group).
-        try:
-            unlink_worker_segments()
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        finally:
-            os._exit(1)
+            if poller.poll():
+                _die_with_parent()
+    parent = os.getppid()
+    while os.getppid() == parent:  # elsewhere: a reparented worker has lost its parent
+        time.sleep(0.5)
+    _die_with_parent()
 
 
 def process_main() -> None:
@@ -351,13 +359,18 @@ def process_main() -> None:
         with send_lock:  # ctx.emit may be called from threads the action started
             conn.send_bytes(data)
 
-    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    threading.Thread(target=_read_inbox, args=(conn, inbox), name="inbox", daemon=True).start()
+    threading.Thread(
+        target=_watch_parent, args=(conn.fileno(),), name="watchdog", daemon=True
+    ).start()
     send(("ready", os.getpid()))
     while True:
-        msg = inbox.get()
-        if msg is None:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            _die_with_parent()
+        if not data:  # b"": the pool is closing
             return
+        msg = pickle.loads(data)
         attempt_id, task = msg
         # an action that blocked signals must not leave the next one without its alarm
         signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -91,6 +91,17 @@ def parse_memory(value: int | float | str) -> int:
 
 def _wants_context(fn: Callable[..., Any]) -> bool:
     """True when ``fn``'s first parameter is named ``ctx`` or annotated ``Context``."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not hasattr(fn, "__wrapped__"):  # a plain function: cheap
+        if code.co_argcount == 0:
+            return False
+        first = code.co_varnames[0]
+        if first == "ctx":
+            return True
+        ann = getattr(fn, "__annotations__", {}).get(first)
+        return ann is Context or (isinstance(ann, str) and ann.split(".")[-1] == "Context")
+    if inspect.isbuiltin(fn):  # builtins never take a Context; their signatures are slow
+        return False
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
@@ -110,10 +121,15 @@ def _wants_context(fn: Callable[..., Any]) -> bool:
     return isinstance(ann, str) and ann.split(".")[-1] == "Context"
 
 
-def _import_action(module: str, qualname: str) -> ActionSpec:
+def _lookup(module: str, qualname: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+    return obj
+
+
+def _import_action(module: str, qualname: str) -> ActionSpec:
+    obj = _lookup(module, qualname)
     return obj if isinstance(obj, ActionSpec) else as_spec(obj)
 
 
@@ -245,7 +261,7 @@ class ActionSpec:
         qualname = getattr(self.fn, "__qualname__", "")
         if module and module != "__main__" and "<locals>" not in qualname:
             try:
-                found = _import_action(module, qualname)
+                found = _lookup(module, qualname)
             except Exception:  # noqa: BLE001 - anything that fails means "by value"
                 found = None
             if found is self:
@@ -298,17 +314,53 @@ def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     return declare(fn)
 
 
+_DEFAULT_SPECS: dict[Any, ActionSpec] = {}
+_DEFAULT_SPECS_MAX = 4096
+
+
 def as_spec(fn: Any) -> ActionSpec:
     """The :class:`ActionSpec` for ``fn``: itself when declared, defaults otherwise.
+
+    Specs of plain callables are cached (a hot ``submit`` loop builds one once).
 
     Raises:
         TypeError: ``fn`` is not callable.
     """
     if isinstance(fn, ActionSpec):
         return fn
+    try:
+        return _DEFAULT_SPECS[fn]
+    except (KeyError, TypeError):  # new, or unhashable
+        pass
     if not callable(fn):
         raise TypeError(f"an action must be callable, got {fn!r}")
-    return ActionSpec(fn=fn)
+    spec = ActionSpec(fn=fn)
+    try:
+        if len(_DEFAULT_SPECS) >= _DEFAULT_SPECS_MAX:
+            _DEFAULT_SPECS.clear()
+        _DEFAULT_SPECS[fn] = spec
+    except TypeError:
+        pass
+    return spec
+
+
+def wire_form(spec: ActionSpec) -> Any:
+    """What travels to a worker for ``spec``: the spec itself when it pickles by
+    reference (a module-level declared action), else just its function (the worker
+    needs nothing else: deadlines and the Context come with the task)."""
+    cached = spec.__dict__.get("_wire")
+    if cached is None:
+        module = getattr(spec.fn, "__module__", None)
+        qualname = getattr(spec.fn, "__qualname__", "")
+        by_ref = False
+        if module and module != "__main__" and "<locals>" not in qualname:
+            try:
+                by_ref = _lookup(module, qualname) is spec
+            except Exception:  # noqa: BLE001
+                by_ref = False
+        cached = (spec,) if by_ref else (spec.fn,)
+        object.__setattr__(spec, "_wire", cached)
+    return cached[0]
 
 
 class Context:

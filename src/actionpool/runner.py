@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from .action import ActionSpec, as_spec
+from .action import ActionSpec, as_spec, wire_form
 from .errors import PlanError, SerializationError
 from .events import Event
 from .outcome import Report
@@ -182,7 +182,7 @@ class Runner(Executor):
             f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}", self.shm_threshold
         )
         try:
-            call = dumps_call(spec.name, spec, args, kwargs, arena)
+            call = dumps_call(spec.name, wire_form(spec), args, kwargs, arena)
         except SerializationError as exc:
             arena.close()
             fut.set_exception(exc)

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ._worker import Result, Task, rebuild_error
-from .action import ActionSpec
+from .action import ActionSpec, wire_form
 from .errors import (
     ActionFailed,
     ActionTimeout,
@@ -324,8 +324,13 @@ class Scheduler:
             with contextlib.suppress(RuntimeError):
                 call_soon(self._on_worker_event, rec, attempt, kind, at, data)
 
+        # the start signal is always recorded by the pool; it crosses to this thread
+        # only when something here needs it at once (a deadline, or on_event)
+        wants_start = rec.spec.timeout is not None or rec.run.on_event is not None
         try:
-            handle = self.pools[kind].submit(task, rec.spec.is_async, on_started, on_event)
+            handle = self.pools[kind].submit(
+                task, rec.spec.is_async, on_started if wants_start else None, on_event
+            )
         except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
             self._free[kind] += rec.spec.threads
             self._mem_free += rec.spec.memory or 0
@@ -440,7 +445,7 @@ class Scheduler:
                 return None
             if rec.call is None:
                 try:
-                    rec.call = dumps_call(rec.name, spec, args, kwargs, rec.arena)
+                    rec.call = dumps_call(rec.name, wire_form(spec), args, kwargs, rec.arena)
                 except SerializationError as exc:
                     self.transition(rec, NodeState.FAILED, error=exc)
                     return None
@@ -518,6 +523,8 @@ class Scheduler:
     def _on_result(self, rec: NodeRecord, attempt: int, handle: Attempt) -> None:
         self._release(rec, handle)
         if rec.spec.kind == "cpu":
+            if handle.future.cancelled() or handle.future.exception() is not None:
+                rec.arena.orphans_possible = True  # it may have made segments, then died
             rec.arena.unhold()
         fut = handle.future
         if not self._current(rec, attempt):

@@ -161,6 +161,7 @@ class Arena:
         self._tracked: set[str] = set()
         self._holds = 0  # attempts that may still create segments (see hold)
         self._close_wanted = False
+        self.orphans_possible = False  # a worker died mid-attempt: look for its segments
         self.closed = False
         if owner:
             with _ARENAS_LOCK:
@@ -294,7 +295,8 @@ class Arena:
         if self.owner:
             with _ARENAS_LOCK:
                 _ARENAS.pop(self.prefix, None)
-            names += [f"/{p.name}" for p in _SHM_DIR.glob(f"{self.prefix}-*")]
+            if self.orphans_possible:  # a scan of /dev/shm costs; only after a crash/kill
+                names += [f"/{p.name}" for p in _SHM_DIR.glob(f"{self.prefix}-*")]
             for name in dict.fromkeys(names):
                 _unlink(name, name in self._tracked)
         self.release_mappings()
