@@ -205,7 +205,7 @@ class Runner(Executor):
     ) -> Iterator[T]:
         """``fn(*items, **kwargs)`` for each item of ``zip(*iterables)``, results in order.
 
-        Streams: at most ``window`` tasks are in flight, and the input is read only as
+        Streams: at most ``window`` items are in flight, and the input is read only as
         results are consumed, so an endless iterator runs in constant memory.
 
         Tiny calls are batched automatically (``chunksize=None``): chunks start at one
@@ -221,7 +221,8 @@ class Runner(Executor):
             timeout: seconds, from this call, after which waiting for a result raises
                 ``TimeoutError`` (as in ``Executor.map``); ``None`` waits forever.
             chunksize: items per task; ``None`` adapts (see above).
-            window: tasks in flight at most; default twice the pool's size.
+            window: items in flight at most; default: two tasks per worker, whatever
+                their chunk size.
             **kwargs: passed to every call.
 
         Returns:
@@ -233,9 +234,8 @@ class Runner(Executor):
         """
         spec = as_spec(fn)
         size = self._pools[spec.kind].size
-        window = 2 * size if window is None else window
         for opt, val in (("chunksize", chunksize), ("window", window)):
-            if val is None and opt == "chunksize":
+            if val is None:
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"map: {opt} must be an int >= 1, got {val!r}")
@@ -244,14 +244,17 @@ class Runner(Executor):
         if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
             items = zip(*iterables, strict=False)
             calls: Iterator[Future[Any]] = (self.submit(spec, *a, **kwargs) for a in items)
-            return self._map_results(calls, window, end, None)
+            return self._map_results(calls, window or 2 * size, end, None)
         total = None
         if all(hasattr(it, "__len__") for it in iterables):
             total = min(len(it) for it in iterables)  # type: ignore[arg-type]
-        batcher = _Batcher(chunksize, size, total)
+        tasks = 2 * size if window is None else min(2 * size, window)
+        # tasks x chunk size <= window items: a chunk never exceeds window // tasks
+        cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
+        batcher = _Batcher(chunksize, size, total, cap)
         chunks = batcher.chunks(zip(*iterables, strict=False))
         calls = (self.submit(_run_chunk, spec, chunk, kwargs) for chunk in chunks)
-        return self._map_results(calls, window, end, batcher)
+        return self._map_results(calls, tasks, end, batcher)
 
     @staticmethod
     def _map_results(
@@ -586,8 +589,9 @@ MAP_MAX_CHUNK = 100_000
 class _Batcher:
     """Chunk sizes for :meth:`Runner.map`: fixed, or adapted to measured item time."""
 
-    def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
-        self.fixed = fixed
+    def __init__(self, fixed: int | None, workers: int, total: int | None, cap: int) -> None:
+        self.fixed = fixed if fixed is None else min(fixed, cap)
+        self.cap = cap
         self.workers = workers
         self.left = total
         self.per_item: float | None = None  # seconds, moving average
@@ -600,7 +604,7 @@ class _Batcher:
         n = int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9))
         if self.left is not None:  # leave every worker a share of what is left
             n = min(n, -(-self.left // self.workers))
-        return max(1, min(n, MAP_MAX_CHUNK))
+        return max(1, min(n, self.cap))
 
     def observe(self, elapsed: float, count: int) -> None:
         if count:
