@@ -120,3 +120,30 @@ def raise_unrebuildable() -> None:
 
 def return_lock() -> Any:
     return threading.Lock()
+
+
+@ap.action(kind="io", timeout=0.2)
+def io_polls_fast(ctx: ap.Context) -> str:
+    while not ctx.cancelled():
+        time.sleep(0.001)
+    return "returned after noticing"
+
+
+def catch_timeout_and_return() -> str:
+    try:
+        time.sleep(30)
+    except ap.ActionTimeout:
+        return "finished late"
+    return "never"
+
+
+@ap.action(kind="io", timeout=0.2)
+async def blocks_its_loop() -> str:
+    time.sleep(1.5)  # a mistake: blocking inside a coroutine
+    return "late"
+
+
+def crash_on(x: int, bad: int) -> int:
+    if x == bad:
+        os._exit(9)
+    return x * 10

@@ -480,3 +480,100 @@ def test_race_and_quorum_reject_bad_input() -> None:
         plan.quorum(2, [a])
     with pytest.raises(ap.PlanError, match="not a node of this plan"):
         plan.race([ap.Plan().add(fa.stamp, "b")])
+
+
+def test_a_worker_that_cannot_read_a_message_exits_instead_of_hanging() -> None:
+    # A worker must never sit alive and deaf: a message it cannot unpickle (say, a
+    # version skew between parent and worker) ends it, and the pool sees it die.
+    pool = ProcessPool(1, 1)
+    try:
+        call = dumps_call("stamp", fa.stamp, ("x",), {})
+        task = Task("run", "stamp", 1, None, False, None, call, "ap-test-none", None, 1)
+        assert pool.submit(task).future.result(timeout=30).ok
+        (pid,) = pool.pids()
+        with pool._lock:
+            (worker,) = pool._workers.values()
+            worker.conn.send_bytes(b"not a pickle")
+        wait_for(lambda: gone(pid), 10)
+        assert pool.submit(task).future.result(timeout=30).ok  # a fresh worker took over
+    finally:
+        pool.close()
+
+
+# ---- regressions found by the fault-latency review ---------------------------------------
+
+
+def test_an_io_action_that_notices_its_deadline_and_returns_is_still_timed_out(
+    shared: ap.Runner,
+) -> None:
+    for _ in range(5):  # it used to race: returning before the timer fired "succeeded"
+        out = run_one(shared, fa.io_polls_fast)
+        assert out.status is ap.Status.TIMED_OUT, out
+
+
+def test_a_cpu_action_that_catches_its_soft_timeout_and_returns_is_timed_out(
+    shared: ap.Runner,
+) -> None:
+    out = run_one(shared, ap.action(fa.catch_timeout_and_return, timeout=0.3))
+    assert out.status is ap.Status.TIMED_OUT
+    assert "ActionTimeout was raised inside it" in str(out.error)
+
+
+def test_a_crashed_or_cancelled_node_keeps_its_start_time_and_worker(
+    shared: ap.Runner, tmp_path: Path
+) -> None:
+    out = run_one(shared, fa.segfault)
+    assert out.started_at is not None and isinstance(out.worker, int)
+    assert out.duration_s is not None
+
+
+def test_serialization_errors_are_not_retried(shared: ap.Runner) -> None:
+    out = run_one(shared, ap.action(fa.return_lock, retries=3))
+    assert out.status is ap.Status.FAILED and out.attempts == 1
+
+
+def test_a_blocking_async_action_does_not_stall_the_scheduler(shared: ap.Runner) -> None:
+    plan = ap.Plan()
+    blocker = plan.add(fa.blocks_its_loop, name="blocker")  # blocks its loop for 1.5 s
+    quick = plan.add(fa.stamp, "quick", name="quick")
+    t0 = time.time()
+    report = shared.run(plan)
+    finished = report.outcome(quick).finished_at
+    assert finished is not None and finished - t0 < 1.0  # did not wait for the blocker
+    assert report.outcome(blocker).status is ap.Status.TIMED_OUT
+
+
+def test_map_finds_the_item_that_crashed_a_chunk_and_keeps_the_others(
+    shared: ap.Runner,
+) -> None:
+    got: list[int] = []
+    with pytest.raises(ap.WorkerCrashed) as info:
+        for y in shared.map(fa.crash_on, range(40), bad=17, chunksize=10):
+            got.append(y)
+    assert got == [x * 10 for x in range(17)]  # every item before the crash, in order
+    assert "crash_on" in str(info.value)
+
+
+def test_map_does_not_rerun_a_crashed_chunk_of_a_non_idempotent_action(
+    shared: ap.Runner,
+) -> None:
+    once = ap.action(fa.crash_on, idempotent=False)
+    with pytest.raises(ap.WorkerCrashed, match="not idempotent"):
+        list(shared.map(once, range(40), bad=17, chunksize=10))
+
+
+def test_map_refuses_chunks_for_per_call_options(shared: ap.Runner) -> None:
+    with pytest.raises(ValueError, match="'sleep_long' has a timeout"):
+        shared.map(ap.action(fa.sleep_long, timeout=1), [1.0], chunksize=4)
+
+
+def test_keyboard_interrupt_while_iterating_map_stops_its_running_calls(
+    tmp_path: Path,
+) -> None:
+    mark = tmp_path / "pid"
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        it = r.map(fa.sleep_long, [30.0], [str(mark)], chunksize=1)
+        threading.Thread(target=lambda: (pid_in(mark), os.kill(os.getpid(), signal.SIGINT))).start()
+        with pytest.raises(KeyboardInterrupt):
+            next(it)
+        wait_for(lambda: gone(int(mark.read_text())), 5)

@@ -41,13 +41,14 @@ def test_cpu_actions_run_in_worker_processes_and_io_actions_in_threads(shared: a
     assert report.outcome(io).worker == thread
 
 
-def test_async_io_action_runs_on_the_runners_loop(shared: ap.Runner) -> None:
+def test_async_io_action_runs_on_the_runners_async_loop(shared: ap.Runner) -> None:
     @ap.action(kind="io")
     async def fetch(x: int) -> tuple[int, str]:
         await asyncio.sleep(0.01)
         return x * 2, threading.current_thread().name
 
-    assert shared.submit(fetch, 21).result(timeout=10) == (42, "actionpool-scheduler")
+    # its own loop thread: a coroutine that blocks by mistake cannot stall the scheduler
+    assert shared.submit(fetch, 21).result(timeout=10) == (42, "actionpool-async")
 
 
 def test_async_cpu_action_runs_in_a_worker(shared: ap.Runner) -> None:

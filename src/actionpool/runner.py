@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import psutil
 
 from .action import ActionSpec, as_spec, wire_form
-from .errors import PlanError, SerializationError
+from .errors import PlanError, SerializationError, WorkerCrashed
 from .events import Event
 from .outcome import Report
 from .plan import Plan
@@ -128,7 +128,7 @@ class Runner(Executor):
         self._thread.start()
         self._pools: dict[str, Pool] = {
             "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads),
-            "io": ThreadPool(self.sizing.io_workers, self._loop),
+            "io": ThreadPool(self.sizing.io_workers),
         }
         if memory_floor is None:
             memory_floor = int(psutil.virtual_memory().total * MEMORY_FLOOR_FRACTION)
@@ -241,10 +241,17 @@ class Runner(Executor):
                 raise ValueError(f"map: {opt} must be an int >= 1, got {val!r}")
         end = None if timeout is None else time.monotonic() + timeout
         per_call = spec.timeout is not None or spec.retries > 0 or spec.validate is not None
+        if chunksize is not None and chunksize > 1 and per_call:
+            raise ValueError(
+                f"map: action {spec.name!r} has a timeout, retries or validate, which apply"
+                f" per call; chunksize={chunksize} would run {chunksize} calls as one task"
+            )
+        items = zip(*iterables, strict=False)
         if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
-            items = zip(*iterables, strict=False)
-            calls: Iterator[Future[Any]] = (self.submit(spec, *a, **kwargs) for a in items)
-            return self._map_results(calls, window or 2 * size, end, None)
+            calls: Iterator[tuple[Future[Any], Any]] = (
+                (self.submit(spec, *a, **kwargs), None) for a in items
+            )
+            return self._map_results(spec, kwargs, calls, window or 2 * size, end, None)
         total = None
         if all(hasattr(it, "__len__") for it in iterables):
             total = min(len(it) for it in iterables)  # type: ignore[arg-type]
@@ -252,37 +259,53 @@ class Runner(Executor):
         # tasks x chunk size <= window items: a chunk never exceeds window // tasks
         cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
         batcher = _Batcher(chunksize, size, total, cap)
-        chunks = batcher.chunks(zip(*iterables, strict=False))
-        calls = (self.submit(_run_chunk, spec, chunk, kwargs) for chunk in chunks)
-        return self._map_results(calls, tasks, end, batcher)
+        runs_chunk = ActionSpec(
+            _run_chunk, name=spec.name, kind=spec.kind, threads=spec.threads, memory=spec.memory
+        )
+        calls = (
+            (self.submit(runs_chunk, spec, chunk, kwargs), chunk) for chunk in batcher.chunks(items)
+        )
+        return self._map_results(spec, kwargs, calls, tasks, end, batcher)
 
-    @staticmethod
     def _map_results(
-        calls: Iterator[Future[Any]],
+        self,
+        spec: ActionSpec,
+        kwargs: dict[str, Any],
+        calls: Iterator[tuple[Future[Any], Any]],
         window: int,
         end: float | None,
         batcher: _Batcher | None,
     ) -> Iterator[Any]:
-        pending: deque[Future[Any]] = deque()
-        for fut in calls:  # start the first window now, like Executor.map does
-            pending.append(fut)
+        pending: deque[tuple[Future[Any], Any]] = deque()
+        for call in calls:  # start the first window now, like Executor.map does
+            pending.append(call)
             if len(pending) >= window:
                 break
-        return Runner._drain(pending, calls, window, end, batcher)
+        return self._drain(spec, kwargs, pending, calls, window, end, batcher)
 
-    @staticmethod
     def _drain(
-        pending: deque[Future[Any]],
-        calls: Iterator[Future[Any]],
+        self,
+        spec: ActionSpec,
+        kwargs: dict[str, Any],
+        pending: deque[tuple[Future[Any], Any]],
+        calls: Iterator[tuple[Future[Any], Any]],
         window: int,
         end: float | None,
         batcher: _Batcher | None,
     ) -> Iterator[Any]:
         try:
             while pending:
-                fut = pending.popleft()
+                fut, chunk = pending[0]
                 left = None if end is None else max(0.0, end - time.monotonic())
-                value = fut.result(timeout=left)
+                try:
+                    value = fut.result(timeout=left)
+                except WorkerCrashed as crash:
+                    if chunk is None or len(chunk) == 1:
+                        raise
+                    pending.popleft()
+                    yield from self._rerun_chunk(spec, kwargs, chunk, crash)
+                    continue
+                pending.popleft()
                 if batcher is not None:
                     elapsed, value = value
                     batcher.observe(elapsed, len(value))
@@ -297,9 +320,58 @@ class Runner(Executor):
                     if not ok:
                         raise item
                     yield item
+        except KeyboardInterrupt:
+            # Ctrl-C (also Jupyter's interrupt) while iterating: stop this map's calls,
+            # the running ones too, not only those still queued.
+            self._stop_calls([f for f, _ in pending])
+            raise
         finally:
-            for fut in pending:
+            for fut, _ in pending:
                 fut.cancel()
+
+    def _rerun_chunk(
+        self,
+        spec: ActionSpec,
+        kwargs: dict[str, Any],
+        chunk: list[tuple[Any, ...]],
+        crash: WorkerCrashed,
+    ) -> Iterator[Any]:
+        """A worker died in the middle of a chunk: find the item, keep the others'.
+
+        Re-running the chunk's items one per task is a re-run nobody asked for, so it
+        happens only for an idempotent action (DESIGN.md, "Crashes and recovery").
+        """
+        if not spec.idempotent:
+            raise WorkerCrashed(
+                f"map of {spec.name!r}: a worker died running a chunk of {len(chunk)}"
+                f" items, which are not re-run one by one because the action is not"
+                f" idempotent ({crash})",
+                crash.exitcode,
+                crash.signal,
+            ) from crash
+        singles = [self.submit(spec, *args, **kwargs) for args in chunk]
+        try:
+            for single in singles:
+                yield single.result()
+        finally:
+            for single in singles:
+                single.cancel()
+
+    def _stop_calls(self, futures: list[Future[Any]]) -> None:
+        """Cancel the submitted calls behind ``futures``, killing running cpu ones."""
+        wanted = set(futures)
+
+        def stop() -> list[Future[Any]]:
+            killed = []
+            for rec in list(self._calls.live):
+                if rec.user_future in wanted:
+                    if isinstance(rec.handle, ProcessAttempt):
+                        killed.append(rec.handle.future)
+                    self._sched.cancel_node(rec, "KeyboardInterrupt")
+            return killed
+
+        if not self._loop.is_closed():
+            wait_futures(self._on_loop(stop), timeout=10)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close the runner: refuse new work, then stop the pools.

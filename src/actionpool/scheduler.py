@@ -31,9 +31,13 @@ Failure rules (DESIGN.md, "Failure", "Timeouts", "Crashes and recovery"):
   of ``retry_on``, after :func:`backoff_delay`; the last error is kept;
 * cpu timeout: the worker raises :class:`~actionpool.ActionTimeout` inside the action
   at the deadline (soft); ``timeout_grace`` seconds later the scheduler kills the
-  worker (hard); either way the node ends ``TIMED_OUT``;
+  worker (hard);
 * io timeout: at the deadline the node ends ``TIMED_OUT``, ``ctx.cancelled()`` turns
   True and an ``async def`` action is cancelled (a thread cannot be killed);
+* an attempt that ran past its timeout ends ``TIMED_OUT`` whatever it did after the
+  deadline (returned, raised, or caught the soft timeout to clean up): the soft
+  timeout is for cleaning up, not for finishing late;
+* a :class:`~actionpool.SerializationError` is never retried (it would fail again);
 * a dead worker ends its node ``CRASHED`` with :class:`~actionpool.WorkerCrashed`; it
   is re-run only if ``retry_on`` names ``WorkerCrashed`` (the user's consent);
 * ``fail_fast``: the first failure cancels every node that has not ended, running
@@ -514,9 +518,13 @@ class Scheduler:
         rec.stop_reason = "timeout"
         rec.handle.cancel("timeout")  # ctx.cancelled() turns True; async tasks cancelled
         self._release(rec, rec.handle)  # the thread is abandoned
+        how = (
+            "its task was cancelled"
+            if rec.spec.is_async
+            else "its thread was asked to stop: ctx.cancelled() is True"
+        )
         err = ActionTimeout(
-            f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s"
-            " (its thread was asked to stop: ctx.cancelled() is True)"
+            f"node {rec.name!r} ran past its timeout of {rec.spec.timeout:g} s ({how})"
         )
         self._failed(rec, err, None)
 
@@ -529,6 +537,8 @@ class Scheduler:
         fut = handle.future
         if not self._current(rec, attempt):
             return  # stale: the node was cancelled, timed out or re-dispatched meanwhile
+        if rec.started_at is None and handle.started_at is not None:
+            rec.started_at, rec.worker = handle.started_at, handle.worker
         try:
             result = fut.result()
         except CancelledError:
@@ -543,6 +553,20 @@ class Scheduler:
         if rec.started_at is None:
             rec.started_at = result.started_at
             rec.worker = result.worker
+        timeout = rec.spec.timeout
+        if timeout is not None and result.finished_at - result.started_at > timeout:
+            # Past the deadline is TIMED_OUT, whatever the action did after it: an io
+            # action that noticed ctx.cancelled() and returned, or a cpu action that
+            # caught its soft ActionTimeout and returned, is still late.
+            if rec.spec.kind == "io":
+                kept = "its thread was asked to stop: ctx.cancelled() is True"
+            else:
+                kept = "ActionTimeout was raised inside it"
+            err = ActionTimeout(f"node {rec.name!r} ran past its timeout of {timeout:g} s ({kept})")
+            if not result.ok:
+                err.__cause__ = rebuild_error(result)
+            self._failed(rec, err, result.traceback or None)
+            return
         if result.ok:
             try:
                 rec.value = rec.arena.loads(result.value) if result.value is not None else None
@@ -579,7 +603,9 @@ class Scheduler:
             consented = any(issubclass(t, WorkerCrashed) for t in spec.retry_on)
             status = NodeState.CRASHED
         else:
-            consented = isinstance(error, spec.retry_on)
+            consented = isinstance(error, spec.retry_on) and not isinstance(
+                error, SerializationError
+            )
             status = NodeState.TIMED_OUT if isinstance(error, ActionTimeout) else NodeState.FAILED
         if consented and rec.attempts <= spec.retries and not rec.run.cancelled:
             delay = backoff_delay(spec.backoff, rec.attempts)
@@ -597,6 +623,8 @@ class Scheduler:
         if rec.state in TERMINAL:
             return
         if rec.state is NodeState.RUNNING and rec.handle is not None:
+            if rec.started_at is None and rec.handle.started_at is not None:
+                rec.started_at, rec.worker = rec.handle.started_at, rec.handle.worker
             rec.stop_reason = "cancel"
             rec.handle.cancel("cancel")
             if rec.spec.kind == "io":

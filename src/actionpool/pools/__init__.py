@@ -21,6 +21,8 @@ class Attempt(Protocol):
     future: Future[Result]
     killed: str
     released: bool
+    started_at: float | None  # time.time() when it started, once the pool knows
+    worker: int | str | None
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop the attempt as hard as the pool can (kill a process, flag a thread)."""

@@ -113,7 +113,9 @@ class ProcessAttempt:
         "on_started",
         "released",
         "started",
+        "started_at",
         "task",
+        "worker",
     )
 
     def __init__(
@@ -131,6 +133,8 @@ class ProcessAttempt:
         self.on_event = on_event
         self.future: Future[Result] = Future()
         self.started = False
+        self.started_at: float | None = None
+        self.worker: int | str | None = None
         self.killed = ""
         self.released = False  # the scheduler freed this attempt's slot
 
@@ -325,6 +329,7 @@ class ProcessPool:
                     self._assign()
         # callbacks run outside the lock: they may call back into the pool
         if kind == "started":
+            att.started_at, att.worker = msg[2], w.pid
             att.started = True
             att.on_started(w.pid, msg[2])
         elif kind == "event":
@@ -358,8 +363,10 @@ class ProcessPool:
                 who = f"node {att.task.node!r}: its worker process (pid {w.pid})"
                 if att.killed:
                     msg = f"{who} was killed to stop it ({att.killed})"
-                else:
+                elif att.started:
                     msg = f"{who} {text} while running it"
+                else:
+                    msg = f"{who} {text} before it could start it"
                 failed.append((att, WorkerCrashed(msg, exitcode, sig)))
             if self._startup_failures >= _MAX_STARTUP_FAILURES:
                 err = f"worker processes die before they start ({text}); last pid {w.pid}"
@@ -385,12 +392,14 @@ def _send_stop(w: _Worker) -> None:
 
 
 def _kill_group(pid: int) -> None:
-    """SIGKILL the process group led by ``pid`` (the worker and what it started)."""
-    try:
+    """SIGKILL the process group led by ``pid`` (the worker and what it started).
+
+    Workers start in their own session (``setsid`` before ``exec``), so the group
+    exists from the start; once it is empty there is nothing to kill, and we never
+    fall back to ``kill(pid)``: a reaped pid may already belong to someone else.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _ignore(*args: Any) -> None:

@@ -3,7 +3,11 @@
 Data flow::
 
     scheduler ─submit(Task)─► queue ─► pool thread: on_started, _worker.execute ─► Future
-    scheduler ─submit(Task)─► the runner's event loop: _worker.execute_async ───► Future
+    scheduler ─submit(Task)─► the pool's event loop thread: _worker.execute_async ─► Future
+
+``async def`` actions get an event loop of their own, on a thread the pool owns, not
+the scheduler's: an action that blocks its loop by mistake (``time.sleep`` in a
+coroutine) then delays only the other async actions, never the scheduler.
 
 The thread runs the same ``execute`` as a CPU worker, so an io action also unpickles
 private copies of its arguments and state, and its result is pickled back.
@@ -45,7 +49,7 @@ class ThreadAttempt:
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
     """
 
-    __slots__ = ("_pool", "cancel_event", "future", "killed", "released")
+    __slots__ = ("_pool", "cancel_event", "future", "killed", "released", "started_at", "worker")
 
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
@@ -53,6 +57,8 @@ class ThreadAttempt:
         self.future: Future[Result] = Future()
         self.killed = ""
         self.released = False  # the scheduler freed this attempt's slot
+        self.started_at: float | None = None
+        self.worker: int | str | None = None
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop waiting for this attempt: flag it, cancel an async task, abandon the thread."""
@@ -67,9 +73,10 @@ class ThreadPool:
 
     kind = "io"
 
-    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self._loop = loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: dict[threading.Thread, ThreadAttempt | None] = {}  # serving threads
@@ -97,7 +104,7 @@ class ThreadPool:
                     on_started(threading.current_thread().name, time.time())
                 return await execute_async(task, on_event, att.cancel_event)
 
-            att.future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+            att.future = asyncio.run_coroutine_threadsafe(run(), self._async_loop())
             return att
         with self._lock:
             if self._closed:
@@ -113,6 +120,18 @@ class ThreadPool:
                 t.start()
         return att
 
+    def _async_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the io pool is closed")
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(
+                    target=self._loop.run_forever, name="actionpool-async", daemon=True
+                )
+                self._loop_thread.start()
+            return self._loop
+
     def _serve(self) -> None:
         me = threading.current_thread()
         while True:
@@ -125,8 +144,9 @@ class ThreadPool:
                 continue
             with self._lock:
                 self._threads[me] = att
+            att.started_at, att.worker = time.time(), me.name
             if on_started is not None:
-                on_started(me.name, time.time())
+                on_started(me.name, att.started_at)
             try:
                 result = execute(task, on_event, att.cancel_event)
             except BaseException as exc:  # noqa: BLE001 - execute never raises; belt and braces
@@ -168,3 +188,21 @@ class ThreadPool:
             self._queue.put(None)
         for t in threads:
             t.join()
+        loop, thread = self._loop, self._loop_thread
+        if loop is not None and thread is not None:
+            if cancel:
+                for task in asyncio.all_tasks(loop):
+                    loop.call_soon_threadsafe(task.cancel)
+            else:
+                asyncio.run_coroutine_threadsafe(_all_done(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+
+async def _all_done() -> None:
+    """Wait for every other task on this loop (the async actions still running)."""
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    if others:
+        await asyncio.wait(others)
