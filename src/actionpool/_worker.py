@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
-from .transfer import Arena, Packed, arena_for, dumps, loads, unlink_worker_segments
+from .transfer import Arena, Packed, arena_for, dumps, forget, loads, unlink_worker_segments
 
 __all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
 
@@ -234,8 +234,8 @@ def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None
     try:
         return _execute(task, sink, cancel, started, alarm, arena)
     finally:
-        if not arena.owner:  # a worker: the parent owns the segments from here on
-            arena.release_mappings()
+        if not arena.owner and not arena._segments:  # mapped nothing: nothing to keep
+            forget(task.shm_prefix)
 
 
 def _execute(
@@ -371,6 +371,9 @@ def process_main() -> None:
         if not data:  # b"": the pool is closing
             return
         msg = pickle.loads(data)
+        if msg[0] == "forget":  # a run is over: drop its shared-memory mappings
+            forget(msg[1])
+            continue
         attempt_id, task = msg
         # an action that blocked signals must not leave the next one without its alarm
         signal.pthread_sigmask(signal.SIG_SETMASK, set())

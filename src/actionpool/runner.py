@@ -181,6 +181,9 @@ class Runner(Executor):
         arena = Arena(
             f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}", self.shm_threshold
         )
+        cpu = self._pools["cpu"]
+        if isinstance(cpu, ProcessPool):
+            arena.on_close = cpu.forget  # workers keep its mappings until then
         try:
             call = dumps_call(spec.name, wire_form(spec), args, kwargs, arena)
         except SerializationError as exc:

@@ -161,6 +161,7 @@ class Arena:
         self._tracked: set[str] = set()
         self._holds = 0  # attempts that may still create segments (see hold)
         self._close_wanted = False
+        self.on_close: Any = None  # called with the prefix once closed (the pool's forget)
         self.orphans_possible = False  # a worker died mid-attempt: look for its segments
         self.closed = False
         if owner:
@@ -217,19 +218,23 @@ class Arena:
         name = f"/{self.prefix}-{suffix}"
         size = view.nbytes
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-        try:
-            os.ftruncate(fd, max(size, 1))
-            mm = mmap.mmap(fd, max(size, 1))
-        finally:
-            os.close(fd)
         if self.owner:
             _track(name)
             self._tracked.add(name)
         else:
             _WORKER_CREATED.append(name)
-        mm[:size] = view.cast("B")  # the one copy
         self._created.append(name)
-        self._segments[name] = _Segment(name, mm)
+        try:
+            os.ftruncate(fd, max(size, 1))
+            # The one copy. pwrite, not a store through a fresh mapping: the kernel
+            # fills the pages without a page fault per 4 KiB (measured 83 vs 150 ms
+            # for 200 MB), and the writer never needs the pages mapped.
+            data = view.cast("B")
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, data[done:], done)
+        finally:
+            os.close(fd)
         return (name, 0, size)
 
     def _view(self, name: str, offset: int, size: int) -> memoryview:
@@ -295,6 +300,8 @@ class Arena:
         if self.owner:
             with _ARENAS_LOCK:
                 _ARENAS.pop(self.prefix, None)
+            if names and self.on_close is not None:  # workers may hold mappings
+                self.on_close(self.prefix)
             if self.orphans_possible:  # a scan of /dev/shm costs; only after a crash/kill
                 names += [f"/{p.name}" for p in _SHM_DIR.glob(f"{self.prefix}-*")]
             for name in dict.fromkeys(names):
@@ -304,10 +311,27 @@ class Arena:
 
 def arena_for(prefix: str, threshold: int | None) -> Arena:
     """The open arena of ``prefix`` in this process: the run's own in the parent (io
-    threads), else a worker-side arena for one attempt."""
+    threads), else this worker's arena for that run.
+
+    A worker keeps a run's mappings from one attempt to the next (mapping a 200 MB
+    segment costs ~15 ms of page faults each time) until the parent says the run is
+    over (:func:`forget`)."""
     with _ARENAS_LOCK:
-        arena = _ARENAS.get(prefix)
-    return arena if arena is not None else Arena(prefix, threshold, owner=False)
+        arena = _ARENAS.get(prefix) or _WORKER_ARENAS.get(prefix)
+        if arena is None:
+            arena = _WORKER_ARENAS[prefix] = Arena(prefix, threshold, owner=False)
+    return arena
+
+
+def forget(prefix: str) -> None:
+    """In a worker: the run of ``prefix`` is over; drop its mappings."""
+    with _ARENAS_LOCK:
+        arena = _WORKER_ARENAS.pop(prefix, None)
+    if arena is not None:
+        arena.release_mappings()
+
+
+_WORKER_ARENAS: dict[str, Arena] = {}
 
 
 _SHM_DIR = Path("/dev/shm")

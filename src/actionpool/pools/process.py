@@ -201,6 +201,14 @@ class ProcessPool:
                     _kill_group(w.pid)
                     return
 
+    def forget(self, prefix: str) -> None:
+        """Tell every worker that the run of ``prefix`` is over (drop its mappings)."""
+        data = pickle.dumps(("forget", prefix), protocol=5)
+        with self._lock:
+            for w in self._workers.values():
+                with contextlib.suppress(OSError):
+                    w.conn.send_bytes(data)
+
     def pids(self) -> list[int]:
         """The pids of the live worker processes."""
         with self._lock:
