@@ -381,3 +381,26 @@ def test_repr_and_sizing(shared: ap.Runner) -> None:
     assert isinstance(shared.sizing, ap.Sizing)
     assert shared.sizing.cpu_workers == 2 and shared.sizing.io_workers == 8
     assert "open" in repr(shared)
+
+
+LIMIT = 5
+
+
+def test_a_by_value_function_sees_changed_globals_in_the_next_run(shared: ap.Runner) -> None:
+    # A function defined in a test body travels by value, with the globals it reads;
+    # it is pickled once per run, so a global changed between runs is seen.
+    global LIMIT
+
+    def read_limit() -> int:
+        return LIMIT
+
+    plan = ap.Plan()
+    n = plan.add(read_limit)
+    assert shared.run(plan)[n] == 5
+    LIMIT = 10
+    try:
+        assert shared.run(plan)[n] == 10
+        assert shared.submit(read_limit).result(timeout=30) == 10
+        assert list(shared.map(lambda _: LIMIT, range(3), chunksize=1)) == [10] * 3
+    finally:
+        LIMIT = 5

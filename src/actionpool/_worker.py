@@ -57,7 +57,7 @@ class Task(NamedTuple):
     timeout: float | None  # seconds from the start of the attempt, or None
     wants_state: bool
     state: Packed | None  # the run's state, pickled once per run
-    call: Packed  # (fn, args, kwargs), pickled by transfer.dumps_call
+    call: Packed  # (function bytes, args, kwargs), pickled by transfer.dumps_call
     shm_prefix: str  # the run's shared-memory arena (transfer.Arena)
     shm_threshold: int | None  # bytes from which buffers travel through shared memory
     blas_threads: int  # BLAS/OpenMP threads for this attempt (threads x per-slot cap)
@@ -129,6 +129,24 @@ def _blas_limits(threads: int) -> Any:
     return threadpool_limits(limits=threads)
 
 
+_FUNCTIONS: dict[bytes, Any] = {}  # pickled function -> function, in this process
+
+
+def _function(fn_bytes: bytes) -> Any:
+    """Unpickle an action's function once per distinct pickle (a worker runs the same
+    function for many nodes); a changed global of a by-value function changes the
+    pickle, so it is never served stale."""
+    fn = _FUNCTIONS.get(fn_bytes)
+    if fn is None:
+        fn = loads(fn_bytes)
+        if isinstance(fn, ActionSpec):  # call the function itself: the Context is ours
+            fn = fn.fn
+        if len(_FUNCTIONS) >= 256:
+            _FUNCTIONS.clear()
+        _FUNCTIONS[fn_bytes] = fn
+    return fn
+
+
 def _worker_id() -> int | str:
     return os.getpid() if _IN_PROCESS else threading.current_thread().name
 
@@ -137,9 +155,8 @@ def _prepare(
     task: Task, sink: Sink | None, cancel: threading.Event | None, started: float, arena: Arena
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context | None]:
     try:
-        fn, args, kwargs = arena.loads(task.call)
-        if isinstance(fn, ActionSpec):  # call the function itself: the Context is ours to make
-            fn = fn.fn
+        fn_bytes, args, kwargs = arena.loads(task.call)
+        fn = _function(fn_bytes)
     except Exception as exc:
         raise SerializationError(
             f"node {task.node!r}: its call could not be unpickled in the worker"

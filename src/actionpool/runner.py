@@ -44,7 +44,14 @@ from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
 from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
-from .transfer import DEFAULT_SHM_THRESHOLD, Arena, Packed, dumps_call, dumps_state
+from .transfer import (
+    DEFAULT_SHM_THRESHOLD,
+    Arena,
+    Packed,
+    dumps_call,
+    dumps_function,
+    dumps_state,
+)
 
 __all__ = ["Runner"]
 
@@ -169,8 +176,17 @@ class Runner(Executor):
             RuntimeError: the runner is closed.
             TypeError: ``fn`` is not callable.
         """
-        spec = as_spec(fn)
-        fut: Future[T] = Future()
+        return self._submit(as_spec(fn), args, kwargs, None)
+
+    def _submit(
+        self,
+        spec: ActionSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        fn_bytes: bytes | None,
+    ) -> Future[Any]:
+        """:meth:`submit`, with the function already pickled when ``fn_bytes`` is given."""
+        fut: Future[Any] = Future()
         if self._closed:
             raise RuntimeError("cannot submit to a closed Runner")
         try:
@@ -185,7 +201,7 @@ class Runner(Executor):
         if isinstance(cpu, ProcessPool):
             arena.on_close = cpu.forget  # workers keep its mappings until then
         try:
-            call = dumps_call(spec.name, wire_form(spec), args, kwargs, arena)
+            call = dumps_call(spec.name, wire_form(spec), args, kwargs, arena, fn_bytes)
         except SerializationError as exc:
             arena.close()
             fut.set_exception(exc)
@@ -233,7 +249,9 @@ class Runner(Executor):
             when its item is reached; the tasks still in flight are then cancelled.
 
         Raises:
-            ValueError: ``chunksize`` or ``window`` is not an int >= 1.
+            ValueError: ``chunksize`` or ``window`` is not an int >= 1, or a chunk
+                size above 1 for an action with per-call options.
+            SerializationError: the action itself cannot be pickled.
         """
         spec = as_spec(fn)
         size = self._pools[spec.kind].size
@@ -251,8 +269,9 @@ class Runner(Executor):
             )
         items = zip(*iterables, strict=False)
         if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
+            fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
             calls: Iterator[tuple[Future[Any], Any]] = (
-                (self.submit(spec, *a, **kwargs), None) for a in items
+                (self._submit(spec, a, kwargs, fn_bytes), None) for a in items
             )
             return self._map_results(spec, kwargs, calls, window or 2 * size, end, None)
         total = None

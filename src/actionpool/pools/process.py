@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from enum import Enum
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 from .._worker import Result, Task
@@ -296,19 +296,37 @@ class ProcessPool:
             self._wake_w.send_bytes(b"w")
 
     def _supervise(self) -> None:
-        """The supervisor thread: reads every worker's socket, notices deaths."""
+        """The supervisor thread: reads every worker's socket, notices deaths.
+
+        One ``poll`` object lives as long as the thread (``connection.wait`` builds and
+        fills a new selector on every call, a measurable cost per message); workers'
+        sockets join it when they are spawned (see :meth:`_wake`).
+        """
+        import select
+
+        poller = select.poll()
+        watched: dict[int, Connection] = {}
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, select.POLLIN)
         while True:
             with self._lock:
-                conns: list[Any] = list(self._workers)
-                if self._closed and not conns:
+                live = {c.fileno(): c for c in self._workers}
+                if self._closed and not live:
                     return
-            for ready in wait([*conns, self._wake_r]):
-                conn: Connection = ready  # type: ignore[assignment]
-                if conn is self._wake_r:
+            for fd in watched.keys() - live.keys():
+                poller.unregister(fd)
+            for fd in live.keys() - watched.keys():
+                poller.register(fd, select.POLLIN)
+            watched = live
+            for fd, _events in poller.poll():
+                if fd == wake_fd:
                     try:
-                        conn.recv_bytes()
+                        self._wake_r.recv_bytes()
                     except (EOFError, OSError):
                         return
+                    continue
+                conn = watched[fd]
+                if conn.closed:
                     continue
                 try:
                     data = conn.recv_bytes()
