@@ -6,8 +6,12 @@ Formulas (each number's origin is repeated in :attr:`Sizing.reason`):
   affinity and cgroup CPU quotas (loky implements both; we do not re-implement them).
 * ``physical_cores = loky.cpu_count(only_physical_cores=True)``, same limits applied.
 * ``memory_budget = MEMORY_FRACTION x psutil.virtual_memory().available`` (bytes).
-* ``worker_footprint``: the unique memory (USS) of a freshly started Python process
-  that has imported the worker's modules, measured once per interpreter (bytes).
+* ``worker_footprint``: bytes one worker needs. First estimated, for free, as this
+  process's RSS (a worker imports at most what its parent imported, so this is an
+  upper bound in practice); only when that estimate would make memory the binding
+  limit is a worker really measured: the unique memory (USS) of a freshly started
+  Python process that has imported the worker's modules, once per interpreter
+  (``worker_footprint()``, ~0.1 s). Most machines never pay for the probe.
 * ``cpu_workers = max(1, min(physical_cores, memory_budget // worker_footprint))``.
 * ``blas_threads = max(1, usable_cores // cpu_workers)``: BLAS/OpenMP threads per
   worker, so that workers x threads <= usable cores (no oversubscription).
@@ -168,14 +172,17 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         cpu = cpu_forced
         reasons.append(f"cpu_workers={cpu} from {cpu_src}")
     else:
-        footprint = worker_footprint()
+        footprint = int(psutil.Process().memory_info().rss)
+        how = "<= this process's RSS"
+        if budget // max(1, footprint) < physical:  # memory might bind: measure a worker
+            footprint, how = worker_footprint(), "measured"
         by_memory = max(1, budget // max(1, footprint))
         cpu = max(1, min(physical, by_memory))
         limit = "physical cores" if physical <= by_memory else "memory budget / worker footprint"
         reasons.append(
             f"cpu_workers={cpu} = min({physical} physical cores [loky.cpu_count, affinity+cgroups],"
-            f" {by_memory} = budget {_fmt_bytes(budget)} / worker {_fmt_bytes(footprint)}),"
-            f" limited by {limit}"
+            f" {by_memory} = budget {_fmt_bytes(budget)} / worker {_fmt_bytes(footprint)}"
+            f" [{how}]), limited by {limit}"
         )
     blas = max(1, usable // cpu)
     reasons.append(f"blas_threads={blas} = {usable} usable cores // {cpu} cpu workers")
