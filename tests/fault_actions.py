@@ -147,3 +147,8 @@ def crash_on(x: int, bad: int) -> int:
     if x == bad:
         os._exit(9)
     return x * 10
+
+
+def replace_alarm_handler() -> str:
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # an action that meddles
+    return "replaced"

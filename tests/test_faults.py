@@ -577,3 +577,36 @@ def test_keyboard_interrupt_while_iterating_map_stops_its_running_calls(
         with pytest.raises(KeyboardInterrupt):
             next(it)
         wait_for(lambda: gone(int(mark.read_text())), 5)
+
+
+def test_an_action_that_replaces_the_alarm_handler_does_not_disarm_later_timeouts() -> None:
+    with ap.Runner(cpu_workers=1, io_workers=1, timeout_grace=5.0) as r:
+        assert run_one(r, fa.replace_alarm_handler).value == "replaced"
+        start = time.monotonic()
+        out = run_one(r, ap.action(fa.sleep_long, timeout=0.3), 30.0)
+        assert out.status is ap.Status.TIMED_OUT
+        assert time.monotonic() - start < 3.0  # the soft timeout, not the 5 s grace
+
+
+def test_a_cancelled_node_keeps_its_start_time_and_worker(tmp_path: Path) -> None:
+    mark = tmp_path / "pid"
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        plan = ap.Plan()
+        n = plan.add(fa.sleep_long, 30.0, str(mark))
+        canceller = threading.Thread(target=lambda: (pid_in(mark), r.cancel()))
+        canceller.start()
+        out = r.run(plan).outcome(n)
+        canceller.join()
+    assert out.status is ap.Status.CANCELLED
+    assert out.started_at is not None and out.worker == int(mark.read_text())
+
+
+def test_leaving_a_map_early_stops_its_running_calls(tmp_path: Path) -> None:
+    marks = [tmp_path / f"m{i}" for i in range(2)]
+    with ap.Runner(cpu_workers=2, io_workers=1) as r:
+        it = r.map(fa.sleep_long, [0.0, 30.0, 30.0], [None, *map(str, marks)], chunksize=1)
+        assert next(it) == "woke"
+        pids = [pid_in(m) for m in marks]
+        it.close()  # the consumer breaks out of its loop
+        for pid in pids:
+            wait_for(lambda pid=pid: gone(pid), 5)

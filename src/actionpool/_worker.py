@@ -270,6 +270,8 @@ def _execute(
             args = (ctx, *args)
         if alarm:
             assert task.timeout is not None
+            # an earlier action may have replaced the handler: ours, for every attempt
+            signal.signal(signal.SIGALRM, _on_alarm)
             _Alarm.node, _Alarm.timeout, _Alarm.armed = task.node, task.timeout, True
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, started + task.timeout - time.time()))
         limits = _blas_limits(task.blas_threads)

@@ -342,14 +342,13 @@ class Runner(Executor):
                     if not ok:
                         raise item
                     yield item
-        except KeyboardInterrupt:
-            # Ctrl-C (also Jupyter's interrupt) while iterating: stop this map's calls,
-            # the running ones too, not only those still queued.
-            self._stop_calls([f for f, _ in pending])
-            raise
         finally:
-            for fut, _ in pending:
-                fut.cancel()
+            # However the iteration ends early (an action's error, the consumer's
+            # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
+            # stopped, the running ones too: their results have nobody to go to.
+            live = [f for f, _ in pending if not f.done()]
+            if live:
+                self._stop_calls(live, "the map stopped")
 
     def _rerun_chunk(
         self,
@@ -376,12 +375,15 @@ class Runner(Executor):
             for single in singles:
                 yield single.result()
         finally:
-            for single in singles:
-                single.cancel()
+            live = [f for f in singles if not f.done()]
+            if live:
+                self._stop_calls(live, "the map stopped")
 
-    def _stop_calls(self, futures: list[Future[Any]]) -> None:
+    def _stop_calls(self, futures: list[Future[Any]], why: str) -> None:
         """Cancel the submitted calls behind ``futures``, killing running cpu ones."""
         wanted = set(futures)
+        for fut in futures:
+            fut.cancel()  # those that have not started: done here
 
         def stop() -> list[Future[Any]]:
             killed = []
@@ -389,7 +391,7 @@ class Runner(Executor):
                 if rec.user_future in wanted:
                     if isinstance(rec.handle, ProcessAttempt):
                         killed.append(rec.handle.future)
-                    self._sched.cancel_node(rec, "KeyboardInterrupt")
+                    self._sched.cancel_node(rec, why)
             return killed
 
         if not self._loop.is_closed():

@@ -368,12 +368,10 @@ class ProcessPool:
             w = self._workers.pop(conn)
             w.state = WorkerState.GONE
         conn.close()
-        try:
-            returncode: int | None = w.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # closed its socket but lives on: end it
-            _kill_group(w.pid)
-            returncode = w.proc.wait()
-        _kill_group(w.pid)  # anything its action started in its process group
+        # Kill the group (anything its action started) before reaping the leader:
+        # while it is an unreaped zombie, its pid, the group's id, cannot be reused.
+        _kill_group(w.pid)
+        returncode: int | None = w.proc.wait()
         text, exitcode, sig = describe_exit(returncode)
         failed: list[tuple[ProcessAttempt, BaseException]] = []
         with self._lock:
