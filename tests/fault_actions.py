@@ -152,3 +152,10 @@ def crash_on(x: int, bad: int) -> int:
 def replace_alarm_handler() -> str:
     signal.signal(signal.SIGALRM, signal.SIG_IGN)  # an action that meddles
     return "replaced"
+
+
+class CrashesWhenUnpickled:
+    """An argument whose unpickling kills the worker (think of a broken C extension)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os._exit, (11,))

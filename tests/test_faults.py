@@ -610,3 +610,20 @@ def test_leaving_a_map_early_stops_its_running_calls(tmp_path: Path) -> None:
         it.close()  # the consumer breaks out of its loop
         for pid in pids:
             wait_for(lambda pid=pid: gone(pid), 5)
+
+
+def test_a_call_that_kills_every_worker_while_unpickling_ends_crashed(shared: ap.Runner) -> None:
+    # It never starts, so it is handed to a fresh worker, but not for ever.
+    out = run_one(shared, fa.stamp, fa.CrashesWhenUnpickled())
+    assert out.status is ap.Status.CRASHED
+    assert isinstance(out.error, ap.WorkerCrashed) and out.error.exitcode == 11
+    assert "before it could start it, 3 times" in str(out.error)
+    assert run_one(shared, fa.stamp, "after").status is ap.Status.SUCCEEDED
+
+
+def test_the_timeout_counts_from_the_call_not_from_unpickling() -> None:
+    # The first attempt on a fresh worker imports the test modules while unpickling
+    # (~0.3 s here); a 0.5 s timeout must still leave the action its 0.5 s.
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        out = run_one(r, ap.action(fa.stamp, timeout=0.5), "x", 0.35)
+        assert out.status is ap.Status.SUCCEEDED

@@ -231,16 +231,24 @@ def _failure(task: Task, exc: BaseException, started: float, tb: str | None = No
     )
 
 
-def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None = None) -> Result:
+def execute(
+    task: Task,
+    sink: Sink | None = None,
+    cancel: threading.Event | None = None,
+    on_start: Callable[[float], None] | None = None,
+) -> Result:
     """Run one attempt of a node (``async def`` callables get a fresh event loop).
 
     In a worker process the attempt's ``timeout`` is enforced softly: ``SIGALRM``
-    raises :class:`~actionpool.ActionTimeout` inside the action at the deadline.
+    raises :class:`~actionpool.ActionTimeout` inside the action at the deadline. The
+    timeout counts from the moment the action is called, after its call and state
+    were unpickled (a fresh worker may import the action's modules first).
 
     Args:
         task: the attempt.
         sink: receives ``(kind, time, data)`` for each ``ctx.emit`` / ``ctx.progress``.
         cancel: set when the attempt is cancelled (``ctx.cancelled()`` turns True).
+        on_start: called with ``time.time()`` just before the action is called.
 
     Returns:
         The :class:`Result`; never raises for the action's sake.
@@ -249,7 +257,7 @@ def execute(task: Task, sink: Sink | None = None, cancel: threading.Event | None
     alarm = _IN_PROCESS and task.timeout is not None
     arena = arena_for(task.shm_prefix, task.shm_threshold)
     try:
-        return _execute(task, sink, cancel, started, alarm, arena)
+        return _execute(task, sink, cancel, started, alarm, arena, on_start)
     finally:
         if not arena.owner and not arena._segments:  # mapped nothing: nothing to keep
             forget(task.shm_prefix)
@@ -262,11 +270,17 @@ def _execute(
     started: float,
     alarm: bool,
     arena: Arena,
+    on_start: Callable[[float], None] | None = None,
 ) -> Result:
     ctx: Context | None = None
     try:
         fn, args, kwargs, ctx = _prepare(task, sink, cancel, started, arena)
+        started = time.time()  # the action's clock starts now, imports done
+        if on_start is not None:
+            on_start(started)
         if ctx is not None:
+            if task.timeout is not None:
+                ctx._deadline = started + task.timeout
             args = (ctx, *args)
         if alarm:
             assert task.timeout is not None
@@ -396,7 +410,9 @@ def process_main() -> None:
         attempt_id, task = msg
         # an action that blocked signals must not leave the next one without its alarm
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        send(("started", attempt_id, time.time()))
+
+        def on_start(at: float, _id: int = attempt_id) -> None:
+            send(("started", _id, at))
 
         def sink(kind: str, at: float, data: Any, _id: int = attempt_id) -> None:
             try:
@@ -405,5 +421,5 @@ def process_main() -> None:
                 payload = dumps(repr(data))
             send(("event", _id, kind, at, payload))
 
-        result = execute(task, sink)
+        result = execute(task, sink, None, on_start)
         send(("result", attempt_id, result))

@@ -112,6 +112,7 @@ class ProcessAttempt:
         "on_event",
         "on_started",
         "released",
+        "resubmits",
         "started",
         "started_at",
         "task",
@@ -133,6 +134,7 @@ class ProcessAttempt:
         self.on_event = on_event
         self.future: Future[Result] = Future()
         self.started = False
+        self.resubmits = 0  # times a worker died before it could start this attempt
         self.started_at: float | None = None
         self.worker: int | str | None = None
         self.killed = ""
@@ -377,10 +379,16 @@ class ProcessPool:
         with self._lock:
             att = w.attempt
             if att is not None and not att.started and not att.killed and not self._closed:
-                # It never started, so it cannot have had an effect: give it to a new
-                # worker (unless workers keep dying before they can start anything).
-                self._startup_failures += 1
-                if self._startup_failures < _MAX_STARTUP_FAILURES:
+                # The action was never called, so it cannot have had an effect: give it
+                # to a new worker, unless workers keep dying before they can start it
+                # (in the interpreter's start, or unpickling its call: importing its
+                # modules), which would otherwise go on for ever.
+                self._startup_failures += w.state is WorkerState.STARTING
+                att.resubmits += 1
+                if (
+                    att.resubmits < _MAX_STARTUP_FAILURES
+                    and self._startup_failures < _MAX_STARTUP_FAILURES
+                ):
                     self._pending.appendleft(att)
                     att = None
             if att is not None:
@@ -390,7 +398,10 @@ class ProcessPool:
                 elif att.started:
                     msg = f"{who} {text} while running it"
                 else:
-                    msg = f"{who} {text} before it could start it"
+                    msg = (
+                        f"{who} {text} before it could start it, {att.resubmits} times"
+                        " (while starting, or unpickling its call and importing its modules)"
+                    )
                 failed.append((att, WorkerCrashed(msg, exitcode, sig)))
             if self._startup_failures >= _MAX_STARTUP_FAILURES:
                 err = f"worker processes die before they start ({text}); last pid {w.pid}"
