@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
+from functools import partial
 from typing import Any, TypeVar
 
 import psutil
@@ -227,10 +228,12 @@ class Runner(Executor):
         Streams: at most ``window`` items are in flight, and the input is read only as
         results are consumed, so an endless iterator runs in constant memory.
 
-        Tiny calls are batched automatically (``chunksize=None``): chunks start at one
-        item and grow to about :data:`MAP_TARGET_CHUNK_S` seconds of work, from the
-        per-item time measured in the workers (joblib's ``batch_size="auto"`` idea),
-        without exceeding an even share per worker when the input's length is known.
+        Tiny calls are batched automatically (``chunksize=None``): the first chunks
+        hold ``ceil(n / (4 x workers))`` items when the input's length ``n`` is known
+        (``multiprocessing.Pool.map``'s rule) and one item otherwise; later ones aim
+        at about :data:`MAP_TARGET_CHUNK_S` seconds of work from the per-item time
+        measured in the workers (joblib's ``batch_size="auto"`` idea), without
+        exceeding an even share per worker of what is left.
         Actions with a ``timeout``, ``retries`` or ``validate`` keep one task per item,
         so that those apply per call.
 
@@ -284,8 +287,13 @@ class Runner(Executor):
         runs_chunk = ActionSpec(
             _run_chunk, name=spec.name, kind=spec.kind, threads=spec.threads, memory=spec.memory
         )
+        # Pickled once per map call: each chunk carries these bytes (a copy, not a
+        # pickling), and a worker unpickles the function once (cached by its bytes).
+        chunk_fn = dumps_function(spec.name, _run_chunk)
+        head = (dumps_function(spec.name, wire_form(spec)), spec.wants_context, spec.name)
         calls = (
-            (self.submit(runs_chunk, spec, chunk, kwargs), chunk) for chunk in batcher.chunks(items)
+            (self._submit(runs_chunk, (*head, chunk, kwargs), {}, chunk_fn), chunk)
+            for chunk in batcher.chunks(items)
         )
         return self._map_results(spec, kwargs, calls, tasks, end, batcher)
 
@@ -328,8 +336,9 @@ class Runner(Executor):
                     yield from self._rerun_chunk(spec, kwargs, chunk, crash)
                     continue
                 pending.popleft()
+                errors: dict[int, BaseException] = {}
                 if batcher is not None:
-                    elapsed, value = value
+                    elapsed, value, errors = value
                     batcher.observe(elapsed, len(value))
                 for nxt in calls:  # refill before yielding, to keep workers busy
                     pending.append(nxt)
@@ -338,9 +347,12 @@ class Runner(Executor):
                 if batcher is None:
                     yield value
                     continue
-                for ok, item in value:
-                    if not ok:
-                        raise item
+                if not errors:
+                    yield from value
+                    continue
+                for index, item in enumerate(value):
+                    if index in errors:
+                        raise errors[index]
                     yield item
         finally:
             # However the iteration ends early (an action's error, the consumer's
@@ -690,16 +702,22 @@ class _Batcher:
         self.cap = cap
         self.workers = workers
         self.left = total
+        # multiprocessing.Pool.map's chunksize: ceil(n / (4 x workers)); later chunks
+        # follow the measured per-item time
+        self.start = None if total is None else -(-total // (4 * workers))
         self.per_item: float | None = None  # seconds, moving average
 
     def next_size(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.per_item is None:
-            return 1  # measure before batching
-        n = int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9))
-        if self.left is not None:  # leave every worker a share of what is left
-            n = min(n, -(-self.left // self.workers))
+        if self.start is not None:  # known length: Pool's size, smaller if items are slow
+            n = self.start
+            if self.per_item is not None:
+                n = min(n, int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9)))
+        elif self.per_item is None:
+            return 1  # unknown length: measure before batching, as joblib does
+        else:
+            n = int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9))
         return max(1, min(n, self.cap))
 
     def observe(self, elapsed: float, count: int) -> None:
@@ -718,20 +736,50 @@ class _Batcher:
 
 
 def _run_chunk(
-    spec: ActionSpec, chunk: list[tuple[Any, ...]], kwargs: dict[str, Any]
-) -> tuple[float, list[tuple[bool, Any]]]:
-    """Run ``spec`` over a chunk of argument tuples, keeping each item's error.
+    fn_bytes: bytes,
+    wants_context: bool,
+    name: str,
+    chunk: list[tuple[Any, ...]],
+    kwargs: dict[str, Any],
+) -> tuple[float, list[Any], dict[int, BaseException]]:
+    """Run an action (its pickled function) over a chunk of argument tuples.
 
-    Returns ``(seconds the chunk took, [(ok, value or exception)])``.
+    Returns ``(seconds the chunk took, values, {index: exception})``; a failed item's
+    value is ``None``. The loop is tight (no per-item ``try`` or wrapper: this is what
+    a map of tiny calls spends its time on); after an error it resumes at the next
+    item, so no item ever runs twice.
     """
+    from ._worker import _function
+
     start = time.perf_counter()
-    out: list[tuple[bool, Any]] = []
-    for args in chunk:
+    fn: Callable[..., Any] = _function(fn_bytes)
+    if wants_context:  # a fresh Context per call, as a direct call of the action gets
+        fn = partial(_with_context, fn, name)
+    values: list[Any] = []
+    errors: dict[int, BaseException] = {}
+    append = values.append
+    rest = chunk
+    while rest:
         try:
-            out.append((True, spec(*args, **kwargs)))
+            if kwargs:
+                for args in rest:
+                    append(fn(*args, **kwargs))
+            else:
+                for args in rest:
+                    append(fn(*args))
         except Exception as exc:  # noqa: BLE001 - raised again in the parent at its item
-            out.append((False, exc))
-    return time.perf_counter() - start, out
+            errors[len(values)] = exc
+            append(None)
+            rest = chunk[len(values) :]
+        else:
+            break
+    return time.perf_counter() - start, values, errors
+
+
+def _with_context(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+    from .action import Context
+
+    return fn(Context(state={}, node=name), *args, **kwargs)
 
 
 class _Progress:
