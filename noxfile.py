@@ -1,6 +1,6 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``.
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s bench``.
 
-``bench`` and ``docs`` arrive with the issues that fill them.
+``docs`` arrives with the issue that fills it.
 """
 
 from __future__ import annotations
@@ -32,3 +32,40 @@ def demo(session: nox.Session) -> None:
     """The main job: analyse the standard library in parallel."""
     session.install("-e", ".")
     session.run("python", "-m", "actionpool", "demo", *session.posargs)
+
+
+BENCH_PEERS = [
+    "joblib",
+    "loky",
+    "mpire",
+    "pebble",
+    "dask[distributed]",
+    "matplotlib",
+    "pytest-benchmark",
+]
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """actionpool against its peers, W1-W9 and scaling curves, into docs/benchmarks/.
+
+    ``nox -s bench -- --quick``: fewer rounds, smaller sizes (under 3 minutes on 2 cores);
+    other arguments go to ``benchmarks/suite.py``. Ray takes part when it is installed.
+    ``nox -s bench -- --micro``: the pytest-benchmark micro benchmarks instead.
+    """
+    session.install("-e", ".[bench]", *BENCH_PEERS)
+    args = list(session.posargs)
+    if "--micro" in args:
+        args.remove("--micro")
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            *args,
+        )
+        return
+    session.run("python", "benchmarks/suite.py", "--out", "docs/benchmarks", *args)
