@@ -508,3 +508,18 @@ def test_with_options_parses_memory_and_recomputes_flags():
     assert spec.memory == 2_000_000_000
     assert spec.wants_context is True and spec.is_async is False
     assert spec.with_options().options() == spec.options()
+
+
+def test_wire_bytes_are_cached_only_for_functions_pickled_by_reference():
+    import tests.helpers as helpers
+    from actionpool.action import as_spec, wire_bytes
+
+    by_ref = as_spec(helpers.square)
+    first = wire_bytes(by_ref)
+    assert first is not None and wire_bytes(by_ref) is first  # a name: computed once
+    assert len(first) < 200
+
+    def local(x):
+        return x
+
+    assert wire_bytes(as_spec(local)) is None  # by value: pickled once per run instead

@@ -344,6 +344,32 @@ def as_spec(fn: Any) -> ActionSpec:
     return spec
 
 
+def wire_bytes(spec: ActionSpec) -> bytes | None:
+    """The pickled wire form of ``spec``, cached, when it pickles by reference.
+
+    A function pickled by reference (an importable module's, not ``__main__``'s, not a
+    local one) is only a name: its bytes never go stale, so they are computed once.
+    Returns None for anything that travels by value (its globals may change: callers
+    pickle it once per run instead).
+    """
+    cached = spec.__dict__.get("_wire_bytes", False)
+    if cached is False:
+        cached = None
+        target = wire_form(spec)
+        module = getattr(target, "__module__", None)
+        qualname = getattr(target, "__qualname__", "")
+        if module and module != "__main__" and "<locals>" not in qualname:
+            import pickle
+
+            try:
+                cached = pickle.dumps(target, protocol=5)  # plain pickle: by reference only
+            except Exception:  # noqa: BLE001 - not by reference: no cache
+                cached = None
+        object.__setattr__(spec, "_wire_bytes", cached)
+    result: bytes | None = cached
+    return result
+
+
 def wire_form(spec: ActionSpec) -> Any:
     """What travels to a worker for ``spec``: the spec itself when it pickles by
     reference (a module-level declared action), else just its function (the worker

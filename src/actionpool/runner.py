@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from .action import ActionSpec, as_spec, wire_form
+from .action import ActionSpec, as_spec, wire_bytes, wire_form
 from .errors import PlanError, SerializationError, WorkerCrashed
 from .events import Event
 from .outcome import Report
@@ -201,6 +201,8 @@ class Runner(Executor):
         cpu = self._pools["cpu"]
         if isinstance(cpu, ProcessPool):
             arena.on_close = cpu.forget  # workers keep its mappings until then
+        if fn_bytes is None:
+            fn_bytes = wire_bytes(spec)  # None unless it pickles by reference
         try:
             call = dumps_call(spec.name, wire_form(spec), args, kwargs, arena, fn_bytes)
         except SerializationError as exc:
