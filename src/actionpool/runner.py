@@ -272,7 +272,7 @@ class Runner(Executor):
                 f"map: action {spec.name!r} has a timeout, retries or validate, which apply"
                 f" per call; chunksize={chunksize} would run {chunksize} calls as one task"
             )
-        items = zip(*iterables, strict=False)
+        items: Iterator[Any] = zip(*iterables, strict=False)
         if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
             fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
             calls: Iterator[tuple[Future[Any], Any]] = (
@@ -292,7 +292,16 @@ class Runner(Executor):
         # Pickled once per map call: each chunk carries these bytes (a copy, not a
         # pickling), and a worker unpickles the function once (cached by its bytes).
         chunk_fn = dumps_function(spec.name, _run_chunk)
-        head = (dumps_function(spec.name, wire_form(spec)), spec.wants_context, spec.name)
+        # one iterable: chunks of plain items, not of 1-tuples (a third of the pickling)
+        batcher.single = len(iterables) == 1
+        if batcher.single:
+            items = iter(iterables[0])
+        head = (
+            dumps_function(spec.name, wire_form(spec)),
+            spec.wants_context,
+            spec.name,
+            batcher.single,
+        )
         calls = (
             (self._submit(runs_chunk, (*head, chunk, kwargs), {}, chunk_fn), chunk)
             for chunk in batcher.chunks(items)
@@ -335,6 +344,8 @@ class Runner(Executor):
                     if chunk is None or len(chunk) == 1:
                         raise
                     pending.popleft()
+                    if batcher is not None and batcher.single:
+                        chunk = [(item,) for item in chunk]
                     yield from self._rerun_chunk(spec, kwargs, chunk, crash)
                     continue
                 pending.popleft()
@@ -727,7 +738,9 @@ class _Batcher:
             per = elapsed / count
             self.per_item = per if self.per_item is None else 0.5 * (self.per_item + per)
 
-    def chunks(self, items: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    single = False  # chunks hold plain items (one iterable), not argument tuples
+
+    def chunks(self, items: Iterator[Any]) -> Iterator[list[Any]]:
         while True:
             chunk = list(itertools.islice(items, self.next_size()))
             if not chunk:
@@ -741,7 +754,8 @@ def _run_chunk(
     fn_bytes: bytes,
     wants_context: bool,
     name: str,
-    chunk: list[tuple[Any, ...]],
+    single: bool,
+    chunk: list[Any],
     kwargs: dict[str, Any],
 ) -> tuple[float, list[Any], dict[int, BaseException]]:
     """Run an action (its pickled function) over a chunk of argument tuples.
@@ -763,7 +777,13 @@ def _run_chunk(
     rest = chunk
     while rest:
         try:
-            if kwargs:
+            if single and not kwargs:
+                for item in rest:
+                    append(fn(item))
+            elif single:
+                for item in rest:
+                    append(fn(item, **kwargs))
+            elif kwargs:
                 for args in rest:
                     append(fn(*args, **kwargs))
             else:
