@@ -465,23 +465,12 @@ class ActionpoolDriver(Driver):
         self.runners.clear()
 
 
-class FuturesDriver(Driver):
-    """concurrent.futures: ProcessPoolExecutor (default start method) and threads."""
+class ExecutorOps:
+    """W1-W5 for anything with the ``concurrent.futures.Executor`` interface, as ``self.ex``."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__(cfg)
-        self.pools: dict[int, Any] = {}
-        self.ex = self.pool_for(self.workers)
-        self.threads: Any = None
-
-    def pool_for(self, w: int) -> Any:
-        from concurrent.futures import ProcessPoolExecutor
-
-        if w not in self.pools:
-            ex = ProcessPoolExecutor(w)
-            list(ex.map(nap, [0.05] * (2 * w)))  # every worker started
-            self.pools[w] = ex
-        return self.pools[w]
+    ex: Any
+    workers: int
+    array: Any
 
     def op_w1(self, n: int) -> dict[str, Any]:
         xs = list(range(n))
@@ -505,6 +494,25 @@ class FuturesDriver(Driver):
         )
         check_sums(out, want, tasks)
         return {"t": t}
+
+
+class FuturesDriver(ExecutorOps, Driver):
+    """concurrent.futures: ProcessPoolExecutor (default start method) and threads."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.pools: dict[int, Any] = {}
+        self.ex = self.pool_for(self.workers)
+        self.threads: Any = None
+
+    def pool_for(self, w: int) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        if w not in self.pools:
+            ex = ProcessPoolExecutor(w)
+            list(ex.map(nap, [0.05] * (2 * w)))  # every worker started
+            self.pools[w] = ex
+        return self.pools[w]
 
     def op_w6(self, n: int, seconds: float) -> dict[str, Any]:
         from concurrent.futures import ThreadPoolExecutor
@@ -653,7 +661,7 @@ class JoblibDriver(Driver):
             ex.shutdown(wait=True, kill_workers=True)
 
 
-class LokyDriver(Driver):
+class LokyDriver(ExecutorOps, Driver):
     """loky.get_reusable_executor (pickles arguments; no memmapping: that is joblib's)."""
 
     dist = "loky"
@@ -664,29 +672,6 @@ class LokyDriver(Driver):
 
         self.ex = loky.get_reusable_executor(max_workers=self.workers, timeout=3600)
         list(self.ex.map(nap, [0.05] * (2 * self.workers)))
-
-    def op_w1(self, n: int) -> dict[str, Any]:
-        xs = list(range(n))
-        cs = mp_chunksize(n, self.workers)
-        t, out = timed(lambda: list(self.ex.map(inc, xs, chunksize=cs)))
-        check_values(out, [x + 1 for x in xs], "w1")
-        return {"t": t}
-
-    def op_w2(self, k: int, budget_s: float) -> dict[str, Any]:
-        ex = self.ex
-        return roundtrips(lambda: ex.submit(noop).result(), k, budget_s)
-
-    def op_w3(self, iters: int, tasks: int) -> dict[str, Any]:
-        t, _ = timed(lambda: list(self.ex.map(busy, [iters] * tasks)))
-        return {"t": t}
-
-    def op_w5(self, mb: int, tasks: int) -> dict[str, Any]:
-        a, want = self.array(mb)
-        t, out = timed(
-            lambda: [f.result() for f in [self.ex.submit(task_sum, a) for _ in range(tasks)]]
-        )
-        check_sums(out, want, tasks)
-        return {"t": t}
 
     def close(self) -> None:
         self.ex.shutdown(wait=True, kill_workers=True)
