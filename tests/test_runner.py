@@ -404,3 +404,21 @@ def test_a_by_value_function_sees_changed_globals_in_the_next_run(shared: ap.Run
         assert list(shared.map(lambda _: LIMIT, range(3), chunksize=1)) == [10] * 3
     finally:
         LIMIT = 5
+
+
+def test_progress_true_draws_a_tqdm_bar_to_the_end(
+    shared: ap.Runner, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    plan = ap.Plan()
+    for i in range(5):
+        plan.add(h.square, i)
+    report = shared.run(plan, progress=True)
+    assert report.status is ap.RunStatus.SUCCEEDED
+    err = capsys.readouterr().err
+    assert "actionpool" in err and "5/5" in err
+
+
+def test_backend_other_than_local_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="backend must be 'local'"):
+        ap.Runner(backend="dask")
