@@ -152,8 +152,10 @@ def _worker_id() -> int | str:
 
 
 def _prepare(
-    task: Task, sink: Sink | None, cancel: threading.Event | None, started: float, arena: Arena
+    task: Task, sink: Sink | None, cancel: threading.Event | None, arena: Arena
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any], Context | None]:
+    """Unpickle the call (and the state, for a Context). The caller arms the Context's
+    deadline once it knows when the action starts."""
     try:
         fn_bytes, args, kwargs = arena.loads(task.call)
         fn = _function(fn_bytes)
@@ -173,8 +175,7 @@ def _prepare(
                     f"node {task.node!r}: the state could not be unpickled in the worker"
                     f" ({type(exc).__name__}: {exc})"
                 ) from exc
-        deadline = started + task.timeout if task.timeout is not None else None
-        ctx = Context(state, task.node, task.run_id, task.attempt, deadline, cancel, sink)
+        ctx = Context(state, task.node, task.run_id, task.attempt, None, cancel, sink)
     return fn, args, kwargs, ctx
 
 
@@ -274,7 +275,7 @@ def _execute(
 ) -> Result:
     ctx: Context | None = None
     try:
-        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started, arena)
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, arena)
         started = time.time()  # the action's clock starts now, imports done
         if on_start is not None:
             on_start(started)
@@ -316,8 +317,10 @@ async def execute_async(
     started = time.time()
     arena = arena_for(task.shm_prefix, task.shm_threshold)
     try:
-        fn, args, kwargs, ctx = _prepare(task, sink, cancel, started, arena)
+        fn, args, kwargs, ctx = _prepare(task, sink, cancel, arena)
         if ctx is not None:
+            if task.timeout is not None:
+                ctx._deadline = started + task.timeout
             args = (ctx, *args)
         value = await fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - CancelledError is a BaseException: it propagates

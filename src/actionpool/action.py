@@ -17,11 +17,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 __all__ = ["ActionSpec", "Context", "action", "as_spec", "parse_memory"]
 
-Kind = Literal["cpu", "io"]
 KINDS: tuple[str, ...] = ("cpu", "io")
 
 F = TypeVar("F", bound=Callable[..., Any])

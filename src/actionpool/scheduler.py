@@ -620,8 +620,6 @@ class Scheduler:
             self.emit(rec, "retrying", {"attempt": rec.attempts, "error": error, "delay_s": delay})
             self.transition(rec, NodeState.READY, delay=delay)
             return
-        if rec.state is NodeState.READY:  # could not even be dispatched
-            status = NodeState.FAILED
         self.transition(rec, status, error=error, traceback=tb)
 
     # ---- cancellation ----------------------------------------------------------------
