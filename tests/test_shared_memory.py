@@ -1,4 +1,8 @@
-"""Zero-copy arrays: shared memory once per run, read-only views, nothing left in /dev/shm."""
+"""Zero-copy arrays: shared memory once per run, read-only views, nothing left in /dev/shm.
+
+Segments of a Runner's pool (``ap-<pid>-pool-<n>``, reused from run to run) may stay
+while that Runner is open; nothing may survive its close.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import actionpool as ap
-from actionpool.transfer import Arena
+from actionpool.transfer import Arena, open_pool_segments, segment_of
 from tests import fault_actions as fa
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +33,9 @@ def segments(pattern: str = "ap-*") -> list[str]:
 
 
 def mine() -> list[str]:
-    return segments(f"ap-{os.getpid()}-*")
+    """This process's segments, except those of the pools of open Runners."""
+    pooled = open_pool_segments()
+    return [s for s in segments(f"ap-{os.getpid()}-*") if os.path.basename(s) not in pooled]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,6 @@ def no_leftover_segments() -> Iterator[None]:
 
 def describe(ctx: ap.Context, a: np.ndarray) -> dict[str, object]:
     """What the action sees of its argument and of the state's array."""
-    names = segments(f"ap-*-{ctx.run_id}-*")
     s = ctx.state.get("big")
     try:
         a[0] = -1.0
@@ -59,7 +65,8 @@ def describe(ctx: ap.Context, a: np.ndarray) -> dict[str, object]:
         "writeable": a.flags.writeable,
         "wrote": wrote,
         "sum": float(a.sum()),
-        "segments": len(names),
+        "segment": segment_of(a),
+        "state_segment": None if s is None else segment_of(s),
         "state_writeable": None if s is None else s.flags.writeable,
         "pid": os.getpid(),
     }
@@ -104,7 +111,8 @@ def test_one_segment_per_array_per_run_however_many_nodes_read_it(shared: ap.Run
     nodes = [plan.add(describe, a) for _ in range(8)]
     report = shared.run(plan, state={"big": a})  # the same array as state, too
     outs = [report[n] for n in nodes]
-    assert {o["segments"] for o in outs} == {1}  # one copy for 8 args + the state
+    names = {o["segment"] for o in outs} | {o["state_segment"] for o in outs}
+    assert len(names) == 1 and None not in names  # one copy for 8 args + the state
     assert all(o["state_writeable"] is False for o in outs)
     assert len({o["pid"] for o in outs}) >= 1
 
@@ -114,7 +122,7 @@ def test_small_arrays_stay_in_the_pickle_and_are_writeable(shared: ap.Runner) ->
     plan = ap.Plan()
     n = plan.add(describe, a)
     out = shared.run(plan)[n]
-    assert out["writeable"] is True and out["segments"] == 0
+    assert out["writeable"] is True and out["segment"] is None
 
 
 def test_the_threshold_is_configurable() -> None:
@@ -122,12 +130,12 @@ def test_the_threshold_is_configurable() -> None:
     with ap.Runner(cpu_workers=1, io_workers=1, shm_threshold=64 * 1024) as r:
         plan = ap.Plan()
         n = plan.add(describe, a)
-        assert r.run(plan)[n]["segments"] == 1
+        assert r.run(plan)[n]["segment"] is not None
     with ap.Runner(cpu_workers=1, io_workers=1, shm_threshold=None) as r:
         plan = ap.Plan()
         n = plan.add(describe, np.arange(1_000_000, dtype=np.float64))
         out = r.run(plan)[n]
-        assert out["segments"] == 0 and out["writeable"] is True  # a pickled copy
+        assert out["segment"] is None and out["writeable"] is True  # a pickled copy
     with pytest.raises(ValueError, match="shm_threshold"):
         ap.Runner(shm_threshold=-1)
 
@@ -171,6 +179,97 @@ def test_arena_places_each_buffer_once() -> None:
     finally:
         arena.close()
     assert mine() == []
+
+
+# ---- reusable segments (the Runner's SegmentPool) -----------------------------------------
+
+
+def where(a: np.ndarray) -> tuple[str | None, float]:
+    """The segment the worker sees ``a`` in, and its sum."""
+    return segment_of(a), float(a.sum())
+
+
+def cached_pool_mappings() -> list[str]:
+    from actionpool import transfer
+
+    return sorted(transfer._POOL_MAPPINGS)
+
+
+def first_half(x: np.ndarray) -> np.ndarray:
+    return x[: len(x) // 2]
+
+
+@ap.action(kind="io")
+def io_identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def pool_of(runner: ap.Runner) -> Any:
+    from actionpool import transfer
+
+    return transfer._RUNNER_POOLS[runner]
+
+
+def test_later_runs_reuse_the_segment_and_see_their_own_data() -> None:
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        seen = []
+        for k in range(3):
+            a = np.full(500_000, float(k))  # 4 MB, other data each run
+            plan = ap.Plan()
+            n = plan.add(where, a)
+            seen.append(r.run(plan)[n])
+        pool = pool_of(r)
+        names = {name for name, _ in seen}
+        assert len(names) == 1 and None not in names  # one segment, reused
+        assert [total for _, total in seen] == [0.0, 500_000.0, 1_000_000.0]
+        assert pool.created == 1 and pool.reused == 2
+        assert os.path.exists(f"/dev/shm/{names.pop().lstrip('/')}")  # kept while open
+        kept = pool.names()
+    assert kept and not any(os.path.exists(f"/dev/shm/{n}") for n in kept)  # closed: gone
+
+
+@pytest.mark.parametrize("how", ["cpu identity", "cpu slice", "io identity", "submit"])
+def test_a_value_that_points_into_an_input_segment_is_never_overwritten(how: str) -> None:
+    n = 500_000
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        a = np.arange(n, dtype=np.float64)
+        if how == "submit":
+            value = r.submit(identity, a).result(timeout=60)
+        else:
+            fn = {"cpu identity": identity, "cpu slice": first_half, "io identity": io_identity}
+            plan = ap.Plan()
+            node = plan.add(fn[how], a)
+            value = r.run(plan)[node]
+        assert not value.flags.writeable
+        want = a[: len(value)].copy()
+        assert np.array_equal(value, want)
+        pool = pool_of(r)
+        assert pool.discarded == 1 and pool.free_bytes == 0  # not recycled: it is in use
+        for k in range(3):  # later runs with other data of the same size
+            plan = ap.Plan()
+            m = plan.add(where, np.full(n, -1.0 - k))
+            assert r.run(plan)[m][1] == n * (-1.0 - k)
+        assert np.array_equal(value, want)  # unchanged under the user
+    assert np.array_equal(value, want)  # and after the runner closed
+
+
+def test_workers_drop_their_mapping_of_a_segment_the_pool_unlinked() -> None:
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        plan = ap.Plan()
+        n = plan.add(where, np.ones(500_000))
+        name, _ = r.run(plan)[n]
+        plan = ap.Plan()
+        probe = plan.add(cached_pool_mappings)
+        assert r.run(plan)[probe] == [name]  # kept from one run to the next
+        pool = pool_of(r)
+        pool.max_free = 0  # from now on every released segment is unlinked at once
+        plan = ap.Plan()
+        n = plan.add(where, np.ones(500_000))
+        assert r.run(plan)[n][0] == name  # reused, then released and trimmed
+        assert pool.trimmed == 1 and pool.names() == set()
+        plan = ap.Plan()
+        probe = plan.add(cached_pool_mappings)
+        assert r.run(plan)[probe] == []  # the broadcast reached the worker first
 
 
 # ---- cleanup after every kind of ending --------------------------------------------------

@@ -358,3 +358,105 @@ def test_unpicklable_state_update_names_the_key(runner, kind):
     assert isinstance(out.error, ap.SerializationError)
     assert "'updater'" in str(out.error) and "'lock'" in str(out.error)
     assert report.state == {}  # nothing of the failed node is merged
+
+
+# ---- the reusable shared-memory segments (SegmentPool) ------------------------------------
+
+
+MiB = 1 << 20
+
+
+def _shm_exists(name: str) -> bool:
+    import os
+
+    return os.path.exists("/dev/shm/" + name.lstrip("/"))
+
+
+def test_capacity_classes_waste_at_most_an_eighth_or_a_page():
+    import mmap
+
+    from actionpool.transfer import capacity_for
+
+    for size in [0, 1, 4095, 4097, MiB - 1, MiB, MiB + 1, 50_000_000, 3 * 10**9 + 7]:
+        cap = capacity_for(size)
+        assert cap >= max(size, 1)
+        assert cap - size <= max(size // 8, mmap.PAGESIZE)
+    assert capacity_for(50_000_000) == capacity_for(49_000_000)  # nearby sizes share
+
+
+def test_pool_reuses_a_released_segment_and_copies_into_it():
+    import numpy as np
+
+    from actionpool.transfer import SegmentPool
+
+    pool = SegmentPool(max_free=100 * MiB)
+    try:
+        a = np.arange(MiB, dtype=np.uint8)
+        first = pool.store(memoryview(a))
+        assert first is not None and pool.created == 1
+        pool.release(first)
+        b = np.full(MiB - 100, 7, dtype=np.uint8)  # a little smaller: same segment
+        again = pool.store(memoryview(b))
+        assert again is first and pool.reused == 1 and pool.free_bytes == 0
+        with open("/dev/shm/" + again.name.lstrip("/"), "rb") as f:
+            assert f.read(b.nbytes) == b.tobytes()
+        assert pool.store(memoryview(np.zeros(MiB // 2, np.uint8))) is not first  # leased
+        pool.release(again)
+        assert pool.store(memoryview(np.zeros(MiB // 4, np.uint8))) is not first  # too big
+        assert pool.names() >= {first.name.lstrip("/")}
+    finally:
+        pool.close()
+    assert not _shm_exists(first.name) and pool.names() == set()
+    assert pool.store(memoryview(np.zeros(MiB, np.uint8))) is None  # closed
+
+
+def test_pool_keeps_at_most_max_free_bytes_and_says_which_it_unlinked():
+    import numpy as np
+
+    from actionpool.transfer import SegmentPool, capacity_for
+
+    told: list[str] = []
+    pool = SegmentPool(max_free=2 * capacity_for(MiB), on_unlink=told.append)
+    try:
+        segs = [pool.store(memoryview(np.ones(MiB, np.uint8))) for _ in range(3)]
+        assert all(s is not None for s in segs)
+        for s in segs:
+            assert s is not None
+            pool.release(s)
+        oldest = segs[0]
+        assert oldest is not None
+        assert pool.trimmed == 1 and told == [oldest.name.lstrip("/")]
+        assert not _shm_exists(oldest.name)
+        assert all(s is not None and _shm_exists(s.name) for s in segs[1:])
+        assert pool.free_bytes == 2 * capacity_for(MiB)
+    finally:
+        pool.close()
+    assert not any(s is not None and _shm_exists(s.name) for s in segs)
+    assert len(told) == 1  # close does not broadcast: the workers are gone by then
+
+
+def test_arena_returns_its_segment_to_the_pool_unless_a_view_still_uses_it():
+    import os
+
+    import numpy as np
+
+    from actionpool.transfer import Arena, SegmentPool
+
+    pool = SegmentPool(max_free=100 * MiB)
+    try:
+        arena = Arena(f"ap-{os.getpid()}-pooltest1", MiB, pool=pool)
+        view = arena.loads(arena.dumps(np.ones(MiB)))  # a read-only view into the segment
+        arena.close()
+        assert pool.discarded == 1 and pool.free_bytes == 0 and pool.names() == set()
+        assert float(view.sum()) == MiB  # still mapped, and nobody will overwrite it
+
+        arena = Arena(f"ap-{os.getpid()}-pooltest2", MiB, pool=pool)
+        packed = arena.dumps(np.ones(MiB))
+        del view
+        assert float(arena.loads(packed).sum()) == MiB  # the view dies at once here
+        arena.close()
+        assert pool.discarded == 1 and pool.free_bytes > 0  # recycled
+        with pytest.raises(FileNotFoundError, match="run is over"):
+            arena.loads(packed)  # an io action that outlived its run reads nothing
+    finally:
+        pool.close()

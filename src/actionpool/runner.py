@@ -49,9 +49,11 @@ from .transfer import (
     DEFAULT_SHM_THRESHOLD,
     Arena,
     Packed,
+    close_segment_pool,
     dumps_call,
     dumps_function,
     dumps_state,
+    segment_pool,
 )
 
 __all__ = ["Runner"]
@@ -195,12 +197,14 @@ class Runner(Executor):
         except PlanError as exc:
             fut.set_exception(exc)
             return fut
-        arena = Arena(
-            f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}", self.shm_threshold
-        )
         cpu = self._pools["cpu"]
-        if isinstance(cpu, ProcessPool):
-            arena.on_close = cpu.forget  # workers keep its mappings until then
+        forget = cpu.forget if isinstance(cpu, ProcessPool) else None
+        arena = Arena(
+            f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}",
+            self.shm_threshold,
+            pool=segment_pool(self, self.sizing.memory_budget, forget),
+        )
+        arena.on_close = forget  # workers keep its mappings until then
         if fn_bytes is None:
             fn_bytes = wire_bytes(spec)  # None unless it pickles by reference
         try:
@@ -441,6 +445,7 @@ class Runner(Executor):
             self._wait_idle()
         for pool in self._pools.values():
             pool.close(cancel=not wait)
+        close_segment_pool(self)  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -631,7 +636,13 @@ class Runner(Executor):
             if node.join is None:
                 self._check_fits(node.action, node.name)
         run_id = uuid.uuid4().hex[:12]
-        arena = Arena(f"ap-{os.getpid()}-{run_id}", self.shm_threshold)
+        cpu = self._pools["cpu"]
+        forget = cpu.forget if isinstance(cpu, ProcessPool) else None
+        arena = Arena(
+            f"ap-{os.getpid()}-{run_id}",
+            self.shm_threshold,
+            pool=segment_pool(self, self.sizing.memory_budget, forget),  # reused segments
+        )
         state_bytes: Packed | None = None
         state_error: SerializationError | None = None
         if any(n.action.wants_context or n.action.validate for n in graph.nodes):
