@@ -31,6 +31,7 @@ def _runner_workers(runners: list[object]) -> set[int]:
     for r in runners:
         if not getattr(r, "_closed", True):
             pids.update(r.worker_pids())  # type: ignore[attr-defined]
+            pids.update(r._pools["cpu"].zygote_pids())  # type: ignore[attr-defined]
     return pids
 
 

@@ -159,3 +159,15 @@ class CrashesWhenUnpickled:
 
     def __reduce__(self) -> tuple[object, ...]:
         return (os._exit, (11,))
+
+
+def slow_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def np_random_and_pid() -> tuple[float, int]:
+    import numpy as np
+
+    time.sleep(0.2)  # long enough for the other worker to take the next call
+    return float(np.random.rand()), os.getpid()

@@ -105,8 +105,10 @@ def _on_alarm(signum: int, frame: Any) -> None:
 def init_process(blas_threads: int) -> None:
     """Mark this process a worker and cap BLAS/OpenMP threads in it.
 
-    The environment variables (``OMP_NUM_THREADS`` ...) are set before the worker's
-    interpreter starts; threadpoolctl covers libraries already loaded.
+    Called once in the zygote, whose workers inherit it. The environment variables
+    (``OMP_NUM_THREADS`` ...) are already set in the zygote's environment, for
+    libraries loaded later; threadpoolctl covers libraries already loaded (a zygote
+    forked from the parent may have inherited NumPy's BLAS).
     """
     global _IN_PROCESS, _BLAS_DEFAULT
     _IN_PROCESS = True
@@ -375,17 +377,26 @@ def _watch_parent(fd: int) -> None:
     _die_with_parent()
 
 
-def process_main() -> None:
-    """Entry point of a CPU worker process: ``python -c ... <fd> <blas_threads>``.
+def _after_fork() -> None:
+    """Give a freshly forked worker what a fresh interpreter would have had."""
+    # Python's ``random`` reseeds itself in a forked child; NumPy's legacy global
+    # generator does not, and every worker would draw the same "random" numbers.
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
 
-    Started by :class:`actionpool.pools.process.ProcessPool` in a new session (so it
-    leads its own process group, and a terminal's Ctrl-C reaches only the parent),
-    with the BLAS thread caps already in its environment.
+
+def process_main(fd: int) -> None:
+    """The loop of a CPU worker process, on its socket ``fd``; returns when told to stop.
+
+    Forked by the zygote (:mod:`actionpool._zygote`, which called :func:`init_process`
+    once for all its workers) in a new session, so it leads its own process group and
+    a terminal's Ctrl-C reaches only the parent.
     """
     from multiprocessing.connection import Connection
 
-    conn = Connection(int(sys.argv[1]))
-    init_process(int(sys.argv[2]))
+    conn = Connection(fd)
+    _after_fork()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
     signal.signal(signal.SIGALRM, _on_alarm)
     send_lock = threading.Lock()

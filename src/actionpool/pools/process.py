@@ -19,12 +19,16 @@ own socket, so the pool always knows which attempt runs where and whether it sta
 * killing an attempt (hard timeout, cancel) kills only its worker's process group;
 * the pool heals by starting replacements on demand.
 
-Workers are fresh interpreters (``subprocess`` with ``start_new_session=True``), like
-loky's processes: nothing of the parent is inherited but the environment, so user
-scripts need no ``if __name__ == "__main__"`` guard for actionpool's sake, and a
-thread-holding parent is never forked. ``OMP_NUM_THREADS`` & co. are set in their
-environment before the interpreter starts, never inherited from the parent (where,
-e.g., Dask's ``LocalCluster`` sets them to 1). Usable cores still come from
+Workers are forks of a *zygote* (:mod:`actionpool._zygote`), one small process per pool
+that has already imported the worker side: a worker starts in about a millisecond
+instead of the ~50 ms of a fresh interpreter, and so does each replacement. The zygote
+is a fork of the parent when the parent runs a single thread at the pool's creation
+(``worker_start="fork"``; workers inherit its modules, as with ``multiprocessing``'s
+fork), else a fresh interpreter (``"fresh"``, like loky's processes: nothing inherited
+but the environment); ``"auto"`` picks the first when it is safe. A thread-holding
+parent is never forked. ``OMP_NUM_THREADS`` & co. are set in the zygote's environment,
+never inherited from the parent (where, e.g., Dask's ``LocalCluster`` sets them to 1),
+and threadpoolctl caps libraries already loaded. Usable cores still come from
 ``loky.cpu_count`` (see :mod:`actionpool.sizing`).
 
 States: a worker is STARTING (spawned, no "ready" yet), IDLE, BUSY, or gone; the pool
@@ -34,11 +38,14 @@ is open or closed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -49,14 +56,87 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import _zygote
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
 
-__all__ = ["ProcessAttempt", "ProcessPool", "describe_exit"]
+__all__ = [
+    "WORKER_START_MODES",
+    "ProcessAttempt",
+    "ProcessPool",
+    "describe_exit",
+    "resolve_worker_start",
+]
 
-_LAUNCH = "import actionpool._worker as w; w.process_main()"
+WORKER_START_MODES = ("auto", "fork", "fresh")
+"""How a pool's zygote starts: see :func:`resolve_worker_start`."""
+
+_LAUNCH = "import actionpool._zygote as z; z.launch()"
 _MAX_STARTUP_FAILURES = 3
+_ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote is stuck
+_PID = struct.Struct("=q")
+
+
+def resolve_worker_start(mode: str | None = None) -> str:
+    """``"fork"`` or ``"fresh"``: how a pool created now starts its zygote.
+
+    Args:
+        mode: ``"auto"`` (default; also read from ``ACTIONPOOL_WORKER_START``): fork
+            this process when it runs a single thread (``psutil``: native threads
+            count, e.g. an OpenMP pool), else a fresh interpreter; ``"fork"``: always
+            fork; ``"fresh"``: always a fresh interpreter.
+
+    Raises:
+        ValueError: an unknown mode.
+        RuntimeError: ``"fork"`` asked for while this process runs other threads
+            (a thread holding a lock at the fork would leave it locked for ever in
+            the child), or on a platform without ``fork``.
+    """
+    if mode is None:
+        mode = os.environ.get("ACTIONPOOL_WORKER_START") or "auto"
+    if mode not in WORKER_START_MODES:
+        raise ValueError(f"worker_start must be one of {WORKER_START_MODES}, got {mode!r}")
+    if mode == "fresh":
+        return mode
+    threads = _thread_count()
+    if hasattr(os, "fork") and (threads == 1 or _only_openblas_threads(threads)):
+        return "fork"
+    if mode == "auto":
+        return "fresh"
+    raise RuntimeError(
+        f"worker_start='fork': this process runs {threads} threads, and forking it could"
+        " leave a lock one of them holds locked for ever in the workers; create the"
+        " Runner before starting threads, or use worker_start='auto' or 'fresh'"
+    )
+
+
+def _thread_count() -> int:
+    import psutil
+
+    try:
+        return int(psutil.Process().num_threads())
+    except psutil.Error:
+        return 2  # unknown: assume the unsafe case
+
+
+def _only_openblas_threads(threads: int) -> bool:
+    """True when every thread but this one belongs to OpenBLAS's pthreads pool.
+
+    ``import numpy`` starts that pool (cores - 1 threads); OpenBLAS stops it before a
+    fork and restarts it after (``pthread_atfork``), which is why forking NumPy
+    programs is safe. No other native pool (OpenMP's, MKL's) gets this exemption.
+    """
+    if threading.active_count() != 1:
+        return False
+    from threadpoolctl import threadpool_info
+
+    spare = sum(
+        max(0, int(info.get("num_threads", 1)) - 1)
+        for info in threadpool_info()
+        if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
+    )
+    return threads - 1 <= spare
 
 
 class WorkerState(Enum):
@@ -82,13 +162,104 @@ def describe_exit(returncode: int | None) -> tuple[str, int | None, int | None]:
     return f"exited with code {returncode}", returncode, None
 
 
-class _Worker:
-    __slots__ = ("attempt", "conn", "pid", "proc", "state")
+class _Zygote:
+    """The parent's handle of a zygote process (see :mod:`actionpool._zygote`)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
-        self.proc = proc
+    def __init__(self, mode: str, env: dict[str, str], blas_threads: int) -> None:
+        ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            if mode == "fork":
+                self.pid = os.fork()
+                if self.pid == 0:  # the zygote: this process had a single thread
+                    try:
+                        os.setsid()  # a terminal's Ctrl-C reaches only the parent
+                        gc.freeze()  # never finalize the parent's objects in here
+                        ctl.close()
+                        notify.close()
+                        os.environ.update(env)
+                        _zygote.main(ctl_child.fileno(), notify_child.fileno(), blas_threads)
+                    finally:
+                        os._exit(1)
+            else:
+                args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _LAUNCH, *args],
+                    pass_fds=(ctl_child.fileno(), notify_child.fileno()),
+                    env={**os.environ, **env},
+                    start_new_session=True,
+                )
+                self.pid = self.proc.pid
+        except BaseException:
+            ctl.close()
+            notify.close()
+            raise
+        finally:
+            ctl_child.close()
+            notify_child.close()
+        ctl.settimeout(_ZYGOTE_REPLY_S)
+        self.ctl = ctl
+        self.notify = notify
+        self.closed = False
+
+    def spawn(self, fd: int) -> int:
+        """Fork a worker that runs on socket ``fd``; its pid.
+
+        Raises:
+            OSError: the zygote is gone or stuck.
+        """
+        socket.send_fds(self.ctl, [b"s"], [fd])
+        reply = self.ctl.recv(_PID.size)
+        if len(reply) != _PID.size:
+            raise ConnectionError("the zygote process is gone")
+        pid: int = _PID.unpack(reply)[0]
+        return pid
+
+    def close(self) -> None:
+        """Let the zygote go (it kills what workers it still has) and reap it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ctl.close()
+        if not _wait_exit(self.pid, self.proc, 10.0):
+            _kill_group(self.pid)
+            _wait_exit(self.pid, self.proc, None)
+        self.notify.close()
+
+
+def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float | None) -> bool:
+    """Reap our child ``pid``; False if it is still running after ``timeout`` seconds."""
+    if proc is not None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    if timeout is not None and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    return False
+            finally:
+                os.close(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return True
+
+
+class _Worker:
+    __slots__ = ("attempt", "conn", "eof", "pid", "state", "zygote")
+
+    def __init__(self, pid: int, conn: Connection, zygote: _Zygote) -> None:
         self.conn = conn
-        self.pid = proc.pid
+        self.pid = pid
+        self.zygote = zygote  # it reaps this worker and reports its exit
+        self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
         self.attempt: ProcessAttempt | None = None
 
@@ -150,9 +321,12 @@ class ProcessPool:
 
     kind = "cpu"
 
-    def __init__(self, size: int, blas_threads: int) -> None:
+    def __init__(self, size: int, blas_threads: int, worker_start: str | None = None) -> None:
+        """Start the pool; its zygote at once if it forks this process (see
+        :func:`resolve_worker_start`, whose errors it raises), else on first use."""
         self.size = size
         self.blas_threads = blas_threads
+        self.worker_start = resolve_worker_start(worker_start)
         self._lock = threading.RLock()
         self._workers: dict[Connection, _Worker] = {}
         self._pending: deque[ProcessAttempt] = deque()
@@ -161,8 +335,12 @@ class ProcessPool:
         self._startup_failures = 0
         self._wake_r, self._wake_w = _pipe()
         self._supervisor: threading.Thread | None = None
-        self._env = {**os.environ, **worker_env(blas_threads)}
-        self._env.pop("PYTHONSTARTUP", None)
+        self._env = worker_env(blas_threads)
+        self._zygotes: list[_Zygote] = []  # the current one last; older ones still reap
+        self._zygote: _Zygote | None = None
+        if self.worker_start == "fork":  # now, while this process has a single thread
+            self._zygote = _Zygote("fork", self._env, blas_threads)
+            self._zygotes.append(self._zygote)
 
     # ---- submitting and stopping -------------------------------------------------------
 
@@ -216,6 +394,11 @@ class ProcessPool:
         with self._lock:
             return [w.pid for w in self._workers.values() if w.state is not WorkerState.GONE]
 
+    def zygote_pids(self) -> list[int]:
+        """The pids of the pool's zygote processes (see :mod:`actionpool._zygote`)."""
+        with self._lock:
+            return [z.pid for z in self._zygotes if not z.closed]
+
     def close(self, cancel: bool = False) -> None:
         """Stop every worker and wait until each has exited.
 
@@ -245,6 +428,10 @@ class ProcessPool:
                         _kill_group(w.pid)
                 self._wake()
                 supervisor.join()
+        for zygote in self._zygotes:
+            zygote.close()
+        self._zygotes.clear()
+        self._zygote = None
         self._wake_r.close()
         self._wake_w.close()
 
@@ -274,15 +461,13 @@ class ProcessPool:
     def _spawn(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, str(child_sock.fileno()), str(self.blas_threads)],
-                pass_fds=(child_sock.fileno(),),
-                env=self._env,
-                start_new_session=True,  # own process group: killpg takes its children too
-            )
+            pid, zygote = self._fork_worker(child_sock.fileno())
+        except BaseException:
+            parent_sock.close()
+            raise
         finally:
             child_sock.close()
-        worker = _Worker(proc, Connection(parent_sock.detach()))
+        worker = _Worker(pid, Connection(parent_sock.detach()), zygote)
         self._workers[worker.conn] = worker
         if self._supervisor is None:
             self._supervisor = threading.Thread(
@@ -293,31 +478,49 @@ class ProcessPool:
             self._wake()
         return worker
 
+    def _fork_worker(self, fd: int) -> tuple[int, _Zygote]:
+        """Have the zygote fork a worker on socket ``fd``; a zygote that is gone or
+        stuck is replaced once (by a fresh interpreter: this process has threads now)."""
+        for _ in range(2):
+            zygote = self._zygote
+            if zygote is None:
+                zygote = self._zygote = _Zygote("fresh", self._env, self.blas_threads)
+                self._zygotes.append(zygote)
+            try:
+                return zygote.spawn(fd), zygote
+            except OSError:
+                self._zygote = None  # its workers are handled when its notify socket closes
+                _kill_group(zygote.pid)
+        raise WorkerCrashed("cannot start a worker process: its zygote process keeps failing")
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
             self._wake_w.send_bytes(b"w")
 
     def _supervise(self) -> None:
-        """The supervisor thread: reads every worker's socket, notices deaths.
+        """The supervisor thread: reads every worker's socket and the zygotes' exit
+        notices.
 
         One ``poll`` object lives as long as the thread (``connection.wait`` builds and
         fills a new selector on every call, a measurable cost per message); workers'
-        sockets join it when they are spawned (see :meth:`_wake`).
+        sockets join it when they are spawned (see :meth:`_wake`). A worker's death is
+        handled when its zygote reports its exit status (the end of its socket alone
+        only stops the polling of it).
         """
-        import select
-
         poller = select.poll()
-        watched: dict[int, Connection] = {}
+        watched: set[int] = set()
         wake_fd = self._wake_r.fileno()
         poller.register(wake_fd, select.POLLIN)
         while True:
             with self._lock:
-                live = {c.fileno(): c for c in self._workers}
-                if self._closed and not live:
+                if self._closed and not self._workers:
                     return
-            for fd in watched.keys() - live.keys():
+                conns = {c.fileno(): c for c, w in self._workers.items() if not w.eof}
+                zygotes = {z.notify.fileno(): z for z in self._zygotes}
+            live = conns.keys() | zygotes.keys()
+            for fd in watched - live:
                 poller.unregister(fd)
-            for fd in live.keys() - watched.keys():
+            for fd in live - watched:
                 poller.register(fd, select.POLLIN)
             watched = live
             for fd, _events in poller.poll():
@@ -326,16 +529,54 @@ class ProcessPool:
                         self._wake_r.recv_bytes()
                     except (EOFError, OSError):
                         return
-                    continue
-                conn = watched[fd]
-                if conn.closed:
-                    continue
-                try:
-                    data = conn.recv_bytes()
-                except (EOFError, OSError):
-                    self._on_death(conn)
-                    continue
-                self._on_message(conn, pickle.loads(data))
+                elif fd in zygotes:
+                    self._on_notice(zygotes[fd])
+                elif not self._read(conns[fd]):
+                    with self._lock:
+                        w = self._workers.get(conns[fd])
+                        if w is not None:
+                            w.eof = True  # stop polling it; the exit notice follows
+                    break  # rebuild the poll set
+
+    def _read(self, conn: Connection) -> bool:
+        """Handle one message from ``conn``; False at its end."""
+        if conn.closed:
+            return False
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        self._on_message(conn, pickle.loads(data))
+        return True
+
+    def _on_notice(self, zygote: _Zygote) -> None:
+        """A worker of ``zygote`` exited (or the zygote itself is gone)."""
+        try:
+            data = zygote.notify.recv(_zygote.NOTICE.size)
+        except OSError:
+            data = b""
+        if data:
+            pid, returncode = _zygote.NOTICE.unpack(data)
+            with self._lock:
+                dead = [
+                    (w, returncode)
+                    for w in self._workers.values()
+                    if w.pid == pid and w.zygote is zygote
+                ]
+        else:  # the zygote died: its workers are orphans nobody reaps for us
+            with self._lock:
+                self._zygotes.remove(zygote)
+                if self._zygote is zygote:
+                    self._zygote = None
+                dead = [(w, None) for w in self._workers.values() if w.zygote is zygote]
+            for w, _ in dead:
+                _kill_group(w.pid)
+            zygote.close()
+        for w, code in dead:
+            # what it sent before it died is still in its socket: results count
+            while not w.eof and w.conn.poll(0):
+                w.eof = not self._read(w.conn)
+            self._on_death(w.conn, code)
 
     def _on_message(self, conn: Connection, msg: tuple[Any, ...]) -> None:
         with self._lock:
@@ -365,15 +606,15 @@ class ProcessPool:
         elif kind == "result" and not att.future.done():
             att.future.set_result(msg[2])
 
-    def _on_death(self, conn: Connection) -> None:
+    def _on_death(self, conn: Connection, returncode: int | None) -> None:
+        """Worker of ``conn`` exited with ``returncode`` (its zygote killed its group
+        and reaped it); None: unknown (its zygote died too)."""
         with self._lock:
-            w = self._workers.pop(conn)
+            w = self._workers.pop(conn, None)
+            if w is None:
+                return
             w.state = WorkerState.GONE
         conn.close()
-        # Kill the group (anything its action started) before reaping the leader:
-        # while it is an unreaped zombie, its pid, the group's id, cannot be reused.
-        _kill_group(w.pid)
-        returncode: int | None = w.proc.wait()
         text, exitcode, sig = describe_exit(returncode)
         failed: list[tuple[ProcessAttempt, BaseException]] = []
         with self._lock:
@@ -429,9 +670,9 @@ def _send_stop(w: _Worker) -> None:
 def _kill_group(pid: int) -> None:
     """SIGKILL the process group led by ``pid`` (the worker and what it started).
 
-    Workers start in their own session (``setsid`` before ``exec``), so the group
-    exists from the start; once it is empty there is nothing to kill, and we never
-    fall back to ``kill(pid)``: a reaped pid may already belong to someone else.
+    The zygote puts each worker in a group of its own before it tells us its pid, so
+    the group exists from the start; once it is empty there is nothing to kill, and we
+    never fall back to ``kill(pid)``: a reaped pid may already belong to someone else.
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,189 @@
+"""The zygote: one small single-threaded process that forks every CPU worker.
+
+Starting a worker as a fresh interpreter costs ~40-50 ms of CPU (the interpreter, then
+importing actionpool's worker side); forking a process that already did both costs
+about a millisecond. So the CPU pool starts one *zygote* per runner, and every worker,
+the first ones and each replacement after a crash or a hard timeout, is a fork of it::
+
+    parent (ProcessPool)                      zygote (this module)             worker
+    --------------------                      --------------------             ------
+    socketpair(); send_fds(ctl, child end) ─► fork() ───────────────────────► setsid()
+                         ◄── ctl: pid ──────                                   process_main(fd)
+    worker socket ◄══════════════════════════════════════════════════════════► (tasks, results)
+                         ◄── notify: (pid, returncode) ── SIGCHLD: killpg, reap
+
+The zygote itself starts one of two ways (``Runner(worker_start=...)``):
+
+* ``"fork"``: a fork of the parent, made while the parent runs a single thread (no
+  other thread can hold a lock that the child would inherit locked). Workers then
+  inherit the parent's imported modules and memory, copy-on-write, as with
+  ``multiprocessing``'s fork start method, but not its threads, and the parent is
+  forked once, at a moment known to be safe, never later.
+* ``"fresh"``: a new interpreter (``python -c``), as loky and ``spawn`` do; workers
+  inherit nothing of the parent but its environment. Used whenever the parent already
+  runs threads (a notebook kernel, another runner), where forking is unsafe.
+
+Only the zygote reaps workers (they are its children), so it reports each exit status
+to the parent. It kills a dead worker's process group (anything its action started)
+*before* reaping it: while the leader is an unreaped zombie, its pid, the group's id,
+cannot be reused. When the parent's end of ``ctl`` closes (the pool closed, or the
+parent died), the zygote kills every worker's group, reaps them and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import NoReturn
+
+__all__ = ["NOTICE", "main"]
+
+NOTICE = struct.Struct("=qi")
+"""A notify message: (worker pid, return code as ``subprocess`` gives it: -N = signal N)."""
+
+_PID = struct.Struct("=q")
+
+
+def main(ctl_fd: int, notify_fd: int, blas_threads: int) -> NoReturn:
+    """Run the zygote until the parent closes ``ctl``; never returns.
+
+    Args:
+        ctl_fd: a ``SOCK_SEQPACKET`` socket: each request carries one worker socket
+            (``SCM_RIGHTS``); the reply is the new worker's pid (8 bytes).
+        notify_fd: a ``SOCK_SEQPACKET`` socket on which each worker's exit is reported
+            as :data:`NOTICE`.
+        blas_threads: the BLAS/OpenMP cap of every worker.
+    """
+    code = 1
+    try:
+        ctl = socket.socket(fileno=ctl_fd)
+        notify = socket.socket(fileno=notify_fd)
+        # Preloaded here, once: every worker starts with them imported.
+        from . import _worker
+
+        _worker.init_process(blas_threads)
+        _serve(ctl, notify)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _serve(ctl: socket.socket, notify: socket.socket) -> None:
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, _noop)  # a handler, so that the wakeup fd is written
+    signal.set_wakeup_fd(wake_w)
+    poller = select.poll()
+    poller.register(ctl.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    children: set[int] = set()
+    while True:
+        for fd, _events in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                if not _reap(children, notify):
+                    return _stop(children)
+                continue
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 1)
+            except OSError:
+                msg, fds = b"", []
+            if not msg:  # the pool closed, or the parent died
+                for fd_ in fds:
+                    os.close(fd_)
+                return _stop(children)
+            if not fds:
+                continue
+            pid = os.fork()
+            if pid == 0:
+                _child(fds[0], (ctl.fileno(), notify.fileno(), wake_r, wake_w))
+            # its own process group before the parent learns its pid (the child does
+            # the same: whichever runs first), so that killpg(pid) always reaches it
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            os.close(fds[0])
+            children.add(pid)
+            try:
+                ctl.sendall(_PID.pack(pid))
+            except OSError:
+                return _stop(children)
+
+
+def _reap(children: set[int], notify: socket.socket) -> bool:
+    """Kill the group of, reap and report every worker that exited; False when the
+    parent no longer listens."""
+    listening = True
+    while children:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return listening
+        if info is None:
+            return listening
+        pid = info.si_pid
+        # the leader is still an unreaped zombie: its pid (the group id) is ours
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        children.discard(pid)
+        try:
+            notify.send(NOTICE.pack(pid, os.waitstatus_to_exitcode(status)))
+        except OSError:
+            listening = False
+    return listening
+
+
+def _stop(children: set[int]) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _child(fd: int, inherited: tuple[int, ...]) -> NoReturn:
+    """In a new worker: leave the zygote's ways behind and run the worker loop."""
+    code = 0
+    try:
+        # its own process group: killpg takes what its actions start; the zygote's
+        # session has no terminal, so a terminal's Ctrl-C reaches only the parent
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd_ in inherited:
+            os.close(fd_)
+        from . import _worker
+
+        _worker.process_main(fd)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report it, then exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _noop(signum: int, frame: object) -> None:
+    pass
+
+
+def launch() -> NoReturn:
+    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>``."""
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

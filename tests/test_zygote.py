@@ -1,0 +1,145 @@
+"""Workers are forked from a zygote: how it starts, what workers inherit, and what
+happens when the zygote itself dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import actionpool as ap
+from actionpool.pools.process import ProcessPool, resolve_worker_start
+from tests import fault_actions as fa
+from tests.helpers import pid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(code: str, timeout: float = 120) -> str:
+    """Run ``code`` in a fresh interpreter (one thread at the start, as in a script)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "ACTIONPOOL_WORKER_START": "",
+        },
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_a_script_forks_its_zygote_and_workers_inherit_its_modules() -> None:
+    out = run_script(
+        """
+        import actionpool as ap
+        from tests import helpers
+
+        helpers.INHERITED = "set in the parent before the runner"
+        with ap.Runner(cpu_workers=2) as r:
+            print(r._pools["cpu"].worker_start)
+            print(r.submit(getattr, helpers, "INHERITED", None).result())
+        with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
+            print(r._pools["cpu"].worker_start)
+            print(r.submit(getattr, helpers, "INHERITED", None).result())
+        """
+    )
+    assert out.split("\n")[:4] == [
+        "fork",
+        "set in the parent before the runner",
+        "fresh",
+        "None",
+    ]
+
+
+def test_forked_workers_do_not_share_numpy_random_state() -> None:
+    out = run_script(
+        """
+        import numpy as np
+        import actionpool as ap
+        from tests.fault_actions import np_random_and_pid
+
+        np.random.seed(0)
+        with ap.Runner(cpu_workers=2, worker_start="fork") as r:
+            draws = {}
+            for _ in range(20):  # one draw from each worker: two at once, each waits
+                for f in [r.submit(np_random_and_pid) for _ in range(2)]:
+                    value, pid = f.result()
+                    draws.setdefault(pid, value)
+                if len(draws) == 2:
+                    break
+        print(len(set(draws.values())), np.random.rand() == np.random.RandomState(0).rand())
+        """
+    )
+    assert out.split() == ["2", "True"]
+
+
+def test_fork_is_refused_while_other_threads_run() -> None:
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"worker_start='fork': this process runs \d+"):
+            ap.Runner(cpu_workers=1, worker_start="fork")
+        assert resolve_worker_start("auto") == "fresh"
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_unknown_worker_start_is_refused() -> None:
+    with pytest.raises(ValueError, match="worker_start must be one of"):
+        ap.Runner(cpu_workers=1, worker_start="spawn")
+
+
+def test_the_zygote_is_preloaded_and_its_workers_are_its_children() -> None:
+    with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
+        pids = {f.result(timeout=60) for f in [r.submit(fa.slow_pid, 0.3) for _ in range(2)]}
+        (zygote,) = r._pools["cpu"].zygote_pids()
+        assert pids == set(r.worker_pids())
+        for p in pids:
+            proc = psutil.Process(p)
+            assert proc.ppid() == zygote
+            assert os.getpgid(p) == p  # a process group of its own: killpg reaches it
+
+
+def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: Path) -> None:
+    mark = tmp_path / "started"
+    with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
+        assert r.submit(pid).result(timeout=60) > 0
+        (zygote,) = r._pools["cpu"].zygote_pids()
+        running = r.submit(fa.sleep_long, 30, str(mark))
+        deadline = time.monotonic() + 30
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(zygote, signal.SIGKILL)
+        with pytest.raises(ap.WorkerCrashed, match="stopped answering"):
+            running.result(timeout=60)
+        # a new zygote starts on demand, and the old one's workers are gone
+        assert r.submit(pid).result(timeout=60) not in (None, 0)
+        (new,) = r._pools["cpu"].zygote_pids()
+        assert new != zygote
+
+
+def test_a_pool_closes_its_zygote() -> None:
+    pool = ProcessPool(1, 1, "fresh")
+    try:
+        assert pool.zygote_pids() == []  # a fresh zygote starts on first use only
+    finally:
+        pool.close()
+    with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
+        r.submit(pid).result(timeout=60)
+        (zygote,) = r._pools["cpu"].zygote_pids()
+    assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == "zombie"
