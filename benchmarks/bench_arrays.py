@@ -12,6 +12,9 @@ Contenders:
 * memcpy: ``np.copyto`` into a preallocated, pre-faulted array (the yardstick: "one
   memcpy of the array"), and into a fresh ``np.empty`` (page faults included);
 * compute: one ``float(a.sum())`` in this process, i.e. one task's work;
+* copy step: actionpool's one copy of the array alone (``Arena.dumps`` then
+  ``close``), into a new /dev/shm segment per run (``pwrite``; no pool) and into a
+  reused segment of a ``SegmentPool`` (a memcpy into pages kept mapped);
 * actionpool (default ``Runner``): the array as an argument of each node of one plan
   (copied once per run into /dev/shm, read-only views in the workers), and the
   variant with the array in the run's ``state``, read through ``ctx.state``;
@@ -140,6 +143,32 @@ def memcpy_contenders(a: np.ndarray) -> list[Contender]:
     return [
         Contender("memcpy (np.copyto, pre-faulted dst)", lambda: warm(), kind="memcpy"),
         Contender("memcpy into fresh np.empty", lambda: fresh(), kind="memcpy-fresh"),
+    ]
+
+
+def copy_step_contenders(a: np.ndarray) -> list[Contender]:
+    """actionpool's copy of the array into shared memory, without the tasks."""
+    from actionpool.transfer import DEFAULT_SHM_THRESHOLD, Arena, SegmentPool
+
+    pool = SegmentPool(max_free=4 * a.nbytes)
+    count = iter(range(1 << 62))
+
+    def copy(with_pool: bool) -> None:
+        arena = Arena(
+            f"ap-{os.getpid()}-copystep{next(count)}",
+            DEFAULT_SHM_THRESHOLD,
+            pool=pool if with_pool else None,
+        )
+        try:
+            arena.dumps(a)
+        finally:
+            arena.close()
+
+    return [
+        Contender("copy step: new segment per run (pwrite)", lambda: copy(False), kind="copy"),
+        Contender(
+            "copy step: reused pool segment (memcpy)", lambda: copy(True), pool.close, "copy"
+        ),
     ]
 
 
@@ -389,6 +418,7 @@ def child_main(args: argparse.Namespace) -> None:
     try:
         add("memcpy", lambda: memcpy_contenders(a))
         add("compute", lambda: compute_contender(a, fn))
+        add("copy step", lambda: copy_step_contenders(a))
         add("actionpool", lambda: actionpool_contenders(a, args))
         add("ProcessPoolExecutor", lambda: ppe_contender(a, args))
         add("joblib", lambda: joblib_contender(a, args))
