@@ -268,7 +268,7 @@ class Arena:
             return desc
 
     def _create(self, view: memoryview) -> tuple[str, int, int]:
-        if self.pool is not None:
+        if self.pool is not None and not self.closed:  # closed: close() took the leases
             seg = self.pool.store(view)
             if seg is not None:
                 self._leased[seg.name] = seg
@@ -566,6 +566,10 @@ class SegmentPool:
 
     States: open -> closed (:meth:`close` unlinks every segment; a segment stored
     before and released after is only unmapped). Thread-safe.
+
+    Workers cannot report that they still use a mapping: an action that keeps its
+    input array past its task (a global cache) sees it change when a later run reuses
+    the segment, and must keep a copy instead.
 
     Args:
         max_free: bytes of free segments to keep (see :func:`pool_free_limit`).
