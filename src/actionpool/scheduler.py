@@ -55,7 +55,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +141,7 @@ class NodeRecord:
         "call",
         "deltas",
         "deps_left",
+        "early",
         "error",
         "finished_at",
         "handle",
@@ -173,6 +174,7 @@ class NodeRecord:
         arena: Arena | None = None,
     ) -> None:
         self.run = run
+        self.early = False  # user_future got the value from the pool's thread already
         self.index = index
         self.name = name
         self.spec = spec
@@ -349,11 +351,38 @@ class Scheduler:
             return
         rec.handle = handle
 
+        fast = rec.user_future is not None and rec.spec.timeout is None
+
         def done(f: Future[Result]) -> None:
+            if fast:
+                self._resolve_early(rec, f)
             with contextlib.suppress(RuntimeError):
                 call_soon(self._on_result, rec, attempt, handle)
 
         handle.future.add_done_callback(done)
+
+    def _resolve_early(self, rec: NodeRecord, f: Future[Result]) -> None:
+        """In the pool's thread: give a submitted call's value to its future at once.
+
+        A :meth:`Runner.submit` round trip then skips one hop to the loop thread (the
+        caller wakes while the loop records the outcome). Only a plain success
+        qualifies (no timeout that could make it late, no state updates); anything
+        else, and the outcome itself, is the loop's to decide as always.
+        """
+        if f.cancelled() or f.exception() is not None:
+            return
+        result = f.result()
+        fut = rec.user_future
+        if not result.ok or result.deltas is not None or fut is None or fut.done():
+            return
+        try:
+            value = rec.arena.loads(result.value) if result.value is not None else None
+        except Exception:  # noqa: BLE001 - the loop reports it as a SerializationError
+            return
+        rec.value = value
+        rec.early = True
+        with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+            fut.set_result(value)
 
     def _to_terminal(
         self,
@@ -392,6 +421,11 @@ class Scheduler:
         if not self._dispatch_pending:
             self._dispatch_pending = True
             self.loop.call_soon(self._dispatch)
+
+    def dispatch_now(self) -> None:
+        """Dispatch now what :meth:`schedule_dispatch` would on the next loop turn."""
+        if self._dispatch_pending:
+            self._dispatch()
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
@@ -574,6 +608,9 @@ class Scheduler:
             if not result.ok:
                 err.__cause__ = rebuild_error(result)
             self._failed(rec, err, result.traceback or None)
+            return
+        if result.ok and rec.early:
+            self.transition(rec, NodeState.SUCCEEDED)
             return
         if result.ok:
             try:
@@ -892,6 +929,7 @@ class CallRun(_Run):
         rec.user_future = future
         self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
         self.sched.transition(rec, NodeState.READY)
+        self.sched.dispatch_now()  # a lone call need not wait for the next loop turn
 
     def live_records(self) -> list[NodeRecord]:
         return list(self.live)
