@@ -26,6 +26,14 @@ def _is_tracker(proc: psutil.Process) -> bool:
     return any(t in cmd for t in _TRACKERS)
 
 
+def _alive(proc: psutil.Process) -> bool:
+    """Running, not a zombie, not a tracker; a process that ends meanwhile is not."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and not _is_tracker(proc)
+    except psutil.Error:
+        return False
+
+
 def _runner_workers(runners: list[object]) -> set[int]:
     pids: set[int] = set()
     for r in runners:
@@ -42,14 +50,7 @@ def leftover_children(
     me = psutil.Process(os.getpid())
     deadline = time.monotonic() + grace_s
     while True:
-        alive = [
-            p
-            for p in me.children(recursive=True)
-            if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE
-            and not _is_tracker(p)
-            and p.pid not in allowed
-        ]
+        alive = [p for p in me.children(recursive=True) if _alive(p) and p.pid not in allowed]
         if not alive or time.monotonic() > deadline:
             return alive
         psutil.wait_procs(alive, timeout=min(0.2, max(0.0, deadline - time.monotonic())))

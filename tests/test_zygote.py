@@ -23,7 +23,7 @@ from tests.helpers import pid
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(code: str, timeout: float = 120) -> str:
+def run_script(code: str, timeout: float = 120, **env: str) -> str:
     """Run ``code`` in a fresh interpreter (one thread at the start, as in a script)."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -35,6 +35,7 @@ def run_script(code: str, timeout: float = 120) -> str:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
             "ACTIONPOOL_WORKER_START": "",
+            **env,
         },
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -81,7 +82,8 @@ def test_forked_workers_do_not_share_numpy_random_state() -> None:
                 if len(draws) == 2:
                     break
         print(len(set(draws.values())), np.random.rand() == np.random.RandomState(0).rand())
-        """
+        """,
+        OPENBLAS_NUM_THREADS="1",  # else importing NumPy starts threads: no fork then
     )
     assert out.split() == ["2", "True"]
 

@@ -14,8 +14,9 @@ the first ones and each replacement after a crash or a hard timeout, is a fork o
 
 The zygote itself starts one of two ways (``Runner(worker_start=...)``):
 
-* ``"fork"``: a fork of the parent, made while the parent runs a single thread (no
-  other thread can hold a lock that the child would inherit locked). Workers then
+* ``"fork"``: a fork of the parent, made while the parent runs a single native thread
+  (no other thread can hold a lock that the child would inherit locked; ``import
+  numpy`` alone starts OpenBLAS's threads, and then the zygote is fresh). Workers then
   inherit the parent's imported modules and memory, copy-on-write, as with
   ``multiprocessing``'s fork start method, but not its threads, and the parent is
   forked once, at a moment known to be safe, never later.

@@ -100,7 +100,7 @@ def resolve_worker_start(mode: str | None = None) -> str:
     if mode == "fresh":
         return mode
     threads = _thread_count()
-    if hasattr(os, "fork") and (threads == 1 or _only_openblas_threads(threads)):
+    if hasattr(os, "fork") and threads == 1:
         return "fork"
     if mode == "auto":
         return "fresh"
@@ -118,25 +118,6 @@ def _thread_count() -> int:
         return int(psutil.Process().num_threads())
     except psutil.Error:
         return 2  # unknown: assume the unsafe case
-
-
-def _only_openblas_threads(threads: int) -> bool:
-    """True when every thread but this one belongs to OpenBLAS's pthreads pool.
-
-    ``import numpy`` starts that pool (cores - 1 threads); OpenBLAS stops it before a
-    fork and restarts it after (``pthread_atfork``), which is why forking NumPy
-    programs is safe. No other native pool (OpenMP's, MKL's) gets this exemption.
-    """
-    if threading.active_count() != 1:
-        return False
-    from threadpoolctl import threadpool_info
-
-    spare = sum(
-        max(0, int(info.get("num_threads", 1)) - 1)
-        for info in threadpool_info()
-        if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
-    )
-    return threads - 1 <= spare
 
 
 class WorkerState(Enum):
