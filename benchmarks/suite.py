@@ -540,23 +540,12 @@ class FuturesDriver(ExecutorOps, Driver):
             self.threads.shutdown(wait=True)
 
 
-class MultiprocessingDriver(Driver):
-    """multiprocessing.Pool (default start method) and multiprocessing.pool.ThreadPool."""
+class PoolOps:
+    """W1-W5 for anything with ``multiprocessing.Pool``'s ``map`` / ``apply_async``, as
+    ``self.pool`` (multiprocessing and mpire), each with its own default chunking."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__(cfg)
-        self.pools: dict[int, Any] = {}
-        self.pool = self.pool_for(self.workers)
-        self.threads: Any = None
-
-    def pool_for(self, w: int) -> Any:
-        import multiprocessing
-
-        if w not in self.pools:
-            pool = multiprocessing.Pool(w)
-            pool.map(nap, [0.05] * (2 * w), chunksize=1)
-            self.pools[w] = pool
-        return self.pools[w]
+    pool: Any
+    array: Any
 
     def op_w1(self, n: int) -> dict[str, Any]:
         xs = list(range(n))
@@ -574,11 +563,33 @@ class MultiprocessingDriver(Driver):
 
     def op_w5(self, mb: int, tasks: int) -> dict[str, Any]:
         a, want = self.array(mb)
-        t, out = timed(
-            lambda: [r.get() for r in [self.pool.apply_async(task_sum, (a,)) for _ in range(tasks)]]
-        )
+
+        def run() -> list[float]:
+            rs = [self.pool.apply_async(task_sum, (a,)) for _ in range(tasks)]
+            return [r.get() for r in rs]
+
+        t, out = timed(run)
         check_sums(out, want, tasks)
         return {"t": t}
+
+
+class MultiprocessingDriver(PoolOps, Driver):
+    """multiprocessing.Pool (default start method) and multiprocessing.pool.ThreadPool."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__(cfg)
+        self.pools: dict[int, Any] = {}
+        self.pool = self.pool_for(self.workers)
+        self.threads: Any = None
+
+    def pool_for(self, w: int) -> Any:
+        import multiprocessing
+
+        if w not in self.pools:
+            pool = multiprocessing.Pool(w)
+            pool.map(nap, [0.05] * (2 * w), chunksize=1)
+            self.pools[w] = pool
+        return self.pools[w]
 
     def op_w6(self, n: int, seconds: float) -> dict[str, Any]:
         from multiprocessing.pool import ThreadPool
@@ -677,7 +688,7 @@ class LokyDriver(ExecutorOps, Driver):
         self.ex.shutdown(wait=True, kill_workers=True)
 
 
-class MpireDriver(Driver):
+class MpireDriver(PoolOps, Driver):
     """mpire.WorkerPool (its default start method, fork), kept alive between maps."""
 
     dist = "mpire"
@@ -690,31 +701,6 @@ class MpireDriver(Driver):
         self.pool = WorkerPool(n_jobs=self.workers, keep_alive=True)
         self.pool.map(nap, [0.05] * (2 * self.workers))
         self.threads: Any = None
-
-    def op_w1(self, n: int) -> dict[str, Any]:
-        xs = list(range(n))
-        t, out = timed(lambda: self.pool.map(inc, xs))
-        check_values(out, [x + 1 for x in xs], "w1")
-        return {"t": t}
-
-    def op_w2(self, k: int, budget_s: float) -> dict[str, Any]:
-        pool = self.pool
-        return roundtrips(lambda: pool.apply_async(noop).get(), k, budget_s)
-
-    def op_w3(self, iters: int, tasks: int) -> dict[str, Any]:
-        t, _ = timed(lambda: self.pool.map(busy, [iters] * tasks))
-        return {"t": t}
-
-    def op_w5(self, mb: int, tasks: int) -> dict[str, Any]:
-        a, want = self.array(mb)
-
-        def run() -> list[float]:
-            rs = [self.pool.apply_async(task_sum, (a,)) for _ in range(tasks)]
-            return [r.get() for r in rs]
-
-        t, out = timed(run)
-        check_sums(out, want, tasks)
-        return {"t": t}
 
     def op_w6(self, n: int, seconds: float) -> dict[str, Any]:
         if self.threads is None:
