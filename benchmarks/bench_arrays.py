@@ -310,20 +310,28 @@ def dask_contenders(a: np.ndarray, args: argparse.Namespace, tmp: Path) -> list[
     ]
 
 
+def ray_init(workers: int, tmp: Path) -> None:
+    """Start a quiet local Ray with ``workers`` CPUs, its files under ``tmp``, leaving
+    ``os.environ`` as it was."""
+    import ray
+
+    with preserved_environ():
+        ray.init(
+            num_cpus=workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            _temp_dir=str(tmp / "ray"),
+        )
+
+
 def ray_contenders(a: np.ndarray, args: argparse.Namespace, tmp: Path) -> list[Contender]:
     try:
         import ray
     except ImportError:
         return []
     fn = TASKS[args.work][0]
-    with preserved_environ():
-        ray.init(
-            num_cpus=args.workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            _temp_dir=str(tmp / "ray"),
-        )
+    ray_init(args.workers, tmp)
     remote = ray.remote(num_cpus=1)(fn)
     try:
         ray.get([ray.remote(num_cpus=1)(nap).remote(0.2) for _ in range(2 * args.workers)])

@@ -93,6 +93,7 @@ from bench_arrays import (  # noqa: E402  (the colleague's helpers: same checks,
     descendants,
     machine,
     preserved_environ,
+    ray_init,
     shm_entries,
 )
 
@@ -853,14 +854,7 @@ class RayDriver(Driver):
         import ray
 
         self.ray = ray
-        with preserved_environ():
-            ray.init(
-                num_cpus=self.workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                _temp_dir=str(self.tmp / "ray"),
-            )
+        ray_init(self.workers, self.tmp)
         self.r = {
             f.__name__: ray.remote(num_cpus=1)(f) for f in (inc_chunk, noop, busy, task_sum, nap)
         }
