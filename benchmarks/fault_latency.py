@@ -484,24 +484,33 @@ def map_crash(idempotent: bool) -> Callable[[ap.Runner, Path], Result]:
     return case
 
 
-def case_map_interrupt(runner: ap.Runner, d: Path) -> Result:
-    warm(runner)
-    pid_file = d / "map_interrupt.pids"
-    marks: dict[str, Any] = {}
+def interrupt_main(marks: dict[str, Any], ready: Callable[[], list[int]]) -> threading.Thread:
+    """Start a thread that waits for ``ready()`` (the worker pids to watch), then sends
+    SIGINT to the main thread, as Jupyter's interrupt does; it records ``pids``,
+    ``sigint`` (time.time()) and ``gone`` (when every watched pid had exited) in
+    ``marks``. The caller joins it."""
     main = threading.main_thread().ident
     assert main is not None
 
     def interrupter() -> None:
         try:
-            marks["pids"] = read_when_there(pid_file)
+            marks["pids"] = ready()
         finally:
             watch = Watch(marks["pids"])
             marks["sigint"] = time.time()
-            signal.pthread_kill(main, signal.SIGINT)  # what Jupyter's interrupt delivers
+            signal.pthread_kill(main, signal.SIGINT)
         marks["gone"] = watch.result()
 
     t = threading.Thread(target=interrupter)
     t.start()
+    return t
+
+
+def case_map_interrupt(runner: ap.Runner, d: Path) -> Result:
+    warm(runner)
+    pid_file = d / "map_interrupt.pids"
+    marks: dict[str, Any] = {}
+    t = interrupt_main(marks, lambda: read_when_there(pid_file))
     try:
         for _ in runner.map(busy, [str(pid_file)], [0], [True], chunksize=1):
             pass
@@ -566,22 +575,14 @@ def case_interrupt(runner: ap.Runner, d: Path) -> Result:
     plan, pid_file, io_file = busy_plan(d, "interrupt")
     started = Started("cpu", "io")
     marks: dict[str, Any] = {}
-    main = threading.main_thread().ident
-    assert main is not None
 
-    def interrupter() -> None:
-        try:
-            started.all.wait(WAIT)
-            marks["pids"] = read_when_there(pid_file)
-            wait_for(Path(f"{io_file}.started").exists, "the io action to start")
-        finally:
-            watch = Watch(marks["pids"])
-            marks["sigint"] = time.time()
-            signal.pthread_kill(main, signal.SIGINT)  # what Jupyter's interrupt delivers
-        marks["gone"] = watch.result()
+    def ready() -> list[int]:
+        started.all.wait(WAIT)
+        pids = read_when_there(pid_file)
+        wait_for(Path(f"{io_file}.started").exists, "the io action to start")
+        return pids
 
-    t = threading.Thread(target=interrupter)
-    t.start()
+    t = interrupt_main(marks, ready)
     try:
         runner.run(plan, on_event=started)
         raise RuntimeError("run() returned instead of raising KeyboardInterrupt")
