@@ -42,12 +42,13 @@ import struct
 import sys
 from typing import NoReturn
 
-__all__ = ["NOTICE", "main"]
+__all__ = ["NOTICE", "PID", "main"]
 
 NOTICE = struct.Struct("=qi")
 """A notify message: (worker pid, return code as ``subprocess`` gives it: -N = signal N)."""
 
-_PID = struct.Struct("=q")
+PID = struct.Struct("=q")
+"""The reply to a spawn request: the new worker's pid."""
 
 
 def main(ctl_fd: int, notify_fd: int, blas_threads: int) -> NoReturn:
@@ -115,7 +116,7 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
             os.close(fds[0])
             children.add(pid)
             try:
-                ctl.sendall(_PID.pack(pid))
+                ctl.sendall(PID.pack(pid))
             except OSError:
                 return _stop(children)
 

@@ -45,7 +45,6 @@ import pickle
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -75,7 +74,6 @@ WORKER_START_MODES = ("auto", "fork", "fresh")
 _LAUNCH = "import actionpool._zygote as z; z.launch()"
 _MAX_STARTUP_FAILURES = 3
 _ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote is stuck
-_PID = struct.Struct("=q")
 
 
 def resolve_worker_start(mode: str | None = None) -> str:
@@ -191,10 +189,10 @@ class _Zygote:
             OSError: the zygote is gone or stuck.
         """
         socket.send_fds(self.ctl, [b"s"], [fd])
-        reply = self.ctl.recv(_PID.size)
-        if len(reply) != _PID.size:
+        reply = self.ctl.recv(_zygote.PID.size)
+        if len(reply) != _zygote.PID.size:
             raise ConnectionError("the zygote process is gone")
-        pid: int = _PID.unpack(reply)[0]
+        pid: int = _zygote.PID.unpack(reply)[0]
         return pid
 
     def close(self) -> None:
