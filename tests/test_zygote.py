@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import psutil
@@ -145,3 +146,17 @@ def test_a_pool_closes_its_zygote() -> None:
         r.submit(pid).result(timeout=60)
         (zygote,) = r._pools["cpu"].zygote_pids()
     assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == "zombie"
+
+
+def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mark = tmp_path / "ran"
+    with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
+        with monkeypatch.context() as m:
+            m.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+            with pytest.raises(FileNotFoundError):
+                r.submit(fa.write, str(mark), "ran").result(timeout=60)
+        assert r.submit(pid).result(timeout=60) > 0  # the pool starts once it can
+        assert r._pools["cpu"]._pending == deque()
+    assert not mark.exists()  # the failed call was not left queued, to run later

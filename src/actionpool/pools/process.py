@@ -429,7 +429,15 @@ class ProcessPool:
             if worker is None:
                 if len(self._workers) >= self.size:
                     return
-                worker = self._spawn()
+                try:
+                    worker = self._spawn()
+                except (OSError, WorkerCrashed) as exc:
+                    # No worker can start now: fail what waits rather than leave it
+                    # queued to run, unannounced, when a later call starts one (and
+                    # never raise into the supervisor thread, which calls us too).
+                    while self._pending:
+                        self._pending.popleft().future.set_exception(exc)
+                    return
             att = self._pending.popleft()
             worker.attempt = att
             if worker.state is WorkerState.IDLE:
