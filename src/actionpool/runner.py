@@ -49,11 +49,11 @@ from .transfer import (
     DEFAULT_SHM_THRESHOLD,
     Arena,
     Packed,
-    close_segment_pool,
+    SegmentPool,
     dumps_call,
     dumps_function,
     dumps_state,
-    segment_pool,
+    pool_free_limit,
 )
 
 __all__ = ["Runner"]
@@ -149,6 +149,9 @@ class Runner(Executor):
             "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads, worker_start),
             "io": ThreadPool(self.sizing.io_workers),
         }
+        cpu = self._pools["cpu"]
+        self._forget = cpu.forget if isinstance(cpu, ProcessPool) else None
+        self._segments = SegmentPool(pool_free_limit(self.sizing.memory_budget), self._forget)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="actionpool-scheduler", daemon=True
@@ -211,14 +214,7 @@ class Runner(Executor):
         except PlanError as exc:
             fut.set_exception(exc)
             return fut
-        cpu = self._pools["cpu"]
-        forget = cpu.forget if isinstance(cpu, ProcessPool) else None
-        arena = Arena(
-            f"ap-{os.getpid()}-{self._calls.run_id}-{next(self._call_ids)}",
-            self.shm_threshold,
-            pool=segment_pool(self, self.sizing.memory_budget, forget),
-        )
-        arena.on_close = forget  # workers keep its mappings until then
+        arena = self._new_arena(f"{self._calls.run_id}-{next(self._call_ids)}")
         if fn_bytes is None:
             fn_bytes = wire_bytes(spec)  # None unless it pickles by reference
         try:
@@ -459,7 +455,7 @@ class Runner(Executor):
             self._wait_idle()
         for pool in self._pools.values():
             pool.close(cancel=not wait)
-        close_segment_pool(self)  # unlinks the reusable shared-memory segments
+        self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -523,6 +519,13 @@ class Runner(Executor):
             return
         killed = self._on_loop(cancel_on_loop)
         wait_futures(killed, timeout=10)  # the workers are gone when this returns
+
+    def _new_arena(self, run_id: str) -> Arena:
+        """The shared-memory arena of one run or call, leasing this runner's segments;
+        workers keep its mappings until it closes (then told through ``on_close``)."""
+        arena = Arena(f"ap-{os.getpid()}-{run_id}", self.shm_threshold, pool=self._segments)
+        arena.on_close = self._forget
+        return arena
 
     def worker_pids(self) -> list[int]:
         """The pids of the CPU pool's live worker processes (empty before first use)."""
@@ -650,13 +653,7 @@ class Runner(Executor):
             if node.join is None:
                 self._check_fits(node.action, node.name)
         run_id = uuid.uuid4().hex[:12]
-        cpu = self._pools["cpu"]
-        forget = cpu.forget if isinstance(cpu, ProcessPool) else None
-        arena = Arena(
-            f"ap-{os.getpid()}-{run_id}",
-            self.shm_threshold,
-            pool=segment_pool(self, self.sizing.memory_budget, forget),  # reused segments
-        )
+        arena = self._new_arena(run_id)
         state_bytes: Packed | None = None
         state_error: SerializationError | None = None
         if any(n.action.wants_context or n.action.validate for n in graph.nodes):

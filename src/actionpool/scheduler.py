@@ -761,9 +761,6 @@ class PlanRun(_Run):
         self.failure = failure
         self.on_event = on_event
         self.reducers = reducers
-        cpu = sched.pools.get("cpu")
-        if cpu is not None and hasattr(cpu, "forget"):
-            arena.on_close = cpu.forget  # workers keep the run's mappings until then
         self.recs = [NodeRecord(self, n.index, n.name, n.action, n) for n in graph.nodes]
         for rec, deps in zip(self.recs, graph.deps, strict=True):
             rec.deps_left = len(deps)

@@ -37,7 +37,6 @@ __all__ = [
     "dumps_function",
     "dumps_state",
     "loads",
-    "segment_pool",
 ]
 
 PROTOCOL = 5
@@ -715,29 +714,6 @@ class SegmentPool:
 
 
 _OPEN_POOLS: weakref.WeakSet[SegmentPool] = weakref.WeakSet()
-_RUNNER_POOLS: weakref.WeakKeyDictionary[Any, SegmentPool] = weakref.WeakKeyDictionary()
-
-
-def segment_pool(
-    owner: Any, memory_budget: int, on_unlink: Callable[[str], Any] | None = None
-) -> SegmentPool:
-    """The :class:`SegmentPool` of ``owner`` (a Runner), made on first use with
-    ``max_free = pool_free_limit(memory_budget)`` (bytes)."""
-    with _ARENAS_LOCK:
-        pool = _RUNNER_POOLS.get(owner)
-    if pool is None:
-        pool = SegmentPool(pool_free_limit(memory_budget), on_unlink)
-        with _ARENAS_LOCK:
-            pool = _RUNNER_POOLS.setdefault(owner, pool)
-    return pool
-
-
-def close_segment_pool(owner: Any) -> None:
-    """Close the pool of ``owner``, if it has one: unlink all its segments."""
-    with _ARENAS_LOCK:
-        pool = _RUNNER_POOLS.pop(owner, None)
-    if pool is not None:
-        pool.close()
 
 
 def open_pool_segments() -> set[str]:
