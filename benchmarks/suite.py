@@ -96,6 +96,7 @@ from bench_arrays import (  # noqa: E402  (the colleague's helpers: same checks,
     ray_init,
     shm_entries,
 )
+from cold_start import COLD, reply_channel  # noqa: E402  (W7: a stdlib-only module)
 
 REL_TOL = 1e-9
 IO_THREADS = 20  # W6: threads of every thread pool (>= 20 tasks: ideal = one sleep)
@@ -913,20 +914,11 @@ DRIVERS: dict[str, type[Driver]] = {
 }
 
 
-def _reply_channel() -> Any:
-    """The replies go to a private copy of fd 1; fd 1 itself then points at stderr, so
-    whatever a library prints (from C code or child processes too) cannot garble them."""
-    reply = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return reply
-
-
 def driver_main() -> int:
     """Entry point of a driver process: ``python -c 'import suite; suite.driver_main()'
     NAME CONFIG_JSON``; JSON lines in on stdin, JSON lines out."""
     name, cfg = sys.argv[1], json.loads(sys.argv[2])
-    reply = _reply_channel()
+    reply = reply_channel()
 
     def send(obj: dict[str, Any]) -> None:
         reply.write(json.dumps(obj) + "\n")
@@ -965,172 +957,6 @@ def driver_main() -> int:
         except Exception as exc:
             traceback.print_exc()
             send(error(exc))
-    return 0
-
-
-# ---- W7: cold start, one fresh interpreter per sample --------------------------------------
-
-
-def cold_actionpool(w: int) -> Callable[[], Any]:
-    import actionpool as ap
-
-    runner_cls = ap.Runner  # the lazy (PEP 562) import happens here, untimed
-
-    def run() -> int:
-        with runner_cls(cpu_workers=w) as r:
-            pid: int = r.submit(os.getpid).result()
-        return pid
-
-    return run
-
-
-def cold_futures(w: int) -> Callable[[], Any]:
-    from concurrent.futures import ProcessPoolExecutor
-
-    def run() -> int:
-        with ProcessPoolExecutor(w) as ex:
-            pid: int = ex.submit(os.getpid).result()
-        return pid
-
-    return run
-
-
-def cold_multiprocessing(w: int) -> Callable[[], Any]:
-    import multiprocessing
-    import multiprocessing.pool  # what multiprocessing.Pool() would import, untimed
-
-    def run() -> int:
-        pool = multiprocessing.Pool(w)
-        pid: int = pool.apply_async(os.getpid).get()
-        pool.close()
-        pool.join()
-        return pid
-
-    return run
-
-
-def cold_joblib(w: int) -> Callable[[], Any]:
-    import joblib
-    from joblib.externals.loky import reusable_executor
-
-    def run() -> int:
-        pid: int = joblib.Parallel(n_jobs=w)([joblib.delayed(os.getpid)()])[0]
-        ex = reusable_executor._executor
-        if ex is not None:
-            ex.shutdown(wait=True)
-        return pid
-
-    return run
-
-
-def cold_loky(w: int) -> Callable[[], Any]:
-    import loky
-
-    def run() -> int:
-        ex = loky.ProcessPoolExecutor(w)
-        pid: int = ex.submit(os.getpid).result()
-        ex.shutdown(wait=True)
-        return pid
-
-    return run
-
-
-def cold_mpire(w: int) -> Callable[[], Any]:
-    from mpire import WorkerPool
-
-    def run() -> int:
-        with WorkerPool(n_jobs=w) as pool:
-            pid: int = pool.apply_async(os.getpid).get()
-        return pid
-
-    return run
-
-
-def cold_pebble(w: int) -> Callable[[], Any]:
-    import pebble
-
-    def run() -> int:
-        pool = pebble.ProcessPool(max_workers=w)
-        pid: int = pool.schedule(os.getpid).result()
-        pool.close()
-        pool.join()
-        return pid
-
-    return run
-
-
-def cold_dask(w: int, tmp: Path) -> Callable[[], Any]:
-    import dask
-    from distributed import Client, LocalCluster
-
-    dask.config.set({"temporary-directory": str(tmp / "dask")})
-
-    def run() -> int:
-        with preserved_environ():
-            cluster = LocalCluster(
-                n_workers=w,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-            client = Client(cluster)
-            pid: int = client.submit(os.getpid, pure=False).result()
-            client.close()
-            cluster.close()
-        return pid
-
-    return run
-
-
-def cold_ray(w: int, tmp: Path) -> Callable[[], Any]:
-    import ray
-
-    def getpid() -> int:  # a nested function: Ray pickles it by value
-        return os.getpid()
-
-    def run() -> int:
-        with preserved_environ():
-            ray.init(
-                num_cpus=w,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                _temp_dir=str(tmp / "ray"),
-            )
-            pid: int = ray.get(ray.remote(num_cpus=1)(getpid).remote())
-            ray.shutdown()
-        return pid
-
-    return run
-
-
-COLD: dict[str, tuple[str, Callable[..., Callable[[], Any]]]] = {
-    "actionpool": ("ap.Runner(cpu_workers=n) as r: submit, result", cold_actionpool),
-    "concurrent.futures": ("ProcessPoolExecutor(n) as ex: submit, result", cold_futures),
-    "multiprocessing": ("Pool(n).apply_async().get(); close(); join()", cold_multiprocessing),
-    "joblib": ("Parallel(n_jobs=n)([delayed(os.getpid)()]); executor shutdown", cold_joblib),
-    "loky": ("loky.ProcessPoolExecutor(n): submit, result, shutdown", cold_loky),
-    "mpire": ("WorkerPool(n) as pool: apply_async().get()", cold_mpire),
-    "pebble": ("ProcessPool(n): schedule, result, close, join", cold_pebble),
-    "dask": ("LocalCluster(n) + Client: submit, result, close", cold_dask),
-    "ray": ("ray.init(num_cpus=n): one task, ray.shutdown()", cold_ray),
-}
-
-
-def cold_main() -> int:
-    """One cold-start sample: ``python -c 'import suite; suite.cold_main()' NAME N TMP``."""
-    name, w, tmp = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    reply = _reply_channel()
-    make = COLD[name][1]
-    t0 = time.perf_counter()
-    run = make(w, tmp) if name in ("dask", "ray") else make(w)
-    import_s = time.perf_counter() - t0
-    t, pid = timed(run)
-    if pid == os.getpid():
-        raise AssertionError(f"{name}: the task ran in this process")
-    reply.write(json.dumps({"t": t, "import_s": import_s}) + "\n")
-    reply.flush()
     return 0
 
 
@@ -1511,7 +1337,7 @@ def workload_w7(s: Suite) -> dict[str, Any]:
         for lib in COLD
         if lib in a.libs
     ]  # fmt: skip
-    code = "import sys, suite; sys.exit(suite.cold_main())"
+    code = "import sys, cold_start; sys.exit(cold_start.cold_main())"
     for r in range(rounds):
         live = [e for e in entries if not e.dead]
         k = r % max(1, len(live))
