@@ -160,3 +160,66 @@ def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
         assert r.submit(pid).result(timeout=60) > 0  # the pool starts once it can
         assert r._pools["cpu"]._pending == deque()
     assert not mark.exists()  # the failed call was not left queued, to run later
+
+
+def test_the_first_worker_starts_with_the_zygote_and_a_dead_one_is_replaced() -> None:
+    out = run_script(
+        """
+        import os, signal, time
+        import psutil
+        import actionpool as ap
+
+        with ap.Runner(cpu_workers=2, worker_start="fork") as r:
+            (zygote,) = r._pools["cpu"].zygote_pids()
+            deadline = time.monotonic() + 60
+            while not psutil.Process(zygote).children() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (first,) = psutil.Process(zygote).children()  # forked before any call
+            print(r.submit(os.getpid).result(timeout=60) == first.pid)
+        with ap.Runner(cpu_workers=2, worker_start="fork") as r:
+            (zygote,) = r._pools["cpu"].zygote_pids()
+            while not psutil.Process(zygote).children() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (first,) = psutil.Process(zygote).children()
+            first.kill()  # dies before it is ever used: its call goes to a new worker
+            first.wait(60)
+            got = r.submit(os.getpid).result(timeout=60)
+            print(got not in (first.pid, os.getpid()))
+        """
+    )
+    assert out.split() == ["True", "True"]
+
+
+def test_native_pools_loaded_sees_a_blas_library() -> None:
+    out = run_script(
+        """
+        from actionpool._worker import native_pools_loaded
+        before = native_pools_loaded()
+        import numpy
+        print(before, native_pools_loaded())
+        """
+    )
+    assert out.split() == ["False", "True"]
+
+
+def test_a_forked_zygote_caps_a_blas_library_the_parent_loaded() -> None:
+    import loky
+
+    if loky.cpu_count() < 2:
+        pytest.skip("one usable core: the cap (1) equals the parent's own")
+    out = run_script(
+        """
+        import numpy  # one OpenBLAS thread (the environment says so): no threads start
+        import actionpool as ap
+        from tests.test_sizing import blas_pools
+
+        with ap.Runner(cpu_workers=1, worker_start="fork") as r:
+            pools = r.submit(blas_pools).result(timeout=60)
+            print(r.sizing.blas_threads, sorted({n for _, n in pools}))
+        """,
+        OPENBLAS_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+    )
+    cap, threads = out.strip().split(maxsplit=1)
+    assert int(cap) >= 2
+    assert threads == f"[{cap}]"  # raised from the parent's 1 by threadpoolctl in the zygote

@@ -102,20 +102,66 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise ActionTimeout(f"node {_Alarm.node!r} ran past its timeout of {_Alarm.timeout:g} s")
 
 
-def init_process(blas_threads: int) -> None:
+def init_process(blas_threads: int, pools_loaded: bool | None = None) -> None:
     """Mark this process a worker and cap BLAS/OpenMP threads in it.
 
     Called once in the zygote, whose workers inherit it. The environment variables
     (``OMP_NUM_THREADS`` ...) are already set in the zygote's environment, for
     libraries loaded later; threadpoolctl covers libraries already loaded (a zygote
-    forked from the parent may have inherited NumPy's BLAS).
+    forked from the parent may have inherited NumPy's BLAS, or an OpenMP runtime
+    that has not started its threads yet).
+
+    Args:
+        blas_threads: the cap.
+        pools_loaded: what :func:`native_pools_loaded` answered in the process this
+            one was forked from, just before (the same libraries are mapped here, and
+            asking there is cheaper: every page touched here is a copy-on-write
+            fault); None to ask here.
     """
     global _IN_PROCESS, _BLAS_DEFAULT
     _IN_PROCESS = True
     _BLAS_DEFAULT = blas_threads
-    from threadpoolctl import threadpool_limits
+    if pools_loaded is None:
+        pools_loaded = native_pools_loaded()
+    if pools_loaded:
+        from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=blas_threads)
+        threadpool_limits(limits=blas_threads)
+
+
+# The file-name prefixes by which threadpoolctl recognizes the libraries it controls
+# (its controllers' ``filename_prefixes``: OpenBLAS, MKL, BLIS, FlexiBLAS, OpenMP).
+_POOL_LIBRARIES = (
+    b"libopenblas",
+    b"libscipy_openblas",
+    b"libblas",
+    b"libmkl_rt",
+    b"mkl_rt",
+    b"libblis",
+    b"libflexiblas",
+    b"libiomp",
+    b"libgomp",
+    b"libomp",
+    b"vcomp",
+)
+
+
+def native_pools_loaded() -> bool:
+    """False when this process has certainly mapped none of the libraries threadpoolctl
+    controls, so that capping them has nothing to do; True when it has, or cannot tell.
+
+    Importing threadpoolctl and scanning the loaded libraries costs ~3.4 ms, on the
+    critical path of a runner's first result; searching ``/proc/self/maps`` costs ~0.1 ms.
+    Where that file cannot be read (not Linux), the answer is True and threadpoolctl
+    runs.
+    """
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return True
+    # "/<prefix>" anywhere: a library's file name (or, harmlessly, a directory's)
+    return any(b"/" + prefix in maps for prefix in _POOL_LIBRARIES)
 
 
 def _blas_limits(threads: int) -> Any:

@@ -51,7 +51,13 @@ PID = struct.Struct("=q")
 """The reply to a spawn request: the new worker's pid."""
 
 
-def main(ctl_fd: int, notify_fd: int, blas_threads: int) -> NoReturn:
+def main(
+    ctl_fd: int,
+    notify_fd: int,
+    blas_threads: int,
+    first_fd: int = -1,
+    pools_loaded: bool | None = None,
+) -> NoReturn:
     """Run the zygote until the parent closes ``ctl``; never returns.
 
     Args:
@@ -60,6 +66,11 @@ def main(ctl_fd: int, notify_fd: int, blas_threads: int) -> NoReturn:
         notify_fd: a ``SOCK_SEQPACKET`` socket on which each worker's exit is reported
             as :data:`NOTICE`.
         blas_threads: the BLAS/OpenMP cap of every worker.
+        first_fd: the socket of a first worker to fork as soon as the zygote is ready,
+            unasked (its pid is the first reply on ``ctl``), or -1. The parent goes on
+            with its own start meanwhile, so a pool's first worker costs it nothing
+            but reading that pid.
+        pools_loaded: passed on to :func:`actionpool._worker.init_process`.
     """
     code = 1
     try:
@@ -68,14 +79,14 @@ def main(ctl_fd: int, notify_fd: int, blas_threads: int) -> NoReturn:
         # Preloaded here, once: every worker starts with them imported.
         from . import _worker
 
-        _worker.init_process(blas_threads)
-        _serve(ctl, notify)
+        _worker.init_process(blas_threads, pools_loaded)
+        _serve(ctl, notify, first_fd)
         code = 0
     finally:
         os._exit(code)
 
 
-def _serve(ctl: socket.socket, notify: socket.socket) -> None:
+def _serve(ctl: socket.socket, notify: socket.socket, first_fd: int) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -87,7 +98,23 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     children: set[int] = set()
+    fds = [first_fd] if first_fd >= 0 else []
     while True:
+        if fds:
+            pid = os.fork()
+            if pid == 0:
+                _child(fds[0], (ctl.fileno(), notify.fileno(), wake_r, wake_w))
+            # its own process group before the parent learns its pid (the child does
+            # the same: whichever runs first), so that killpg(pid) always reaches it
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            os.close(fds[0])
+            children.add(pid)
+            try:
+                ctl.sendall(PID.pack(pid))
+            except OSError:
+                return _stop(children)
+            fds = []
         for fd, _events in poller.poll():
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -104,21 +131,7 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
                 for fd_ in fds:
                     os.close(fd_)
                 return _stop(children)
-            if not fds:
-                continue
-            pid = os.fork()
-            if pid == 0:
-                _child(fds[0], (ctl.fileno(), notify.fileno(), wake_r, wake_w))
-            # its own process group before the parent learns its pid (the child does
-            # the same: whichever runs first), so that killpg(pid) always reaches it
-            with contextlib.suppress(OSError):
-                os.setpgid(pid, pid)
-            os.close(fds[0])
-            children.add(pid)
-            try:
-                ctl.sendall(PID.pack(pid))
-            except OSError:
-                return _stop(children)
+            # a request: its worker is forked at the top of the loop
 
 
 def _reap(children: set[int], notify: socket.socket) -> bool:
@@ -187,5 +200,6 @@ def _noop(signum: int, frame: object) -> None:
 
 
 def launch() -> NoReturn:
-    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>``."""
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>
+    <first>``."""
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

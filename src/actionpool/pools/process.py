@@ -55,7 +55,7 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .. import _zygote
+from .. import _worker, _zygote
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
@@ -147,9 +147,13 @@ class _Zygote:
     def __init__(self, mode: str, env: dict[str, str], blas_threads: int) -> None:
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # the first worker's socket: the zygote forks it unasked, as soon as it can
+        first, first_child = socket.socketpair()
+        children = (ctl_child, notify_child, first_child)
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             if mode == "fork":
+                pools_loaded = _worker.native_pools_loaded()  # cheaper here than there
                 self.pid = os.fork()
                 if self.pid == 0:  # the zygote: this process had a single thread
                     try:
@@ -157,49 +161,75 @@ class _Zygote:
                         gc.freeze()  # never finalize the parent's objects in here
                         ctl.close()
                         notify.close()
+                        first.close()
                         os.environ.update(env)
-                        _zygote.main(ctl_child.fileno(), notify_child.fileno(), blas_threads)
+                        _zygote.main(
+                            ctl_child.fileno(),
+                            notify_child.fileno(),
+                            blas_threads,
+                            first_child.fileno(),
+                            pools_loaded,
+                        )
                     finally:
                         os._exit(1)
             else:
-                args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
+                fds = [c.fileno() for c in children]
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCH, *args],
-                    pass_fds=(ctl_child.fileno(), notify_child.fileno()),
+                    [sys.executable, "-c", _LAUNCH, *map(str, fds[:2]), str(blas_threads),
+                     str(fds[2])],
+                    pass_fds=fds,
                     env={**os.environ, **env},
                     start_new_session=True,
-                )
+                )  # fmt: skip
                 self.pid = self.proc.pid
         except BaseException:
             ctl.close()
             notify.close()
+            first.close()
             raise
         finally:
-            ctl_child.close()
-            notify_child.close()
+            for c in children:
+                c.close()
         ctl.settimeout(_ZYGOTE_REPLY_S)
         self.ctl = ctl
         self.notify = notify
+        self.first: socket.socket | None = first
         self.closed = False
 
-    def spawn(self, fd: int) -> int:
-        """Fork a worker that runs on socket ``fd``; its pid.
+    def spawn(self) -> tuple[int, socket.socket]:
+        """A new worker: its pid and our end of its socket. The first one was forked
+        when the zygote started; later ones are forked on request.
 
         Raises:
             OSError: the zygote is gone or stuck.
         """
-        socket.send_fds(self.ctl, [b"s"], [fd])
-        reply = self.ctl.recv(_zygote.PID.size)
-        if len(reply) != _zygote.PID.size:
-            raise ConnectionError("the zygote process is gone")
+        sock, self.first = self.first, None
+        if sock is None:
+            sock, child = socket.socketpair()
+            try:
+                socket.send_fds(self.ctl, [b"s"], [child.fileno()])
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                child.close()
+        try:
+            reply = self.ctl.recv(_zygote.PID.size)
+            if len(reply) != _zygote.PID.size:
+                raise ConnectionError("the zygote process is gone")
+        except BaseException:
+            sock.close()
+            raise
         pid: int = _zygote.PID.unpack(reply)[0]
-        return pid
+        return pid, sock
 
     def close(self) -> None:
         """Let the zygote go (it kills what workers it still has) and reap it."""
         if self.closed:
             return
         self.closed = True
+        if self.first is not None:
+            self.first.close()
         self.ctl.close()
         if not _wait_exit(self.pid, self.proc, 10.0):
             _kill_group(self.pid)
@@ -446,14 +476,7 @@ class ProcessPool:
                 worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
 
     def _spawn(self) -> _Worker:
-        parent_sock, child_sock = socket.socketpair()
-        try:
-            pid, zygote = self._fork_worker(child_sock.fileno())
-        except BaseException:
-            parent_sock.close()
-            raise
-        finally:
-            child_sock.close()
+        pid, parent_sock, zygote = self._fork_worker()
         worker = _Worker(pid, Connection(parent_sock.detach()), zygote)
         self._workers[worker.conn] = worker
         if self._supervisor is None:
@@ -465,16 +488,17 @@ class ProcessPool:
             self._wake()
         return worker
 
-    def _fork_worker(self, fd: int) -> tuple[int, _Zygote]:
-        """Have the zygote fork a worker on socket ``fd``; a zygote that is gone or
-        stuck is replaced once (by a fresh interpreter: this process has threads now)."""
+    def _fork_worker(self) -> tuple[int, socket.socket, _Zygote]:
+        """Have the zygote fork a worker: its pid, our end of its socket, the zygote.
+        A zygote that is gone or stuck is replaced once (by a fresh interpreter: this
+        process has threads now)."""
         for _ in range(2):
             zygote = self._zygote
             if zygote is None:
                 zygote = self._zygote = _Zygote("fresh", self._env, self.blas_threads)
                 self._zygotes.append(zygote)
             try:
-                return zygote.spawn(fd), zygote
+                return (*zygote.spawn(), zygote)
             except OSError:
                 self._zygote = None  # its workers are handled when its notify socket closes
                 _kill_group(zygote.pid)
