@@ -166,6 +166,16 @@ def test_os_exit_ends_the_node_crashed_with_the_exit_code(shared: ap.Runner) -> 
     assert "exited with code 3" in str(out.error) and "exit_with" in str(out.error)
 
 
+def test_a_submitted_call_that_crashes_its_worker_is_not_run_again(
+    shared: ap.Runner, tmp_path: Path
+) -> None:
+    # No timeout, no on_event: the worker sends no "started" message, and the pool
+    # learns from the start page that the call had started (else it would be given to
+    # a new worker, where crash_first_time returns "second attempt").
+    with pytest.raises(ap.WorkerCrashed, match="exited with code 7 while running it"):
+        shared.submit(fa.crash_first_time, str(tmp_path / "flag")).result(timeout=60)
+
+
 def test_sigkill_ends_the_node_crashed_with_the_signal(shared: ap.Runner) -> None:
     out = run_one(shared, fa.kill_self)
     assert out.status is ap.Status.CRASHED
@@ -293,6 +303,9 @@ def test_runner_cancel_from_another_thread(tmp_path: Path) -> None:
             assert report.outcome(n).status is ap.Status.CANCELLED
         assert "runner.cancel()" in str(report.outcome(cpu).error)
         assert gone(int(mark.read_text()))  # cancel() returned after the kill
+        # no on_event: the worker sent no "started"; the pool read it from the start page
+        assert report.outcome(cpu).worker == int(mark.read_text())
+        assert report.outcome(cpu).started_at is not None
 
 
 def test_runner_is_usable_after_cancel(tmp_path: Path) -> None:

@@ -29,9 +29,11 @@ worker kills its own process group (itself and anything its actions started) at 
 from __future__ import annotations
 
 import inspect
+import mmap
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -61,6 +63,7 @@ class Task(NamedTuple):
     shm_prefix: str  # the run's shared-memory arena (transfer.Arena)
     shm_threshold: int | None  # bytes from which buffers travel through shared memory
     blas_threads: int  # BLAS/OpenMP threads for this attempt (threads x per-slot cap)
+    announce: bool = True  # send a "started" message (else only the start page knows)
 
 
 class Result(NamedTuple):
@@ -432,15 +435,32 @@ def _after_fork() -> None:
         np_random.seed()
 
 
-def process_main(fd: int) -> None:
+START = struct.Struct("=qd")
+"""A worker's slot in its pool's start page: (attempt id, ``time.time()`` it started)."""
+
+
+def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
     """The loop of a CPU worker process, on its socket ``fd``; returns when told to stop.
 
     Forked by the zygote (:mod:`actionpool._zygote`, which called :func:`init_process`
     once for all its workers) in a new session, so it leads its own process group and
     a terminal's Ctrl-C reaches only the parent.
+
+    Args:
+        fd: the worker's socket.
+        page_fd: the pool's start page (shared memory, -1: none), in which this worker
+            records each attempt it starts at ``START.size * slot``. The parent reads it
+            only when it must know (the worker died, or it is killing it), so a call
+            that no one watches costs no "started" message and no wake-up.
+        slot: this worker's slot in the page.
     """
     from multiprocessing.connection import Connection
 
+    page: mmap.mmap | None = None
+    if page_fd >= 0:
+        page = mmap.mmap(page_fd, START.size * (slot + 1))
+        os.close(page_fd)
+    offset = START.size * slot
     conn = Connection(fd)
     _after_fork()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
@@ -471,8 +491,12 @@ def process_main(fd: int) -> None:
         # an action that blocked signals must not leave the next one without its alarm
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
-        def on_start(at: float, _id: int = attempt_id) -> None:
-            send(("started", _id, at))
+        def on_start(at: float, _id: int = attempt_id, _announce: bool = task.announce) -> None:
+            if page is not None:  # the time, then the id: a reader that sees the id
+                struct.pack_into("=d", page, offset + 8, at)  # sees its time
+                struct.pack_into("=q", page, offset, _id)
+            if _announce:
+                send(("started", _id, at))
 
         def sink(kind: str, at: float, data: Any, _id: int = attempt_id) -> None:
             try:

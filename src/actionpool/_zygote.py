@@ -7,8 +7,9 @@ the first ones and each replacement after a crash or a hard timeout, is a fork o
 
     parent (ProcessPool)                      zygote (this module)             worker
     --------------------                      --------------------             ------
-    socketpair(); send_fds(ctl, child end) ─► fork() ───────────────────────► setsid()
-                         ◄── ctl: pid ──────                                   process_main(fd)
+    socketpair(); send_fds(ctl, SPAWN(slot),  fork() ───────────────────────► setpgid()
+        [child end, start page]) ─────────►                                    process_main(fd)
+                         ◄── ctl: pid ──────
     worker socket ◄══════════════════════════════════════════════════════════► (tasks, results)
                          ◄── notify: (pid, returncode) ── SIGCHLD: killpg, reap
 
@@ -42,7 +43,7 @@ import struct
 import sys
 from typing import NoReturn
 
-__all__ = ["NOTICE", "PID", "main"]
+__all__ = ["NOTICE", "PID", "SPAWN", "main"]
 
 NOTICE = struct.Struct("=qi")
 """A notify message: (worker pid, return code as ``subprocess`` gives it: -N = signal N)."""
@@ -50,26 +51,24 @@ NOTICE = struct.Struct("=qi")
 PID = struct.Struct("=q")
 """The reply to a spawn request: the new worker's pid."""
 
+SPAWN = struct.Struct("=i")
+"""A spawn request: the new worker's slot in the pool's start page."""
+
 
 def main(
-    ctl_fd: int,
-    notify_fd: int,
-    blas_threads: int,
-    first_fd: int = -1,
-    pools_loaded: bool | None = None,
+    ctl_fd: int, notify_fd: int, blas_threads: int, pools_loaded: bool | None = None
 ) -> NoReturn:
     """Run the zygote until the parent closes ``ctl``; never returns.
 
     Args:
-        ctl_fd: a ``SOCK_SEQPACKET`` socket: each request carries one worker socket
-            (``SCM_RIGHTS``); the reply is the new worker's pid (8 bytes).
+        ctl_fd: a ``SOCK_SEQPACKET`` socket: each request is :data:`SPAWN` and carries
+            the worker's socket and, where there is one, the pool's start page
+            (``SCM_RIGHTS``); the reply is the new worker's pid (:data:`PID`). The
+            parent may send its first request before the zygote is ready: the worker
+            is forked as soon as it is, while the parent goes on with its own start.
         notify_fd: a ``SOCK_SEQPACKET`` socket on which each worker's exit is reported
             as :data:`NOTICE`.
         blas_threads: the BLAS/OpenMP cap of every worker.
-        first_fd: the socket of a first worker to fork as soon as the zygote is ready,
-            unasked (its pid is the first reply on ``ctl``), or -1. The parent goes on
-            with its own start meanwhile, so a pool's first worker costs it nothing
-            but reading that pid.
         pools_loaded: passed on to :func:`actionpool._worker.init_process`.
     """
     code = 1
@@ -80,13 +79,13 @@ def main(
         from . import _worker
 
         _worker.init_process(blas_threads, pools_loaded)
-        _serve(ctl, notify, first_fd)
+        _serve(ctl, notify)
         code = 0
     finally:
         os._exit(code)
 
 
-def _serve(ctl: socket.socket, notify: socket.socket, first_fd: int) -> None:
+def _serve(ctl: socket.socket, notify: socket.socket) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -98,23 +97,7 @@ def _serve(ctl: socket.socket, notify: socket.socket, first_fd: int) -> None:
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     children: set[int] = set()
-    fds = [first_fd] if first_fd >= 0 else []
     while True:
-        if fds:
-            pid = os.fork()
-            if pid == 0:
-                _child(fds[0], (ctl.fileno(), notify.fileno(), wake_r, wake_w))
-            # its own process group before the parent learns its pid (the child does
-            # the same: whichever runs first), so that killpg(pid) always reaches it
-            with contextlib.suppress(OSError):
-                os.setpgid(pid, pid)
-            os.close(fds[0])
-            children.add(pid)
-            try:
-                ctl.sendall(PID.pack(pid))
-            except OSError:
-                return _stop(children)
-            fds = []
         for fd, _events in poller.poll():
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -124,14 +107,31 @@ def _serve(ctl: socket.socket, notify: socket.socket, first_fd: int) -> None:
                     return _stop(children)
                 continue
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 1)
+                msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 2)
             except OSError:
                 msg, fds = b"", []
-            if not msg:  # the pool closed, or the parent died
+            if len(msg) != SPAWN.size or not fds:  # b"": the pool closed, or the parent died
                 for fd_ in fds:
                     os.close(fd_)
+                if msg:
+                    continue
                 return _stop(children)
-            # a request: its worker is forked at the top of the loop
+            (slot,) = SPAWN.unpack(msg)
+            pid = os.fork()
+            if pid == 0:
+                page = fds[1] if len(fds) > 1 else -1
+                _child(fds[0], page, slot, (ctl.fileno(), notify.fileno(), wake_r, wake_w))
+            # its own process group before the parent learns its pid (the child does
+            # the same: whichever runs first), so that killpg(pid) always reaches it
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            for fd_ in fds:
+                os.close(fd_)
+            children.add(pid)
+            try:
+                ctl.sendall(PID.pack(pid))
+            except OSError:
+                return _stop(children)
 
 
 def _reap(children: set[int], notify: socket.socket) -> bool:
@@ -167,7 +167,7 @@ def _stop(children: set[int]) -> None:
             os.waitpid(pid, 0)
 
 
-def _child(fd: int, inherited: tuple[int, ...]) -> NoReturn:
+def _child(fd: int, page: int, slot: int, inherited: tuple[int, ...]) -> NoReturn:
     """In a new worker: leave the zygote's ways behind and run the worker loop."""
     code = 0
     try:
@@ -180,7 +180,7 @@ def _child(fd: int, inherited: tuple[int, ...]) -> NoReturn:
             os.close(fd_)
         from . import _worker
 
-        _worker.process_main(fd)
+        _worker.process_main(fd, page, slot)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - report it, then exit non-zero
@@ -200,6 +200,5 @@ def _noop(signum: int, frame: object) -> None:
 
 
 def launch() -> NoReturn:
-    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>
-    <first>``."""
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>``."""
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

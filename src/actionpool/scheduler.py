@@ -335,9 +335,7 @@ class Scheduler:
             with contextlib.suppress(RuntimeError):
                 call_soon(self._on_worker_event, rec, attempt, kind, at, data)
 
-        # the start signal is always recorded by the pool; it crosses to this thread
-        # only when something here needs it at once (a deadline, or on_event)
-        wants_start = rec.spec.timeout is not None or rec.run.on_event is not None
+        wants_start = task.announce  # see _prepare
         try:
             handle = self.pools[kind].submit(
                 task, rec.spec.is_async, on_started if wants_start else None, on_event
@@ -506,6 +504,9 @@ class Scheduler:
             rec.arena.prefix,
             rec.arena.threshold,
             spec.threads * self.blas_threads,
+            # "started" crosses to this thread only when something here needs it at
+            # once (a deadline, or on_event); else the pool learns it when it must
+            spec.timeout is not None or run.on_event is not None,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -666,10 +667,10 @@ class Scheduler:
         if rec.state in TERMINAL:
             return
         if rec.state is NodeState.RUNNING and rec.handle is not None:
+            rec.stop_reason = "cancel"
+            rec.handle.cancel("cancel")  # a cpu pool learns here if the attempt started
             if rec.started_at is None and rec.handle.started_at is not None:
                 rec.started_at, rec.worker = rec.handle.started_at, rec.handle.worker
-            rec.stop_reason = "cancel"
-            rec.handle.cancel("cancel")
             if rec.spec.kind == "io":
                 self._release(rec, rec.handle)  # the thread is abandoned
         err = ActionFailed(f"node {rec.name!r} cancelled: {why}")

@@ -40,11 +40,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import mmap
 import os
 import pickle
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -147,9 +149,6 @@ class _Zygote:
     def __init__(self, mode: str, env: dict[str, str], blas_threads: int) -> None:
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # the first worker's socket: the zygote forks it unasked, as soon as it can
-        first, first_child = socket.socketpair()
-        children = (ctl_child, notify_child, first_child)
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             if mode == "fork":
@@ -161,75 +160,83 @@ class _Zygote:
                         gc.freeze()  # never finalize the parent's objects in here
                         ctl.close()
                         notify.close()
-                        first.close()
                         os.environ.update(env)
                         _zygote.main(
-                            ctl_child.fileno(),
-                            notify_child.fileno(),
-                            blas_threads,
-                            first_child.fileno(),
-                            pools_loaded,
+                            ctl_child.fileno(), notify_child.fileno(), blas_threads, pools_loaded
                         )
                     finally:
                         os._exit(1)
             else:
-                fds = [c.fileno() for c in children]
+                args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCH, *map(str, fds[:2]), str(blas_threads),
-                     str(fds[2])],
-                    pass_fds=fds,
+                    [sys.executable, "-c", _LAUNCH, *args],
+                    pass_fds=(ctl_child.fileno(), notify_child.fileno()),
                     env={**os.environ, **env},
                     start_new_session=True,
-                )  # fmt: skip
+                )
                 self.pid = self.proc.pid
         except BaseException:
             ctl.close()
             notify.close()
-            first.close()
             raise
         finally:
-            for c in children:
-                c.close()
+            ctl_child.close()
+            notify_child.close()
         ctl.settimeout(_ZYGOTE_REPLY_S)
         self.ctl = ctl
         self.notify = notify
-        self.first: socket.socket | None = first
+        self.asked: tuple[socket.socket, int] | None = None  # a request whose reply is unread
         self.closed = False
 
-    def spawn(self) -> tuple[int, socket.socket]:
-        """A new worker: its pid and our end of its socket. The first one was forked
-        when the zygote started; later ones are forked on request.
+    def ask(self, page_fd: int, slot: int) -> None:
+        """Request a worker for start-page slot ``slot``; :meth:`take` reads the reply.
+
+        Sent right after the zygote starts, the request waits in ``ctl`` until the
+        zygote is ready, and the worker is forked while this process goes on.
 
         Raises:
-            OSError: the zygote is gone or stuck.
+            OSError: the zygote is gone.
         """
-        sock, self.first = self.first, None
-        if sock is None:
-            sock, child = socket.socketpair()
-            try:
-                socket.send_fds(self.ctl, [b"s"], [child.fileno()])
-            except BaseException:
-                sock.close()
-                raise
-            finally:
-                child.close()
+        sock, child = socket.socketpair()
         try:
-            reply = self.ctl.recv(_zygote.PID.size)
-            if len(reply) != _zygote.PID.size:
-                raise ConnectionError("the zygote process is gone")
+            fds = [child.fileno()] if page_fd < 0 else [child.fileno(), page_fd]
+            socket.send_fds(self.ctl, [_zygote.SPAWN.pack(slot)], fds)
         except BaseException:
             sock.close()
             raise
+        finally:
+            child.close()
+        self.asked = (sock, slot)
+
+    def take(self) -> tuple[int, socket.socket, int]:
+        """The worker of the request sent: its pid, our end of its socket, its slot.
+
+        Raises:
+            OSError: the zygote is gone or stuck (the request stays, for
+                :meth:`drop_request`).
+        """
+        assert self.asked is not None
+        reply = self.ctl.recv(_zygote.PID.size)
+        if len(reply) != _zygote.PID.size:
+            raise ConnectionError("the zygote process is gone")
+        (sock, slot), self.asked = self.asked, None
         pid: int = _zygote.PID.unpack(reply)[0]
-        return pid, sock
+        return pid, sock, slot
+
+    def drop_request(self) -> int | None:
+        """Forget an unanswered request; the slot it held, or None."""
+        if self.asked is None:
+            return None
+        (sock, slot), self.asked = self.asked, None
+        sock.close()
+        return slot
 
     def close(self) -> None:
         """Let the zygote go (it kills what workers it still has) and reap it."""
         if self.closed:
             return
         self.closed = True
-        if self.first is not None:
-            self.first.close()
+        self.drop_request()
         self.ctl.close()
         if not _wait_exit(self.pid, self.proc, 10.0):
             _kill_group(self.pid)
@@ -262,11 +269,12 @@ def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float | 
 
 
 class _Worker:
-    __slots__ = ("attempt", "conn", "eof", "pid", "state", "zygote")
+    __slots__ = ("attempt", "conn", "eof", "pid", "slot", "state", "zygote")
 
-    def __init__(self, pid: int, conn: Connection, zygote: _Zygote) -> None:
+    def __init__(self, pid: int, conn: Connection, zygote: _Zygote, slot: int) -> None:
         self.conn = conn
         self.pid = pid
+        self.slot = slot  # its slot in the pool's start page
         self.zygote = zygote  # it reaps this worker and reports its exit
         self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
@@ -280,7 +288,9 @@ class ProcessAttempt:
         future: resolves to the :class:`~actionpool._worker.Result`, or fails with
             :class:`~actionpool.WorkerCrashed` when the worker died; cancelled when the
             attempt was withdrawn before a worker took it.
-        started: True once the worker said it started (a fact, not a guess).
+        started: True once the worker is known to have started it (a fact, not a
+            guess): from its "started" message, or, for an attempt that sends none,
+            from the pool's start page when its worker died or is being killed.
         killed: why the pool was asked to stop it (``"timeout"``, ``"cancel"``), or "".
     """
 
@@ -339,7 +349,7 @@ class ProcessPool:
         self._lock = threading.RLock()
         self._workers: dict[Connection, _Worker] = {}
         self._pending: deque[ProcessAttempt] = deque()
-        self._ids = itertools.count()
+        self._ids = itertools.count(1)  # 0: a start-page slot no attempt used yet
         self._closed = False
         self._startup_failures = 0
         self._wake_r, self._wake_w = _pipe()
@@ -347,9 +357,20 @@ class ProcessPool:
         self._env = worker_env(blas_threads)
         self._zygotes: list[_Zygote] = []  # the current one last; older ones still reap
         self._zygote: _Zygote | None = None
+        # The start page: one START slot per worker, written by the worker as it starts
+        # an attempt, read here only when a worker died or is being killed.
+        self._page_fd = -1
+        self._page: mmap.mmap | None = None
+        if hasattr(os, "memfd_create"):  # Linux; elsewhere every attempt is announced
+            self._page_fd = os.memfd_create("actionpool-starts", os.MFD_CLOEXEC)
+            os.ftruncate(self._page_fd, _worker.START.size * size)
+            self._page = mmap.mmap(self._page_fd, _worker.START.size * size)
+        self._free_slots = list(range(size - 1, -1, -1))
         if self.worker_start == "fork":  # now, while this process has a single thread
             self._zygote = _Zygote("fork", self._env, blas_threads)
             self._zygotes.append(self._zygote)
+            # the first worker is forked as soon as the zygote is ready, unasked for
+            self._zygote.ask(self._page_fd, self._free_slots.pop())
 
     # ---- submitting and stopping -------------------------------------------------------
 
@@ -365,6 +386,8 @@ class ProcessPool:
         Raises:
             RuntimeError: the pool is closed.
         """
+        if self._page is None and not task.announce:
+            task = task._replace(announce=True)  # no start page: the message is all we have
         with self._lock:
             if self._closed:
                 raise RuntimeError("the cpu pool is closed")
@@ -387,6 +410,7 @@ class ProcessPool:
                 return
             for w in self._workers.values():
                 if w.attempt is att:
+                    self._note_start(w)
                     _kill_group(w.pid)
                     return
 
@@ -443,6 +467,10 @@ class ProcessPool:
         self._zygote = None
         self._wake_r.close()
         self._wake_w.close()
+        if self._page is not None:
+            self._page.close()
+            os.close(self._page_fd)
+            self._page = None
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
@@ -476,8 +504,8 @@ class ProcessPool:
                 worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
 
     def _spawn(self) -> _Worker:
-        pid, parent_sock, zygote = self._fork_worker()
-        worker = _Worker(pid, Connection(parent_sock.detach()), zygote)
+        pid, parent_sock, slot, zygote = self._fork_worker()
+        worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot)
         self._workers[worker.conn] = worker
         if self._supervisor is None:
             self._supervisor = threading.Thread(
@@ -488,19 +516,24 @@ class ProcessPool:
             self._wake()
         return worker
 
-    def _fork_worker(self) -> tuple[int, socket.socket, _Zygote]:
-        """Have the zygote fork a worker: its pid, our end of its socket, the zygote.
-        A zygote that is gone or stuck is replaced once (by a fresh interpreter: this
-        process has threads now)."""
+    def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote]:
+        """Have the zygote fork a worker: its pid, our end of its socket, its start-page
+        slot, the zygote. The request may have been sent already (the first worker of a
+        forked zygote). A zygote that is gone or stuck is replaced once (by a fresh
+        interpreter: this process has threads now)."""
         for _ in range(2):
             zygote = self._zygote
             if zygote is None:
                 zygote = self._zygote = _Zygote("fresh", self._env, self.blas_threads)
                 self._zygotes.append(zygote)
             try:
-                return (*zygote.spawn(), zygote)
+                if zygote.asked is None:
+                    zygote.ask(self._page_fd, self._free_slots[-1])
+                    self._free_slots.pop()
+                return (*zygote.take(), zygote)
             except OSError:
                 self._zygote = None  # its workers are handled when its notify socket closes
+                self._drop_request(zygote)
                 _kill_group(zygote.pid)
         raise WorkerCrashed("cannot start a worker process: its zygote process keeps failing")
 
@@ -579,6 +612,7 @@ class ProcessPool:
                 self._zygotes.remove(zygote)
                 if self._zygote is zygote:
                     self._zygote = None
+                self._drop_request(zygote)
                 dead = [(w, None) for w in self._workers.values() if w.zygote is zygote]
             for w, _ in dead:
                 _kill_group(w.pid)
@@ -588,6 +622,23 @@ class ProcessPool:
             while not w.eof and w.conn.poll(0):
                 w.eof = not self._read(w.conn)
             self._on_death(w.conn, code)
+
+    def _drop_request(self, zygote: _Zygote) -> None:
+        slot = zygote.drop_request()
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    def _note_start(self, w: _Worker) -> None:
+        """Learn from the start page whether ``w``'s attempt started (lock held): for an
+        attempt that sent no "started" message, when its worker died or is killed."""
+        att = w.attempt
+        if att is None or att.started or self._page is None:
+            return
+        offset = _worker.START.size * w.slot
+        (attempt_id,) = struct.unpack_from("=q", self._page, offset)  # the id, then
+        (at,) = struct.unpack_from("=d", self._page, offset + 8)  # its time (written first)
+        if attempt_id == att.id:
+            att.started, att.started_at, att.worker = True, at, w.pid
 
     def _on_message(self, conn: Connection, msg: tuple[Any, ...]) -> None:
         with self._lock:
@@ -625,6 +676,8 @@ class ProcessPool:
             if w is None:
                 return
             w.state = WorkerState.GONE
+            self._note_start(w)
+            self._free_slots.append(w.slot)
         conn.close()
         text, exitcode, sig = describe_exit(returncode)
         failed: list[tuple[ProcessAttempt, BaseException]] = []
