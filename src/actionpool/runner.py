@@ -153,6 +153,8 @@ class Runner(Executor):
         self._forget = cpu.forget if isinstance(cpu, ProcessPool) else None
         self._segments = SegmentPool(pool_free_limit(self.sizing.memory_budget), self._forget)
         self._loop = asyncio.new_event_loop()
+        if isinstance(cpu, ProcessPool):
+            cpu.attach(self._loop)  # worker results are read on the scheduler's thread
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="actionpool-scheduler", daemon=True
         )

@@ -305,10 +305,14 @@ class Scheduler:
         rec.state = to
         _HANDLERS[to](self, rec, frm, **info)
 
-    def _to_ready(self, rec: NodeRecord, frm: NodeState, delay: float = 0.0) -> None:
+    def _to_ready(
+        self, rec: NodeRecord, frm: NodeState, delay: float = 0.0, now: bool = False
+    ) -> None:
         rec.handle = None
         if delay > 0:
             self.loop.call_later(delay, self._enqueue, rec)
+        elif now:  # the caller dispatches at once (dispatch_now)
+            heapq.heappush(self._ready[rec.spec.kind], rec)
         else:
             self._enqueue(rec)
 
@@ -352,18 +356,25 @@ class Scheduler:
         fast = rec.user_future is not None and rec.spec.timeout is None
 
         def done(f: Future[Result]) -> None:
+            if getattr(handle, "direct", False):  # read on this loop, between callbacks
+                self._on_result(rec, attempt, handle)
+                return
             if fast:
                 self._resolve_early(rec, f)
+            if asyncio._get_running_loop() is self.loop:
+                # resolved here, inside other bookkeeping (a cancel withdrew it): later
+                self.loop.call_soon(self._on_result, rec, attempt, handle)
+                return
             with contextlib.suppress(RuntimeError):
                 call_soon(self._on_result, rec, attempt, handle)
 
         handle.future.add_done_callback(done)
 
     def _resolve_early(self, rec: NodeRecord, f: Future[Result]) -> None:
-        """In the pool's thread: give a submitted call's value to its future at once.
+        """Give a submitted call's value to its future as soon as the pool has it.
 
-        A :meth:`Runner.submit` round trip then skips one hop to the loop thread (the
-        caller wakes while the loop records the outcome). Only a plain success
+        The caller then wakes while the loop records the outcome (on the next loop
+        turn, or after a hop from the io pool's thread). Only a plain success
         qualifies (no timeout that could make it late, no state updates); anything
         else, and the outcome itself, is the loop's to decide as always.
         """
@@ -412,7 +423,8 @@ class Scheduler:
             handle.released = True
             self._free[rec.spec.kind] += rec.spec.threads
             self._mem_free += rec.spec.memory or 0
-            self.schedule_dispatch()
+            if any(self._ready.values()):  # else a dispatch would find nothing to do
+                self.schedule_dispatch()
 
     def schedule_dispatch(self) -> None:
         """Dispatch on the next loop iteration (coalesces bursts of finished nodes)."""
@@ -421,12 +433,15 @@ class Scheduler:
             self.loop.call_soon(self._dispatch)
 
     def dispatch_now(self) -> None:
-        """Dispatch now what :meth:`schedule_dispatch` would on the next loop turn."""
-        if self._dispatch_pending:
-            self._dispatch()
+        """Dispatch now what is ready (a dispatch already scheduled then finds less to
+        do); saves a loop turn for a lone call (:meth:`CallRun.add`)."""
+        self._dispatch_ready()
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
+        self._dispatch_ready()
+
+    def _dispatch_ready(self) -> None:
         if not any(self._ready.values()) or self._memory_low():
             return
         for kind, heap in self._ready.items():
@@ -926,7 +941,7 @@ class CallRun(_Run):
         rec.call = call
         rec.user_future = future
         self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
-        self.sched.transition(rec, NodeState.READY)
+        self.sched.transition(rec, NodeState.READY, now=True)
         self.sched.dispatch_now()  # a lone call need not wait for the next loop turn
 
     def live_records(self) -> list[NodeRecord]:

@@ -37,6 +37,7 @@ is open or closed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -292,10 +293,15 @@ class ProcessAttempt:
             guess): from its "started" message, or, for an attempt that sends none,
             from the pool's start page when its worker died or is being killed.
         killed: why the pool was asked to stop it (``"timeout"``, ``"cancel"``), or "".
+        direct: True when its result was set by the pool's reader on the loop given to
+            :meth:`ProcessPool.attach`, between two loop callbacks: a done-callback may
+            then act on it at once (other completions, such as a cancel, can happen in
+            the middle of the caller's own bookkeeping).
     """
 
     __slots__ = (
         "_pool",
+        "direct",
         "future",
         "id",
         "killed",
@@ -329,6 +335,7 @@ class ProcessAttempt:
         self.worker: int | str | None = None
         self.killed = ""
         self.released = False  # the scheduler freed this attempt's slot
+        self.direct = False  # resolved by a reader on the pool's loop (see ProcessPool.attach)
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop this attempt now: withdraw it, or kill its worker's process group."""
@@ -352,8 +359,12 @@ class ProcessPool:
         self._ids = itertools.count(1)  # 0: a start-page slot no attempt used yet
         self._closed = False
         self._startup_failures = 0
-        self._wake_r, self._wake_w = _pipe()
-        self._supervisor: threading.Thread | None = None
+        # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
+        # the runner's scheduler loop (attach), else a private one started on demand.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._own_loop: threading.Thread | None = None
+        self._watched: set[int] = set()  # fds with a reader on the loop
+        self._all_gone = threading.Event()  # closed, and every worker's exit handled
         self._env = worker_env(blas_threads)
         self._zygotes: list[_Zygote] = []  # the current one last; older ones still reap
         self._zygote: _Zygote | None = None
@@ -371,6 +382,16 @@ class ProcessPool:
             self._zygotes.append(self._zygote)
             # the first worker is forked as soon as the zygote is ready, unasked for
             self._zygote.ask(self._page_fd, self._free_slots.pop())
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the workers' sockets on ``loop`` from now on (the runner's scheduler
+        loop: its results then need no hop from another thread). ``loop`` must run in a
+        thread of its own until :meth:`close` returns. Call it before the first submit;
+        a pool never attached runs a loop thread of its own."""
+        with self._lock:
+            if self._loop is not None:
+                raise RuntimeError("the cpu pool already reads its workers on a loop")
+            self._loop = loop
 
     # ---- submitting and stopping -------------------------------------------------------
 
@@ -451,22 +472,33 @@ class ProcessPool:
                     _kill_group(w.pid)
                 else:
                     _send_stop(w)
-            supervisor = self._supervisor
-        if supervisor is not None:
-            self._wake()
-            supervisor.join(timeout=10)
-            if supervisor.is_alive():  # a worker ignored its stop: end it
-                with self._lock:
-                    for w in self._workers.values():
-                        _kill_group(w.pid)
-                self._wake()
-                supervisor.join()
-        for zygote in self._zygotes:
+            if not self._workers:
+                self._all_gone.set()
+            loop = self._loop
+        if loop is not None and self._on_loop():
+            raise RuntimeError("the cpu pool cannot be closed from its own loop's thread")
+        if not self._all_gone.wait(10):  # a worker ignored its stop: end it
+            with self._lock:
+                for w in self._workers.values():
+                    _kill_group(w.pid)
+            self._all_gone.wait()
+        with self._lock:
+            zygotes, self._zygotes, self._zygote = self._zygotes, [], None
+        if loop is not None and not loop.is_closed():
+            fds = [z.notify.fileno() for z in zygotes if not z.closed]
+
+            def unwatch() -> None:
+                for fd in fds:
+                    self._unwatch(fd)
+
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
+                self._in_loop(unwatch).result()
+        for zygote in zygotes:
             zygote.close()
-        self._zygotes.clear()
-        self._zygote = None
-        self._wake_r.close()
-        self._wake_w.close()
+        if self._own_loop is not None and loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self._own_loop.join()
+            loop.close()
         if self._page is not None:
             self._page.close()
             os.close(self._page_fd)
@@ -500,21 +532,78 @@ class ProcessPool:
             worker.attempt = att
             if worker.state is WorkerState.IDLE:
                 worker.state = WorkerState.BUSY
-            with contextlib.suppress(OSError):  # it just died: the supervisor sees EOF, requeues
+            with contextlib.suppress(OSError):  # it just died: its notice requeues it
                 worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
 
     def _spawn(self) -> _Worker:
         pid, parent_sock, slot, zygote = self._fork_worker()
         worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot)
         self._workers[worker.conn] = worker
-        if self._supervisor is None:
-            self._supervisor = threading.Thread(
-                target=self._supervise, name="actionpool-supervisor", daemon=True
+        if self._loop is None:  # a pool used on its own: a loop thread of its own
+            self._loop = asyncio.new_event_loop()
+            self._own_loop = threading.Thread(
+                target=self._loop.run_forever, name="actionpool-cpu-pool", daemon=True
             )
-            self._supervisor.start()
-        else:
-            self._wake()
+            self._own_loop.start()
+        conn = worker.conn
+        zygotes = [z for z in self._zygotes if z.notify.fileno() not in self._watched]
+
+        def watch() -> None:
+            for z in zygotes:
+                self._watch(z.notify.fileno(), self._on_notice, z)
+            self._watch(conn.fileno(), self._on_readable, conn)
+
+        self._in_loop(watch)
         return worker
+
+    # ---- the loop side: readers of worker sockets and zygote notices ---------------------
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _in_loop(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the loop: now if this is its thread, else soon; its future."""
+        done: Future[Any] = Future()
+        if self._on_loop():
+            done.set_result(fn())
+            return done
+        assert self._loop is not None
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return done
+
+    def _watch(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
+        """On the loop: call ``callback(*args)`` whenever ``fd`` is readable."""
+        assert self._loop is not None
+        if fd not in self._watched and fd >= 0:
+            self._watched.add(fd)
+            self._loop.add_reader(fd, callback, *args)
+
+    def _unwatch(self, fd: int) -> None:
+        """On the loop: stop watching ``fd`` (before it is closed)."""
+        if fd in self._watched:
+            self._watched.discard(fd)
+            assert self._loop is not None
+            self._loop.remove_reader(fd)
+
+    def _on_readable(self, conn: Connection) -> None:
+        """A worker's socket has data: one message, or its end (the exit notice follows)."""
+        fd = -1 if conn.closed else conn.fileno()
+        if not self._read(conn):
+            self._unwatch(fd)
+            with self._lock:
+                w = self._workers.get(conn)
+                if w is not None:
+                    w.eof = True
 
     def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote]:
         """Have the zygote fork a worker: its pid, our end of its socket, its start-page
@@ -536,51 +625,6 @@ class ProcessPool:
                 self._drop_request(zygote)
                 _kill_group(zygote.pid)
         raise WorkerCrashed("cannot start a worker process: its zygote process keeps failing")
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send_bytes(b"w")
-
-    def _supervise(self) -> None:
-        """The supervisor thread: reads every worker's socket and the zygotes' exit
-        notices.
-
-        One ``poll`` object lives as long as the thread (``connection.wait`` builds and
-        fills a new selector on every call, a measurable cost per message); workers'
-        sockets join it when they are spawned (see :meth:`_wake`). A worker's death is
-        handled when its zygote reports its exit status (the end of its socket alone
-        only stops the polling of it).
-        """
-        poller = select.poll()
-        watched: set[int] = set()
-        wake_fd = self._wake_r.fileno()
-        poller.register(wake_fd, select.POLLIN)
-        while True:
-            with self._lock:
-                if self._closed and not self._workers:
-                    return
-                conns = {c.fileno(): c for c, w in self._workers.items() if not w.eof}
-                zygotes = {z.notify.fileno(): z for z in self._zygotes}
-            live = conns.keys() | zygotes.keys()
-            for fd in watched - live:
-                poller.unregister(fd)
-            for fd in live - watched:
-                poller.register(fd, select.POLLIN)
-            watched = live
-            for fd, _events in poller.poll():
-                if fd == wake_fd:
-                    try:
-                        self._wake_r.recv_bytes()
-                    except (EOFError, OSError):
-                        return
-                elif fd in zygotes:
-                    self._on_notice(zygotes[fd])
-                elif not self._read(conns[fd]):
-                    with self._lock:
-                        w = self._workers.get(conns[fd])
-                        if w is not None:
-                            w.eof = True  # stop polling it; the exit notice follows
-                    break  # rebuild the poll set
 
     def _read(self, conn: Connection) -> bool:
         """Handle one message from ``conn``; False at its end."""
@@ -608,8 +652,10 @@ class ProcessPool:
                     if w.pid == pid and w.zygote is zygote
                 ]
         else:  # the zygote died: its workers are orphans nobody reaps for us
+            self._unwatch(zygote.notify.fileno())
             with self._lock:
-                self._zygotes.remove(zygote)
+                with contextlib.suppress(ValueError):  # the pool is closing: not ours now
+                    self._zygotes.remove(zygote)
                 if self._zygote is zygote:
                     self._zygote = None
                 self._drop_request(zygote)
@@ -666,6 +712,8 @@ class ProcessPool:
         elif kind == "event":
             att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
         elif kind == "result" and not att.future.done():
+            # in a reader callback on the runner's loop, with nothing else under way
+            att.direct = self._own_loop is None
             att.future.set_result(msg[2])
 
     def _on_death(self, conn: Connection, returncode: int | None) -> None:
@@ -678,6 +726,10 @@ class ProcessPool:
             w.state = WorkerState.GONE
             self._note_start(w)
             self._free_slots.append(w.slot)
+            if self._closed and not self._workers:
+                self._all_gone.set()
+        if not conn.closed:
+            self._unwatch(conn.fileno())
         conn.close()
         text, exitcode, sig = describe_exit(returncode)
         failed: list[tuple[ProcessAttempt, BaseException]] = []
@@ -717,13 +769,6 @@ class ProcessPool:
         for att, exc in failed:
             if not att.future.done():
                 att.future.set_exception(exc)
-
-
-def _pipe() -> tuple[Connection, Connection]:
-    from multiprocessing import Pipe
-
-    r, w = Pipe(duplex=False)
-    return r, w
 
 
 def _send_stop(w: _Worker) -> None:
