@@ -625,6 +625,18 @@ def test_leaving_a_map_early_stops_its_running_calls(tmp_path: Path) -> None:
             wait_for(lambda pid=pid: gone(pid), 5)
 
 
+def test_breaking_out_of_a_for_loop_over_a_map_stops_its_running_calls(tmp_path: Path) -> None:
+    marks = [tmp_path / f"m{i}" for i in range(2)]
+    with ap.Runner(cpu_workers=2, io_workers=1) as r:
+        pids = []
+        for value in r.map(fa.sleep_long, [0.0, 30.0, 30.0], [None, *map(str, marks)]):
+            assert value == "woke"
+            pids = [pid_in(m) for m in marks]
+            break  # the loop's iterator is dropped here, nothing else holds the map
+        for pid in pids:
+            wait_for(lambda pid=pid: gone(pid), 5)
+
+
 def test_a_call_that_kills_every_worker_while_unpickling_ends_crashed(shared: ap.Runner) -> None:
     # It never starts, so it is handed to a fresh worker, but not for ever.
     out = run_one(shared, fa.stamp, fa.CrashesWhenUnpickled())

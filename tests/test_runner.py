@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import actionpool as ap
+from actionpool.runner import MAP_TARGET_CHUNK_S, _Batcher
 from tests import helpers as h
 
 
@@ -163,6 +164,36 @@ def test_map_with_chunks_keeps_order_and_errors(shared: ap.Runner) -> None:
         for y in shared.map(fail_at_7, range(20), chunksize=4):
             seen.append(y)
     assert seen == list(range(7))
+
+
+def _sizes(b: _Batcher, n: int) -> list[int]:
+    return [len(c) for c in b.chunks(iter(range(n)))]
+
+
+def test_map_chunks_start_at_pools_size_and_grow_only_for_tiny_items() -> None:
+    # nothing measured yet: multiprocessing.Pool.map's ceil(n / (4 x workers)), to the end
+    assert _sizes(_Batcher(None, 2, 20_000, 100_000), 20_000) == [2500] * 8
+    # tiny items (0.1 us): chunks grow to an even share per worker, not one item more
+    tiny = {b"f": 1e-7}
+    assert _sizes(_Batcher(None, 2, 20_000, 100_000, tiny, b"f"), 20_000) == [10_000] * 2
+    # 1 ms items: Pool's size is already past MAP_MIN_CHUNK_S; MAP_TARGET_CHUNK_S caps it
+    slow = {b"f": 1e-3}
+    target = int(MAP_TARGET_CHUNK_S / 1e-3)
+    assert _sizes(_Batcher(None, 2, 20_000, 100_000, slow, b"f"), 20_000)[:3] == [target] * 3
+    # unknown length: one item until one is measured
+    assert _Batcher(None, 2, None, 100_000).next_size() == 1
+    assert _Batcher(None, 2, None, 100_000, tiny, b"f").next_size() == 100_000  # the cap
+    # a fixed chunksize is the caller's
+    assert _sizes(_Batcher(7, 2, 20, 100_000, tiny, b"f"), 20) == [7, 7, 6]
+
+
+def test_a_map_leaves_its_per_item_time_for_the_next_map_of_that_function() -> None:
+    with ap.Runner(cpu_workers=2, io_workers=1) as r:
+        assert list(r.map(h.square, range(1000))) == [i * i for i in range(1000)]
+        (per_item,) = r._map_speeds.values()
+        assert 0 < per_item < 0.01  # seconds per square(), measured in the workers
+        b = _Batcher(None, 2, 1000, 100_000, r._map_speeds, next(iter(r._map_speeds)))
+        assert b.per_item == per_item
 
 
 def test_map_timeout_raises_timeout_error(shared: ap.Runner) -> None:

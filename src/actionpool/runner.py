@@ -27,7 +27,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
 from functools import partial
@@ -152,6 +152,9 @@ class Runner(Executor):
         cpu = self._pools["cpu"]
         self._forget = cpu.forget if isinstance(cpu, ProcessPool) else None
         self._segments = SegmentPool(pool_free_limit(self.sizing.memory_budget), self._forget)
+        # per-item seconds of earlier maps, by function bytes (see _Batcher); dict
+        # operations are atomic, so maps in several threads may share it
+        self._map_speeds: dict[bytes, float] = {}
         self._loop = asyncio.new_event_loop()
         if isinstance(cpu, ProcessPool):
             cpu.attach(self._loop)  # worker results are read on the scheduler's thread
@@ -246,12 +249,16 @@ class Runner(Executor):
         Streams: at most ``window`` items are in flight, and the input is read only as
         results are consumed, so an endless iterator runs in constant memory.
 
-        Tiny calls are batched automatically (``chunksize=None``): the first chunks
-        hold ``ceil(n / (4 x workers))`` items when the input's length ``n`` is known
-        (``multiprocessing.Pool.map``'s rule) and one item otherwise; later ones aim
-        at about :data:`MAP_TARGET_CHUNK_S` seconds of work from the per-item time
-        measured in the workers (joblib's ``batch_size="auto"`` idea), without
-        exceeding an even share per worker of what is left.
+        Tiny calls are batched automatically (``chunksize=None``), from the per-item
+        time measured in the workers (joblib's ``batch_size="auto"`` idea; the
+        runner remembers it per function, so a later map of the same function starts
+        from it). With the input's length ``n`` known, chunks hold
+        ``ceil(n / (4 x workers))`` items (``multiprocessing.Pool.map``'s rule),
+        grown for items so quick that a chunk would be under
+        :data:`MAP_MIN_CHUNK_S` seconds of work (up to ``ceil(n / workers)``), and
+        cut to :data:`MAP_TARGET_CHUNK_S` seconds of work for slow ones. With no
+        length, one item until one is measured, then :data:`MAP_TARGET_CHUNK_S`
+        seconds' worth.
         Actions with a ``timeout``, ``retries`` or ``validate`` keep one task per item,
         so that those apply per call.
 
@@ -267,7 +274,9 @@ class Runner(Executor):
 
         Returns:
             An iterator of results in input order. An action's exception is raised
-            when its item is reached; the tasks still in flight are then cancelled.
+            when its item is reached; the tasks still in flight are then cancelled,
+            as they are by the iterator's ``close()`` (leaving a ``for`` loop early
+            and dropping the iterator do the same).
 
         Raises:
             ValueError: ``chunksize`` or ``window`` is not an int >= 1, or a chunk
@@ -301,7 +310,8 @@ class Runner(Executor):
         tasks = 2 * size if window is None else min(2 * size, window)
         # tasks x chunk size <= window items: a chunk never exceeds window // tasks
         cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
-        batcher = _Batcher(chunksize, size, total, cap)
+        fn_bytes = dumps_function(spec.name, wire_form(spec))
+        batcher = _Batcher(chunksize, size, total, cap, self._map_speeds, fn_bytes)
         runs_chunk = ActionSpec(
             _run_chunk, name=spec.name, kind=spec.kind, threads=spec.threads, memory=spec.memory
         )
@@ -313,7 +323,7 @@ class Runner(Executor):
         if batcher.single:
             items = iter(iterables[0])
         head = (
-            dumps_function(spec.name, wire_form(spec)),
+            fn_bytes,
             spec.wants_context,
             spec.name,
             batcher.single,
@@ -338,7 +348,7 @@ class Runner(Executor):
             pending.append(call)
             if len(pending) >= window:
                 break
-        return self._drain(spec, kwargs, pending, calls, window, end, batcher)
+        return _MapIterator(self._drain(spec, kwargs, pending, calls, window, end, batcher))
 
     def _drain(
         self,
@@ -349,7 +359,8 @@ class Runner(Executor):
         window: int,
         end: float | None,
         batcher: _Batcher | None,
-    ) -> Iterator[Any]:
+    ) -> Generator[Iterable[Any], None, None]:
+        """The map's results, as one iterable per task in input order."""
         try:
             while pending:
                 fut, chunk = pending[0]
@@ -362,7 +373,7 @@ class Runner(Executor):
                     pending.popleft()
                     if batcher is not None and batcher.single:
                         chunk = [(item,) for item in chunk]
-                    yield from self._rerun_chunk(spec, kwargs, chunk, crash)
+                    yield self._rerun_chunk(spec, kwargs, chunk, crash)
                     continue
                 pending.popleft()
                 errors: dict[int, BaseException] = {}
@@ -374,15 +385,13 @@ class Runner(Executor):
                     if len(pending) >= window:
                         break
                 if batcher is None:
+                    yield (value,)
+                elif not errors:
                     yield value
-                    continue
-                if not errors:
-                    yield from value
-                    continue
-                for index, item in enumerate(value):
-                    if index in errors:
-                        raise errors[index]
-                    yield item
+                else:  # the items before the first failed one, then its error
+                    first = min(errors)
+                    yield value[:first]
+                    raise errors[first]
         finally:
             # However the iteration ends early (an action's error, the consumer's
             # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
@@ -725,42 +734,93 @@ class Runner(Executor):
 
 
 MAP_TARGET_CHUNK_S = 0.05
-"""Seconds of work an automatic ``map`` chunk aims at: long enough that the ~0.3 ms a
-task costs is under 1%, short enough to balance workers and stream results."""
+"""Seconds of work an automatic ``map`` chunk aims at at most: long enough that the
+~0.3 ms a task costs is under 1%, short enough to balance workers and stream results."""
+
+MAP_MIN_CHUNK_S = 0.003
+"""Seconds of work below which an automatic ``map`` chunk grows past
+``multiprocessing.Pool``'s size (up to an even share per worker of what is left): about
+ten times what a task costs the parent (W2 in ``docs/performance.md``, ~0.2-0.3 ms on
+a 2-core machine), so that tiny calls are not dominated by their tasks."""
 
 MAP_MAX_CHUNK = 100_000
 
+_SPEEDS_KEPT = 256  # per-item times remembered per runner (functions' bytes -> seconds)
+
 
 class _Batcher:
-    """Chunk sizes for :meth:`Runner.map`: fixed, or adapted to measured item time."""
+    """Chunk sizes for :meth:`Runner.map`: fixed, or adapted to measured item time.
 
-    def __init__(self, fixed: int | None, workers: int, total: int | None, cap: int) -> None:
+    Args:
+        fixed: the caller's ``chunksize``, or ``None`` to adapt.
+        workers: the pool's size.
+        total: the number of items, when known.
+        cap: the largest chunk (the window's share).
+        speeds: the runner's per-item times of earlier maps, by function bytes; this
+            map starts from ``speeds[key]`` and leaves its own measure there (joblib's
+            ``batch_size="auto"`` likewise keeps its batch size across calls).
+        key: this map's function bytes.
+    """
+
+    def __init__(
+        self,
+        fixed: int | None,
+        workers: int,
+        total: int | None,
+        cap: int,
+        speeds: dict[bytes, float] | None = None,
+        key: bytes = b"",
+    ) -> None:
         self.fixed = fixed if fixed is None else min(fixed, cap)
         self.cap = cap
         self.workers = workers
         self.left = total
-        # multiprocessing.Pool.map's chunksize: ceil(n / (4 x workers)); later chunks
-        # follow the measured per-item time
+        # multiprocessing.Pool.map's chunksize, ceil(n / (4 x workers)): kept to the end
+        # (a share of what is *left* would shrink chunks into a tail of tiny tasks)
         self.start = None if total is None else -(-total // (4 * workers))
+        self.share = None if total is None else -(-total // workers)  # an even share
+        self.speeds = speeds
+        self.key = key
         self.per_item: float | None = None  # seconds, moving average
+        if speeds is not None and key in speeds:
+            self.per_item = speeds[key]
 
     def next_size(self) -> int:
+        """Items for the next chunk.
+
+        Known length ``n``, per-item time ``p`` (seconds, measured): Pool's
+        ``ceil(n / (4 x workers))`` (four chunks per worker balance uneven items),
+        grown to ``MAP_MIN_CHUNK_S / p`` items if that is more, but never past an even
+        share ``ceil(n / workers)``; then at most
+        ``MAP_TARGET_CHUNK_S / p``. Unknown length: one item until one is measured,
+        then ``MAP_TARGET_CHUNK_S / p``.
+        """
         if self.fixed is not None:
             return self.fixed
-        if self.start is not None:  # known length: Pool's size, smaller if items are slow
+        p = self.per_item
+        if self.start is not None:
             n = self.start
-            if self.per_item is not None:
-                n = min(n, int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9)))
-        elif self.per_item is None:
+            if p is not None and self.share is not None:
+                tiny = int(MAP_MIN_CHUNK_S / max(p, 1e-9))
+                n = max(n, min(tiny, self.share))
+                n = min(n, max(1, int(MAP_TARGET_CHUNK_S / max(p, 1e-9))))
+        elif p is None:
             return 1  # unknown length: measure before batching, as joblib does
         else:
-            n = int(MAP_TARGET_CHUNK_S / max(self.per_item, 1e-9))
+            n = int(MAP_TARGET_CHUNK_S / max(p, 1e-9))
         return max(1, min(n, self.cap))
 
     def observe(self, elapsed: float, count: int) -> None:
+        """A chunk of ``count`` items took ``elapsed`` seconds in its worker."""
         if count:
             per = elapsed / count
             self.per_item = per if self.per_item is None else 0.5 * (self.per_item + per)
+            if self.speeds is not None:
+                self.speeds[self.key] = self.per_item
+                if len(self.speeds) > _SPEEDS_KEPT:
+                    # the oldest; another thread's map may be at it too
+                    with contextlib.suppress(RuntimeError, KeyError, StopIteration):
+                        del self.speeds[next(iter(self.speeds))]
 
     single = False  # chunks hold plain items (one iterable), not argument tuples
 
@@ -772,6 +832,34 @@ class _Batcher:
             if self.left is not None:
                 self.left -= len(chunk)
             yield chunk
+
+
+class _MapIterator(Iterator[Any]):
+    """What :meth:`Runner.map` returns: its results in order, and ``close()``.
+
+    The results come one iterable per task (a chunk's list of values) from a generator
+    (``_drain``); ``for`` and ``list()`` iterate a ``chain`` of them, which walks each
+    list in C and resumes the generator once per chunk, not once per item (0.42 vs
+    0.13 ms for 20,000 items here, about a tenth of a W1 map). ``close()`` closes the
+    generator, which stops the map's calls in flight, as closing a generator-based
+    iterator does.
+    """
+
+    __slots__ = ("_chain", "_tasks")
+
+    def __init__(self, tasks: Generator[Iterable[Any], None, None]) -> None:
+        self._tasks = tasks
+        self._chain = itertools.chain.from_iterable(tasks)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._chain  # shares its position with next(self)
+
+    def __next__(self) -> Any:
+        return next(self._chain)
+
+    def close(self) -> None:
+        """Stop the map: its calls in flight are cancelled (running ones killed)."""
+        self._tasks.close()
 
 
 def _run_chunk(

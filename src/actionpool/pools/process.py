@@ -1,12 +1,13 @@
-"""The CPU pool: worker processes, each with its own socket, watched by one thread.
+"""The CPU pool: worker processes, each with its own socket, read on an asyncio loop.
 
 Data flow::
 
     scheduler ─submit(Task)─► pending ─► idle worker ─socket─► worker main thread
                                               ▲                     │
-    scheduler ◄─callbacks/Future─ supervisor thread ◄─socket── "ready" / "started" /
-                                  (connection.wait over         "event" / "result",
-                                   every worker's socket)       or EOF = it died
+    scheduler ◄─callbacks/Future─ loop reader ◄─socket───────── "ready" / "started" /
+                                  (add_reader on every worker's  "event" / "result",
+                                   socket and the zygotes'       or EOF; the zygote's
+                                   notify sockets)               notice = it exited
 
 Why not ``loky.ProcessPoolExecutor`` (or ``concurrent.futures``): there, one dead
 worker marks the whole executor broken and fails every pending future, and killing
@@ -524,7 +525,7 @@ class ProcessPool:
                 except (OSError, WorkerCrashed) as exc:
                     # No worker can start now: fail what waits rather than leave it
                     # queued to run, unannounced, when a later call starts one (and
-                    # never raise into the supervisor thread, which calls us too).
+                    # never raise into the loop's reader, which calls us too).
                     while self._pending:
                         self._pending.popleft().future.set_exception(exc)
                     return
