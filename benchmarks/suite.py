@@ -1774,9 +1774,13 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
         " live in an importable module (`benchmarks/suite.py`), so every library pickles"
         " them by reference. Each library uses its default start method (fork for"
         " multiprocessing, concurrent.futures, mpire and pebble here; fresh interpreters"
-        " for actionpool, loky and joblib; Dask's and Ray's own). W7 starts a fresh"
-        " interpreter per sample and times create + one `os.getpid` result + shutdown,"
-        " with the library's modules already imported.",
+        " for loky and joblib; Dask's and Ray's own; actionpool forks its workers from a"
+        " zygote, which is a fork of the parent when the parent runs a single thread and"
+        " a fresh interpreter otherwise: in the benchmark drivers, which import NumPy and"
+        " so run OpenBLAS's threads, a fresh one). W7 starts a fresh interpreter per"
+        " sample and times create + one `os.getpid` result + shutdown, with the library's"
+        " modules already imported (and nothing else: there, actionpool's zygote is a"
+        " fork).",
         "",
         "## Targets (issue 5)",
         "",
