@@ -152,22 +152,15 @@ def cold_dask(w: int, tmp: Path) -> Callable[[], Any]:
 
 def cold_ray(w: int, tmp: Path) -> Callable[[], Any]:
     import ray
-    from bench_arrays import preserved_environ
+    from bench_arrays import ray_init
 
     def getpid() -> int:  # a nested function: Ray pickles it by value
         return os.getpid()
 
     def run() -> int:
-        with preserved_environ():
-            ray.init(
-                num_cpus=w,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                _temp_dir=str(tmp / "ray"),
-            )
-            pid: int = ray.get(ray.remote(num_cpus=1)(getpid).remote())
-            ray.shutdown()
+        ray_init(w, tmp)
+        pid: int = ray.get(ray.remote(num_cpus=1)(getpid).remote())
+        ray.shutdown()
         return pid
 
     return run
