@@ -739,7 +739,7 @@ MAP_TARGET_CHUNK_S = 0.05
 
 MAP_MIN_CHUNK_S = 0.003
 """Seconds of work below which an automatic ``map`` chunk grows past
-``multiprocessing.Pool``'s size (up to an even share per worker of what is left): about
+``multiprocessing.Pool``'s size (up to an even share per worker of the items): about
 ten times what a task costs the parent (W2 in ``docs/performance.md``, ~0.2-0.3 ms on
 a 2-core machine), so that tiny calls are not dominated by their tasks."""
 
@@ -791,9 +791,8 @@ class _Batcher:
         Known length ``n``, per-item time ``p`` (seconds, measured): Pool's
         ``ceil(n / (4 x workers))`` (four chunks per worker balance uneven items),
         grown to ``MAP_MIN_CHUNK_S / p`` items if that is more, but never past an even
-        share ``ceil(n / workers)``; then at most
-        ``MAP_TARGET_CHUNK_S / p``. Unknown length: one item until one is measured,
-        then ``MAP_TARGET_CHUNK_S / p``.
+        share ``ceil(n / workers)``; then at most ``MAP_TARGET_CHUNK_S / p``. Unknown
+        length: one item until one is measured, then ``MAP_TARGET_CHUNK_S / p``.
         """
         if self.fixed is not None:
             return self.fixed

@@ -174,7 +174,7 @@ class NodeRecord:
         arena: Arena | None = None,
     ) -> None:
         self.run = run
-        self.early = False  # user_future got the value from the pool's thread already
+        self.early = False  # user_future got its value before the outcome (_resolve_early)
         self.index = index
         self.name = name
         self.spec = spec
@@ -356,7 +356,7 @@ class Scheduler:
         fast = rec.user_future is not None and rec.spec.timeout is None
 
         def done(f: Future[Result]) -> None:
-            if getattr(handle, "direct", False):  # read on this loop, between callbacks
+            if handle.direct:  # read on this loop, between callbacks
                 self._on_result(rec, attempt, handle)
                 return
             if fast:

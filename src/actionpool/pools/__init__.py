@@ -19,6 +19,7 @@ class Attempt(Protocol):
     """Handle of one submitted attempt."""
 
     future: Future[Result]
+    direct: bool  # its result was set on the scheduler's loop, between callbacks
     killed: str
     released: bool
     started_at: float | None  # time.time() when it started, once the pool knows

@@ -47,15 +47,26 @@ class ThreadAttempt:
             ``async def`` action was cancelled, or withdrawn before a thread took it).
         cancel_event: what ``ctx.cancelled()`` reads.
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
+        direct: always False (see :class:`~actionpool.pools.Attempt`).
     """
 
-    __slots__ = ("_pool", "cancel_event", "future", "killed", "released", "started_at", "worker")
+    __slots__ = (
+        "_pool",
+        "cancel_event",
+        "direct",
+        "future",
+        "killed",
+        "released",
+        "started_at",
+        "worker",
+    )
 
     def __init__(self, pool: ThreadPool) -> None:
         self._pool = pool
         self.cancel_event = threading.Event()
         self.future: Future[Result] = Future()
         self.killed = ""
+        self.direct = False  # set by a pool thread: never on the scheduler's loop
         self.released = False  # the scheduler freed this attempt's slot
         self.started_at: float | None = None
         self.worker: int | str | None = None
