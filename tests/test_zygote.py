@@ -89,6 +89,24 @@ def test_forked_workers_do_not_share_numpy_random_state() -> None:
     assert out.split() == ["2", "True"]
 
 
+def test_a_closed_runner_leaves_no_thread_that_would_stop_the_next_fork() -> None:
+    # A joined thread may still be ending in the OS; a runner created right after the
+    # previous one closed must find this process single-threaded again, every time.
+    out = run_script(
+        """
+        import os
+        import actionpool as ap
+        for i in range(150):
+            with ap.Runner(cpu_workers=1, io_workers=1, worker_start="fork") as r:
+                if i % 50 == 0:
+                    assert r.submit(os.getpid).result(timeout=60) != os.getpid()
+                    assert r.submit(ap.action(os.getpid, kind="io")).result(60) == os.getpid()
+        print("ok")
+        """
+    )
+    assert out.split() == ["ok"]
+
+
 def test_fork_is_refused_while_other_threads_run() -> None:
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)

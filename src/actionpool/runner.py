@@ -40,7 +40,7 @@ from .errors import PlanError, SerializationError, WorkerCrashed
 from .events import Event
 from .outcome import Report
 from .plan import Plan
-from .pools import Pool
+from .pools import Pool, join_thread
 from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
 from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
@@ -468,7 +468,7 @@ class Runner(Executor):
             pool.close(cancel=not wait)
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
+        join_thread(self._thread)
         self._loop.close()
 
     @property

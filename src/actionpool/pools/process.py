@@ -63,6 +63,7 @@ from .. import _worker, _zygote
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
+from . import join_thread
 
 __all__ = [
     "WORKER_START_MODES",
@@ -498,7 +499,7 @@ class ProcessPool:
             zygote.close()
         if self._own_loop is not None and loop is not None:
             loop.call_soon_threadsafe(loop.stop)
-            self._own_loop.join()
+            join_thread(self._own_loop)
             loop.close()
         if self._page is not None:
             self._page.close()

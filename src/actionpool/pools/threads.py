@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .._worker import Result, Task, execute, execute_async
+from . import join_thread
 
 __all__ = ["ThreadAttempt", "ThreadPool"]
 
@@ -198,7 +199,7 @@ class ThreadPool:
         for _ in threads:
             self._queue.put(None)
         for t in threads:
-            t.join()
+            join_thread(t)
         loop, thread = self._loop, self._loop_thread
         if loop is not None and thread is not None:
             if cancel:
@@ -207,7 +208,7 @@ class ThreadPool:
             else:
                 asyncio.run_coroutine_threadsafe(_all_done(), loop).result()
             loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+            join_thread(thread)
             loop.close()
 
 
