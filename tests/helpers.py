@@ -37,6 +37,15 @@ def stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float]:
     return tag, start, time.time()
 
 
+def mark_then_sleep(path: str, seconds: float) -> tuple[float, float]:
+    """Create the file ``path``, sleep ``seconds``; (start, end) in time.time() seconds."""
+    start = time.time()
+    with open(path, "w"):
+        pass
+    time.sleep(seconds)
+    return start, time.time()
+
+
 @ap.action(kind="io")
 def io_stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float, str]:
     import threading

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -91,6 +92,59 @@ def test_a_future_cancelled_before_it_starts_never_runs(tmp_path: object) -> Non
         assert second.cancel()
         assert first.result(timeout=30)[0] == "a"
         assert second.cancelled()
+
+
+def _hold_loop(r: ap.Runner, seconds: float) -> float:
+    """Keep the runner's scheduler thread busy for ``seconds`` from now; returns the
+    time.time() before which it is certainly still busy."""
+    busy = threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        time.sleep(seconds)
+
+    r._loop.call_soon_threadsafe(hold)
+    assert busy.wait(10)
+    return time.time() + seconds - 0.2
+
+
+def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy() -> None:
+    # submit sends a plain cpu call to an idle worker from the caller's thread; the
+    # scheduler's thread only does the bookkeeping, when it gets to it (memory_floor=0:
+    # no memory check due, which the scheduler's thread would have to make first)
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        held_until = _hold_loop(r, 1.0)
+        fut = r.submit(h.stamp, "fast")
+        tag, started, _ = fut.result(timeout=30)
+        assert tag == "fast" and started < held_until
+        assert not fut.cancel()  # it started: too late to withdraw it
+
+
+def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Path) -> None:
+    # memory_floor=0: no memory check that would send a call through the scheduler anyway
+    with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
+        warm = [r.submit(h.sleep_then, i, 0.3) for i in range(2)]  # start both workers
+        assert [f.result(timeout=30) for f in warm] == [0, 1]
+        wide = ap.action(h.mark_then_sleep, threads=2)  # takes both cpu slots, one worker
+
+        # 1. the scheduler has given both slots to a wide call: the idle worker is not free
+        marker = tmp_path / "first"
+        first = r.submit(wide, str(marker), 0.5)
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the wide call never started"
+            time.sleep(0.005)
+        later = r.submit(h.stamp, "later")
+        _, first_end = first.result(timeout=30)
+        assert later.result(timeout=30)[1] >= first_end - 0.01
+
+        # 2. the scheduler has not seen the wide call yet: the next call waits behind it
+        _hold_loop(r, 0.5)
+        second = r.submit(wide, str(tmp_path / "second"), 0.5)
+        right_after = r.submit(h.stamp, "right after")
+        _, second_end = second.result(timeout=30)
+        assert right_after.result(timeout=30)[1] >= second_end - 0.01
 
 
 def test_runner_is_an_executor_for_run_in_executor(shared: ap.Runner) -> None:

@@ -195,7 +195,10 @@ class Runner(Executor):
             A :class:`concurrent.futures.Future` of the value. Its exception is the
             action's own (type, message; remote traceback as ``__cause__``), or
             :class:`~actionpool.SerializationError` naming the argument that could not
-            be pickled. ``future.cancel()`` works until the call starts.
+            be pickled. ``future.cancel()`` works until the call starts; a plain cpu
+            call (no timeout, ``validate``, ``memory`` or ``threads``) that finds an
+            idle worker starts at once, sent from this thread, so its future is
+            running when ``submit`` returns.
 
         Raises:
             RuntimeError: the runner is closed.
@@ -228,11 +231,15 @@ class Runner(Executor):
             arena.close()
             fut.set_exception(exc)
             return fut
+        rec = self._calls.record(spec, call, arena, fut)
         with self._lock:
             if self._closed:
                 arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
-            self._loop.call_soon_threadsafe(self._calls.add, spec, call, arena, args, kwargs, fut)
+            started = self._calls.start_now(rec)
+            if started is None:
+                self._calls.via_loop += 1
+            self._loop.call_soon_threadsafe(self._calls.add, rec, args, kwargs, started)
         return fut
 
     def map(

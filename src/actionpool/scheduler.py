@@ -131,6 +131,8 @@ TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
 
 TERMINAL = frozenset(NodeState) - set(TRANSITIONS)
 
+_MEM_RECHECK_S = 0.05  # seconds between two reads of available memory while dispatching
+
 
 class NodeRecord:
     """The scheduler's record of one node during one run."""
@@ -316,7 +318,11 @@ class Scheduler:
         else:
             self._enqueue(rec)
 
-    def _to_running(self, rec: NodeRecord, frm: NodeState, task: Task) -> None:
+    def _to_running(
+        self, rec: NodeRecord, frm: NodeState, task: Task, handle: Attempt | None = None
+    ) -> None:
+        """Account for the attempt and submit ``task``, unless ``handle`` says the
+        attempt was submitted already (by the caller's thread: :meth:`CallRun.start_now`)."""
         kind = rec.spec.kind
         rec.attempts += 1
         rec.pool = kind
@@ -329,28 +335,20 @@ class Scheduler:
             rec.arena.hold()
         self.emit(rec, "queued")
         attempt = rec.attempts
-        call_soon = self.loop.call_soon_threadsafe
-
-        def on_started(worker: int | str, at: float) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
-                call_soon(self._on_started, rec, attempt, worker, at)
-
-        def on_event(kind: str, at: float, data: Any) -> None:
-            with contextlib.suppress(RuntimeError):
-                call_soon(self._on_worker_event, rec, attempt, kind, at, data)
-
-        wants_start = task.announce  # see _prepare
-        try:
-            handle = self.pools[kind].submit(
-                task, rec.spec.is_async, on_started if wants_start else None, on_event
-            )
-        except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
-            self._free[kind] += rec.spec.threads
-            self._mem_free += rec.spec.memory or 0
-            if kind == "cpu":
-                rec.arena.unhold()
-            self.transition(rec, NodeState.FAILED, error=exc)
-            return
+        if handle is None:
+            on_started, on_event = self.callbacks(rec, attempt)
+            wants_start = task.announce  # see _prepare
+            try:
+                handle = self.pools[kind].submit(
+                    task, rec.spec.is_async, on_started if wants_start else None, on_event
+                )
+            except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
+                self._free[kind] += rec.spec.threads
+                self._mem_free += rec.spec.memory or 0
+                if kind == "cpu":
+                    rec.arena.unhold()
+                self.transition(rec, NodeState.FAILED, error=exc)
+                return
         rec.handle = handle
 
         fast = rec.user_future is not None and rec.spec.timeout is None
@@ -366,9 +364,25 @@ class Scheduler:
                 self.loop.call_soon(self._on_result, rec, attempt, handle)
                 return
             with contextlib.suppress(RuntimeError):
-                call_soon(self._on_result, rec, attempt, handle)
+                self.loop.call_soon_threadsafe(self._on_result, rec, attempt, handle)
 
         handle.future.add_done_callback(done)
+
+    def callbacks(
+        self, rec: NodeRecord, attempt: int
+    ) -> tuple[Callable[[int | str, float], None], Callable[[str, float, Any], None]]:
+        """``(on_started, on_event)`` for a pool: they hop to this loop (from any thread)."""
+        call_soon = self.loop.call_soon_threadsafe
+
+        def on_started(worker: int | str, at: float) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
+                call_soon(self._on_started, rec, attempt, worker, at)
+
+        def on_event(kind: str, at: float, data: Any) -> None:
+            with contextlib.suppress(RuntimeError):
+                call_soon(self._on_worker_event, rec, attempt, kind, at, data)
+
+        return on_started, on_event
 
     def _resolve_early(self, rec: NodeRecord, f: Future[Result]) -> None:
         """Give a submitted call's value to its future as soon as the pool has it.
@@ -462,12 +476,24 @@ class Scheduler:
             for rec in waiting:
                 heapq.heappush(heap, rec)
 
+    def admits_at_once(self, kind: str) -> bool:
+        """Whether a one-slot node of ``kind`` would be dispatched at once: no node of
+        that kind waits, a slot is free, and available memory was checked recently and
+        was above the floor. Read from any thread (:meth:`CallRun.start_now`); a stale
+        answer errs by one loop turn, and the pool never runs more than its size."""
+        return (
+            not self._ready[kind]
+            and self._free[kind] > 0
+            and not self._paused
+            and (self.memory_floor <= 0 or time.monotonic() - self._mem_checked < _MEM_RECHECK_S)
+        )
+
     def _memory_low(self) -> bool:
         """Backpressure: True (and a recheck scheduled) while available memory < floor."""
         if self.memory_floor <= 0 and not self._paused:
             return False
         now = time.monotonic()
-        if not self._paused and now - self._mem_checked < 0.05:
+        if not self._paused and now - self._mem_checked < _MEM_RECHECK_S:
             return False  # read /proc/meminfo at most every 50 ms while dispatching
         self._mem_checked = now
         available = int(psutil.virtual_memory().available)
@@ -508,6 +534,16 @@ class Scheduler:
                 except SerializationError as exc:
                     self.transition(rec, NodeState.FAILED, error=exc)
                     return None
+        return self.task_for(rec)
+
+    def task_for(self, rec: NodeRecord) -> Task:
+        """The task of ``rec``'s next attempt, its call pickled already (``rec.call``).
+
+        Reads only what does not change while the node waits, so that the thread that
+        submits a call may build it (:meth:`CallRun.start_now`).
+        """
+        run, spec = rec.run, rec.spec
+        assert rec.call is not None
         return Task(
             run.run_id,
             rec.name,
@@ -922,25 +958,75 @@ class CallRun(_Run):
         self.on_event = None
         self._index = itertools.count()
         self.live: dict[NodeRecord, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        # Calls handed to the loop without start_now, and those of them add() took:
+        # one writer each (submitting threads under the runner's lock; the loop).
+        self.via_loop = 0
+        self.taken = 0
 
-    def add(
-        self,
-        spec: ActionSpec,
-        call: Packed,
-        arena: Arena,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        future: Future[Any],
-    ) -> None:
-        """Queue one call (on the loop thread); ``future`` gets its value or error.
+    def record(
+        self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
+    ) -> NodeRecord:
+        """A new call's record (in the submitting thread); :meth:`add` takes it over.
 
         ``call`` is ``(spec, args, kwargs)`` already pickled by the submitting thread;
-        ``args`` and ``kwargs`` are kept only for the action's ``validate``.
+        ``future`` gets the call's value or error.
         """
         rec = NodeRecord(self, next(self._index), spec.name, spec, None, arena)
         rec.call = call
         rec.user_future = future
-        self.live[rec] = (args, kwargs) if spec.validate is not None else ((), {})
+        return rec
+
+    def start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
+        """In the submitting thread: send ``rec``'s call to an idle cpu worker at once,
+        skipping the hop to the loop's thread (woken only after, for the bookkeeping:
+        :meth:`add`). None when the call must go through the scheduler: not a plain
+        cpu call (a timeout, ``validate``, declared memory or threads need the loop's
+        admission and timers), cpu nodes already waiting, or no idle worker.
+        """
+        spec, sched = rec.spec, self.sched
+        pool = sched.pools.get(spec.kind)
+        submit_if_idle = getattr(pool, "submit_if_idle", None)
+        if (
+            submit_if_idle is None
+            or self.via_loop != self.taken  # an earlier call still waits for the loop
+            or spec.timeout is not None
+            or spec.validate is not None
+            or spec.threads != 1
+            or spec.memory
+            or not sched.admits_at_once(spec.kind)
+        ):
+            return None
+        task = sched.task_for(rec)
+        if task.announce:
+            return None
+        _, on_event = sched.callbacks(rec, 1)
+        handle: Attempt | None = submit_if_idle(task, on_event)
+        if handle is None:
+            return None
+        assert rec.user_future is not None
+        rec.user_future.set_running_or_notify_cancel()  # not given out yet: cannot be cancelled
+        return task, handle
+
+    def add(
+        self,
+        rec: NodeRecord,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        started: tuple[Task, Attempt] | None = None,
+    ) -> None:
+        """Take over a call from :meth:`record` (on the loop thread): queue it, or, when
+        :meth:`start_now` sent it already, account for its attempt.
+
+        ``args`` and ``kwargs`` are kept only for the action's ``validate``.
+        """
+        self.live[rec] = (args, kwargs) if rec.spec.validate is not None else ((), {})
+        if started is None:
+            self.taken += 1
+        if started is not None:
+            rec.state = NodeState.READY
+            task, handle = started
+            self.sched.transition(rec, NodeState.RUNNING, task=task, handle=handle)
+            return
         self.sched.transition(rec, NodeState.READY, now=True)
         self.sched.dispatch_now()  # a lone call need not wait for the next loop turn
 

@@ -409,17 +409,48 @@ class ProcessPool:
         Raises:
             RuntimeError: the pool is closed.
         """
+        att = self._submit(task, on_started, on_event, False)
+        assert att is not None
+        return att
+
+    def submit_if_idle(
+        self, task: Task, on_event: Callable[[str, float, Any], None] | None = None
+    ) -> ProcessAttempt | None:
+        """Send ``task`` to an idle worker now, from any thread; None (nothing sent)
+        when no worker is idle, attempts wait for one, or the pool is closed.
+
+        The runner's :meth:`~actionpool.Runner.submit` uses it to reach a worker
+        without waiting for its scheduler thread to wake up.
+        """
+        return self._submit(task, None, on_event, True)
+
+    def _submit(
+        self,
+        task: Task,
+        on_started: Callable[[int | str, float], None] | None,
+        on_event: Callable[[str, float, Any], None] | None,
+        only_if_idle: bool,
+    ) -> ProcessAttempt | None:
         if self._page is None and not task.announce:
             task = task._replace(announce=True)  # no start page: the message is all we have
         with self._lock:
             if self._closed:
+                if only_if_idle:
+                    return None
                 raise RuntimeError("the cpu pool is closed")
+            if only_if_idle and (self._pending or not self._has_idle()):
+                return None
             att = ProcessAttempt(
                 self, next(self._ids), task, on_started or _ignore, on_event or _ignore
             )
             self._pending.append(att)
             self._assign()
         return att
+
+    def _has_idle(self) -> bool:
+        return any(
+            w.attempt is None and w.state is WorkerState.IDLE for w in self._workers.values()
+        )
 
     def kill(self, att: ProcessAttempt, reason: str = "cancel") -> None:
         """Withdraw ``att`` if no worker has it, else SIGKILL its worker's process group."""
