@@ -410,6 +410,38 @@ def test_pool_reuses_a_released_segment_and_copies_into_it():
     assert pool.store(memoryview(np.zeros(MiB, np.uint8))) is None  # closed
 
 
+def test_a_large_buffer_is_copied_by_several_threads_byte_for_byte():
+    import threading
+
+    import numpy as np
+
+    from actionpool.transfer import COPY_CHUNK, SegmentPool
+
+    size = 3 * COPY_CHUNK + 12_345  # pieces on page boundaries, and a ragged last one
+    pool = SegmentPool(max_free=100 * size, copy_threads=3)
+    seen: set[str] = set()
+    start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        seen.add(self.name)
+        start(self)
+
+    threading.Thread.start = counting_start  # type: ignore[method-assign]
+    try:
+        for fill in (1, 2):  # a new segment (pwrite), then a reused one (memcpy)
+            data = np.random.default_rng(fill).integers(0, 256, size, dtype=np.uint8)
+            seg = pool.store(memoryview(data))
+            assert seg is not None and pool.created == 1 and pool.reused == fill - 1
+            with open("/dev/shm/" + seg.name.lstrip("/"), "rb") as f:
+                assert f.read(size) == data.tobytes()
+            pool.release(seg)
+    finally:
+        threading.Thread.start = start  # type: ignore[method-assign]
+        pool.close()
+    assert seen == {"actionpool-copy"}  # the copies were cut across threads...
+    assert not [t for t in threading.enumerate() if t.name == "actionpool-copy"]  # ...all joined
+
+
 def test_pool_keeps_at_most_max_free_bytes_and_says_which_it_unlinked():
     import numpy as np
 

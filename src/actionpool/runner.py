@@ -47,6 +47,7 @@ from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
 from .transfer import (
     DEFAULT_SHM_THRESHOLD,
+    MAX_COPY_THREADS,
     Arena,
     Packed,
     SegmentPool,
@@ -151,7 +152,11 @@ class Runner(Executor):
         }
         cpu = self._pools["cpu"]
         self._forget = cpu.forget if isinstance(cpu, ProcessPool) else None
-        self._segments = SegmentPool(pool_free_limit(self.sizing.memory_budget), self._forget)
+        self._segments = SegmentPool(
+            pool_free_limit(self.sizing.memory_budget),
+            self._forget,
+            min(MAX_COPY_THREADS, self.sizing.usable_cores),
+        )
         # per-item seconds of earlier maps, by function bytes (see _Batcher); dict
         # operations are atomic, so maps in several threads may share it
         self._map_speeds: dict[bytes, float] = {}

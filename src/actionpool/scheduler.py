@@ -354,11 +354,11 @@ class Scheduler:
         fast = rec.user_future is not None and rec.spec.timeout is None
 
         def done(f: Future[Result]) -> None:
+            if fast:  # the caller wakes while the outcome is recorded
+                self._resolve_early(rec, f)
             if handle.direct:  # read on this loop, between callbacks
                 self._on_result(rec, attempt, handle)
                 return
-            if fast:
-                self._resolve_early(rec, f)
             if asyncio._get_running_loop() is self.loop:
                 # resolved here, inside other bookkeeping (a cancel withdrew it): later
                 self.loop.call_soon(self._on_result, rec, attempt, handle)

@@ -25,6 +25,7 @@ from typing import Any
 
 import cloudpickle
 
+from ._threads import in_parallel
 from .errors import SerializationError
 
 __all__ = [
@@ -537,6 +538,14 @@ def pool_free_limit(memory_budget: int, shm_dir: Path = Path("/dev/shm")) -> int
     )
 
 
+COPY_CHUNK = 8 << 20
+"""Bytes that one copying thread gets at least (a thread starts in ~50 us; 8 MiB take
+~0.8 ms to copy)."""
+
+MAX_COPY_THREADS = 8
+"""Threads that copy one buffer at most: memory bandwidth, not cores, bounds a copy."""
+
+
 class _PoolSegment:
     __slots__ = ("capacity", "mm", "name")
 
@@ -570,14 +579,28 @@ class SegmentPool:
     input array past its task (a global cache) sees it change when a later run reuses
     the segment, and must keep a copy instead.
 
+    Copies of at least ``2 x COPY_CHUNK`` bytes are cut across up to ``copy_threads``
+    threads (started per copy, so none lingers): one core cannot saturate memory
+    bandwidth, as Ray's object store also finds (its ``parallel_memcopy``,
+    ``src/ray/util/memory.h``). Measured on 2 cores, 50 MB into a kept mapping: 4.8 ms
+    with one thread, 3.7 ms with two.
+
     Args:
         max_free: bytes of free segments to keep (see :func:`pool_free_limit`).
         on_unlink: called with the name of each segment unlinked while open.
+        copy_threads: threads that may copy one large buffer (the runner passes its
+            usable cores, at most :data:`MAX_COPY_THREADS`).
     """
 
-    def __init__(self, max_free: int, on_unlink: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        max_free: int,
+        on_unlink: Callable[[str], Any] | None = None,
+        copy_threads: int = 1,
+    ) -> None:
         self.max_free = max_free
         self.on_unlink = on_unlink
+        self.copy_threads = max(1, copy_threads)
         self.closed = False
         self.free_bytes = 0  # bytes of capacity in the free list
         self.created = self.reused = self.discarded = self.trimmed = 0  # counters
@@ -609,12 +632,35 @@ class SegmentPool:
         try:
             if seg.mm is None:  # first reuse: map it once, every page at once
                 seg.mm = _map(seg.name, populate=True, write=True)
-            with memoryview(seg.mm) as mv:
-                mv[:size] = data  # a memcpy into pages that are there and mapped
+            self._copy(seg.mm, data)  # a memcpy into pages that are there and mapped
         except BaseException:
             self.discard(seg)
             raise
         return seg
+
+    def _threads_for(self, size: int) -> int:
+        return max(1, min(self.copy_threads, size // COPY_CHUNK))
+
+    def _copy(self, mm: mmap.mmap, data: memoryview) -> None:
+        """``mm[:len(data)] = data``, cut across threads when it is large."""
+        size = data.nbytes
+        parts = self._threads_for(size)
+        if parts == 1:
+            with memoryview(mm) as mv:
+                mv[:size] = data
+            return
+        import numpy as np  # its copy releases the GIL; a memoryview's does not
+
+        arrays = [np.frombuffer(mm, dtype=np.uint8, count=size), np.frombuffer(data, np.uint8)]
+
+        def copy(start: int, stop: int) -> None:
+            dst, src = arrays
+            np.copyto(dst[start:stop], src[start:stop])
+
+        try:
+            in_parallel(size, parts, copy, _PAGE)
+        finally:
+            arrays.clear()  # no export of the mapping may outlive the copy (it closes later)
 
     def _take(self, size: int) -> _PoolSegment | None:
         best: tuple[int, int] | None = None
@@ -638,9 +684,12 @@ class SegmentPool:
             os.ftruncate(fd, seg.capacity)
             # pwrite, not a store through a fresh mapping: the kernel fills new pages
             # without a fault per 4 KiB (measured 26 vs 44 ms for 50 MB)
-            done = 0
-            while done < size:
-                done += os.pwrite(fd, data[done:], done)
+
+            def write(start: int, stop: int) -> None:
+                while start < stop:
+                    start += os.pwrite(fd, data[start:stop], start)
+
+            in_parallel(size, self._threads_for(size), write, _PAGE)
             if seg.capacity > size:
                 os.posix_fallocate(fd, size, seg.capacity - size)
         except BaseException:

@@ -6,34 +6,14 @@ admission and hands a pool only what may start now.
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from .._threads import join_thread
 from .._worker import Result, Task
 
 __all__ = ["Attempt", "Pool", "join_thread"]
-
-
-def join_thread(thread: threading.Thread, timeout: float = 1.0) -> None:
-    """Join ``thread``, then wait (at most ``timeout`` seconds) until the OS has ended it.
-
-    ``Thread.join`` returns once the thread's Python part is over; the OS thread may
-    run its exit path a little longer (measured: 1 join in ~100 on 2 cores, gone
-    within 0.4 ms). A pool created right after a runner closed counts the threads of
-    this process to decide whether it may fork (``resolve_worker_start``), and must
-    not see ours. Linux only (``/proc/self/task``); elsewhere a plain join.
-    """
-    thread.join()
-    tid = thread.native_id
-    if tid is None or not os.path.isdir("/proc/self/task"):
-        return
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
-        time.sleep(0.0001)  # the kernel offers no wait for one thread of our own
 
 
 class Attempt(Protocol):
