@@ -996,9 +996,7 @@ class CallRun(_Run):
             or not sched.admits_at_once(spec.kind)
         ):
             return None
-        task = sched.task_for(rec)
-        if task.announce:
-            return None
+        task = sched.task_for(rec)  # no timeout, and calls have no on_event: no "started"
         _, on_event = sched.callbacks(rec, 1)
         handle: Attempt | None = submit_if_idle(task, on_event)
         if handle is None:
