@@ -35,12 +35,13 @@ from typing import Any, TypeVar
 
 import psutil
 
+from ._threads import join_thread
 from .action import ActionSpec, as_spec, wire_bytes, wire_form
 from .errors import PlanError, SerializationError, WorkerCrashed
 from .events import Event
 from .outcome import Report
 from .plan import Plan
-from .pools import Pool, join_thread
+from .pools import Pool
 from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
 from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
@@ -242,8 +243,6 @@ class Runner(Executor):
                 arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
             started = self._calls.start_now(rec)
-            if started is None:
-                self._calls.via_loop += 1
             self._loop.call_soon_threadsafe(self._calls.add, rec, args, kwargs, started)
         return fut
 

@@ -958,8 +958,8 @@ class CallRun(_Run):
         self.on_event = None
         self._index = itertools.count()
         self.live: dict[NodeRecord, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        # Calls handed to the loop without start_now, and those of them add() took:
-        # one writer each (submitting threads under the runner's lock; the loop).
+        # Calls that start_now handed to the loop, and those of them add() took: one
+        # writer each (submitting threads under the runner's lock; the loop).
         self.via_loop = 0
         self.taken = 0
 
@@ -977,12 +977,19 @@ class CallRun(_Run):
         return rec
 
     def start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
-        """In the submitting thread: send ``rec``'s call to an idle cpu worker at once,
-        skipping the hop to the loop's thread (woken only after, for the bookkeeping:
-        :meth:`add`). None when the call must go through the scheduler: not a plain
-        cpu call (a timeout, ``validate``, declared memory or threads need the loop's
-        admission and timers), cpu nodes already waiting, or no idle worker.
+        """In the submitting thread (under the runner's lock): send ``rec``'s call to an
+        idle cpu worker at once, skipping the hop to the loop's thread (woken only
+        after, for the bookkeeping: :meth:`add`). None when the call must go through
+        the scheduler: not a plain cpu call (a timeout, ``validate``, declared memory
+        or threads need the loop's admission and timers), cpu nodes already waiting,
+        or no idle worker.
         """
+        started = self._start_now(rec)
+        if started is None:
+            self.via_loop += 1
+        return started
+
+    def _start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
         spec, sched = rec.spec, self.sched
         pool = sched.pools.get(spec.kind)
         submit_if_idle = getattr(pool, "submit_if_idle", None)

@@ -10,10 +10,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from .._threads import join_thread
 from .._worker import Result, Task
 
-__all__ = ["Attempt", "Pool", "join_thread"]
+__all__ = ["Attempt", "Pool"]
 
 
 class Attempt(Protocol):

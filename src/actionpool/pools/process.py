@@ -60,10 +60,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _worker, _zygote
+from .._threads import join_thread
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
-from . import join_thread
 
 __all__ = [
     "WORKER_START_MODES",
@@ -438,19 +438,18 @@ class ProcessPool:
                 if only_if_idle:
                     return None
                 raise RuntimeError("the cpu pool is closed")
-            if only_if_idle and (self._pending or not self._has_idle()):
+            idle = self._idle_worker() if only_if_idle and not self._pending else None
+            if only_if_idle and idle is None:
                 return None
             att = ProcessAttempt(
                 self, next(self._ids), task, on_started or _ignore, on_event or _ignore
             )
-            self._pending.append(att)
-            self._assign()
+            if idle is not None:
+                self._send(idle, att)
+            else:
+                self._pending.append(att)
+                self._assign()
         return att
-
-    def _has_idle(self) -> bool:
-        return any(
-            w.attempt is None and w.state is WorkerState.IDLE for w in self._workers.values()
-        )
 
     def kill(self, att: ProcessAttempt, reason: str = "cancel") -> None:
         """Withdraw ``att`` if no worker has it, else SIGKILL its worker's process group."""
@@ -539,16 +538,16 @@ class ProcessPool:
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
+    def _idle_worker(self) -> _Worker | None:
+        """A live worker with no attempt (lock held), or None."""
+        for w in self._workers.values():
+            if w.attempt is None and w.state is not WorkerState.GONE:
+                return w
+        return None
+
     def _assign(self) -> None:
         while self._pending:
-            worker = next(
-                (
-                    w
-                    for w in self._workers.values()
-                    if w.attempt is None and w.state is not WorkerState.GONE
-                ),
-                None,
-            )
+            worker = self._idle_worker()
             if worker is None:
                 if len(self._workers) >= self.size:
                     return
@@ -561,12 +560,14 @@ class ProcessPool:
                     while self._pending:
                         self._pending.popleft().future.set_exception(exc)
                     return
-            att = self._pending.popleft()
-            worker.attempt = att
-            if worker.state is WorkerState.IDLE:
-                worker.state = WorkerState.BUSY
-            with contextlib.suppress(OSError):  # it just died: its notice requeues it
-                worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
+            self._send(worker, self._pending.popleft())
+
+    def _send(self, worker: _Worker, att: ProcessAttempt) -> None:
+        worker.attempt = att
+        if worker.state is WorkerState.IDLE:
+            worker.state = WorkerState.BUSY
+        with contextlib.suppress(OSError):  # it just died: its notice requeues it
+            worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
 
     def _spawn(self) -> _Worker:
         pid, parent_sock, slot, zygote = self._fork_worker()

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .._threads import join_thread
 from .._worker import Result, Task, execute, execute_async
-from . import join_thread
 
 __all__ = ["ThreadAttempt", "ThreadPool"]
 
