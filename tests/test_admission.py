@@ -123,6 +123,8 @@ def test_dispatch_pauses_below_the_memory_floor(shared: ap.Runner) -> None:
     assert [e.kind for e in events if e.kind in ("paused", "resumed")] == ["paused", "resumed"]
 
 
-def test_memory_floor_is_validated() -> None:
+def test_memory_floor_is_validated_before_anything_starts() -> None:
+    threads = set(threading.enumerate())
     with pytest.raises(ValueError, match="memory_floor"):
         ap.Runner(cpu_workers=1, io_workers=1, memory_floor=-5)
+    assert set(threading.enumerate()) == threads  # no scheduler thread left behind

@@ -144,6 +144,11 @@ class Runner(Executor):
             raise ValueError(
                 f"shm_threshold must be a number of bytes >= 0 or None, got {shm_threshold!r}"
             )
+        if memory_floor is not None and (
+            isinstance(memory_floor, bool) or not isinstance(memory_floor, int) or memory_floor < 0
+        ):
+            # checked before any process or thread starts, which a raise would leave behind
+            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {memory_floor!r}")
         self.shm_threshold = shm_threshold
         self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         # the CPU pool first: it may fork its zygote, while this process has one thread
@@ -169,11 +174,8 @@ class Runner(Executor):
         )
         self._thread.start()
         if memory_floor is None:
-            memory_floor = int(psutil.virtual_memory().total * MEMORY_FLOOR_FRACTION)
-        elif (
-            isinstance(memory_floor, bool) or not isinstance(memory_floor, int) or memory_floor < 0
-        ):
-            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {memory_floor!r}")
+            total = self.sizing.total_memory or psutil.virtual_memory().total
+            memory_floor = int(total * MEMORY_FLOOR_FRACTION)
         self._sched = Scheduler(
             self._loop,
             self._pools,

@@ -77,6 +77,8 @@ class Sizing:
         physical_cores: physical cores among them.
         available_memory: ``psutil.virtual_memory().available`` when measured, bytes.
         worker_footprint: measured memory of one idle worker, bytes (0 if not measured).
+        total_memory: ``psutil.virtual_memory().total``, bytes, read with
+            ``available_memory`` (0: not measured).
     """
 
     cpu_workers: int
@@ -88,6 +90,7 @@ class Sizing:
     physical_cores: int
     available_memory: int
     worker_footprint: int
+    total_memory: int = 0
 
     def __str__(self) -> str:
         return (
@@ -164,7 +167,8 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
     io_forced, io_src = _override(io_workers, "ACTIONPOOL_IO_WORKERS")
     usable = max(1, loky.cpu_count())
     physical = max(1, min(usable, loky.cpu_count(only_physical_cores=True)))
-    available = int(psutil.virtual_memory().available)
+    memory = psutil.virtual_memory()
+    available = int(memory.available)
     budget = int(available * MEMORY_FRACTION)
     reasons: list[str] = []
     footprint = 0
@@ -219,6 +223,7 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         physical_cores=physical,
         available_memory=available,
         worker_footprint=footprint,
+        total_memory=int(memory.total),
     )
 
 
