@@ -440,6 +440,21 @@ def test_close_waits_for_submitted_work() -> None:
     assert [f.result(timeout=0) for f in futs] == [0, 1, 2]
 
 
+def test_close_waits_for_a_plan_running_in_another_thread(tmp_path: Path) -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    plan = ap.Plan()
+    plan.add(h.mark_then_sleep, str(tmp_path / "started"), 0.3)
+    reports: list[ap.Report] = []
+    thread = threading.Thread(target=lambda: reports.append(r.run(plan)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    r.close()  # no call in flight, but a run is
+    assert [rep.status for rep in reports] == [ap.RunStatus.SUCCEEDED]
+    thread.join(30)
+
+
 def test_leaving_the_block_on_an_error_does_not_wait_for_queued_calls() -> None:
     start = time.monotonic()
     with (

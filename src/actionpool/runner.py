@@ -729,6 +729,8 @@ class Runner(Executor):
 
     def _wait_idle(self) -> None:
         """Block until every submitted call and every run has ended."""
+        if not self._runs and self._calls.handed == self._calls.ended:
+            return  # the runner is closed: nothing can start; no hop to the loop needed
 
         async def idle() -> None:
             while True:

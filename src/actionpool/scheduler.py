@@ -962,6 +962,10 @@ class CallRun(_Run):
         # writer each (submitting threads under the runner's lock; the loop).
         self.via_loop = 0
         self.taken = 0
+        # Calls handed over (submitting threads, under the runner's lock) and ended
+        # (the loop): equal when none is in flight, readable from any thread.
+        self.handed = 0
+        self.ended = 0
 
     def record(
         self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
@@ -987,6 +991,7 @@ class CallRun(_Run):
         started = self._start_now(rec)
         if started is None:
             self.via_loop += 1
+        self.handed += 1
         return started
 
     def _start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
@@ -1051,6 +1056,12 @@ class CallRun(_Run):
         return self.live[rec]
 
     def node_finished(self, rec: NodeRecord) -> None:
+        try:
+            self._end(rec)
+        finally:
+            self.ended += 1
+
+    def _end(self, rec: NodeRecord) -> None:
         self.live.pop(rec, None)
         rec.arena.close_when_idle()
         fut = rec.user_future
