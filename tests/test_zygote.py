@@ -166,6 +166,25 @@ def test_a_pool_closes_its_zygote() -> None:
     assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == "zombie"
 
 
+def test_a_draining_zygote_exits_after_its_last_worker_while_the_pool_holds_it() -> None:
+    # A closing pool asks its workers to stop and its zygote to drain: the zygote exits
+    # as soon as its last worker has been reaped and reported, without waiting for
+    # the pool to let it go (its exit then overlaps the pool's own shutdown).
+    with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
+        worker = r.submit(pid).result(timeout=60)
+        pool = r._pools["cpu"]
+        zygote = pool._zygote
+        zygote.drain()
+        proc = psutil.Process(zygote.pid)
+        assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # a worker lives
+        os.kill(worker, signal.SIGKILL)
+        proc.wait(30)  # while the pool still holds it open (its loop reaps it)
+        deadline = time.monotonic() + 30
+        while pool.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.pids() == []  # the worker's death was reported before the zygote left
+
+
 def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

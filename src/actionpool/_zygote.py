@@ -12,6 +12,7 @@ the first ones and each replacement after a crash or a hard timeout, is a fork o
                          ◄── ctl: pid ──────
     worker socket ◄══════════════════════════════════════════════════════════► (tasks, results)
                          ◄── notify: (pid, returncode) ── SIGCHLD: killpg, reap
+    DRAIN (the pool closes) ──────────►  exits after its last worker's notice
 
 The zygote itself starts one of two ways (``Runner(worker_start=...)``):
 
@@ -29,7 +30,11 @@ Only the zygote reaps workers (they are its children), so it reports each exit s
 to the parent. It kills a dead worker's process group (anything its action started)
 *before* reaping it: while the leader is an unreaped zombie, its pid, the group's id,
 cannot be reused. When the parent's end of ``ctl`` closes (the pool closed, or the
-parent died), the zygote kills every worker's group, reaps them and exits.
+parent died), the zygote kills every worker's group, reaps them and exits. When the
+pool closes, it sends :data:`DRAIN` with the stop requests to its workers: the zygote
+then forks nothing more and exits as soon as its last worker is reaped and reported,
+so its own exit (~1 ms of address-space teardown here) overlaps the parent's handling
+of those notices instead of following it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ import struct
 import sys
 from typing import NoReturn
 
-__all__ = ["NOTICE", "PID", "SPAWN", "main"]
+__all__ = ["DRAIN", "NOTICE", "PID", "SPAWN", "main"]
+
+DRAIN = b"drain"
+"""A request with no descriptors: the pool is closing (it has asked its workers to stop);
+fork nothing more, and exit once every worker has exited and been reported."""
 
 NOTICE = struct.Struct("=qi")
 """A notify message: (worker pid, return code as ``subprocess`` gives it: -N = signal N)."""
@@ -63,7 +72,8 @@ def main(
     Args:
         ctl_fd: a ``SOCK_SEQPACKET`` socket: each request is :data:`SPAWN` and carries
             the worker's socket and, where there is one, the pool's start page
-            (``SCM_RIGHTS``); the reply is the new worker's pid (:data:`PID`). The
+            (``SCM_RIGHTS``); the reply is the new worker's pid (:data:`PID`). Or
+            :data:`DRAIN`, which has no reply. The
             parent may send its first request before the zygote is ready: the worker
             is forked as soon as it is, while the parent goes on with its own start.
         notify_fd: a ``SOCK_SEQPACKET`` socket on which each worker's exit is reported
@@ -97,6 +107,7 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     children: set[int] = set()
+    draining = False
     while True:
         for fd, _events in poller.poll():
             if fd == wake_r:
@@ -105,6 +116,8 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
                         pass
                 if not _reap(children, notify):
                     return _stop(children)
+                if draining and not children:
+                    return None
                 continue
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(ctl, 16, 2)
@@ -113,9 +126,20 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
             if len(msg) != SPAWN.size or not fds:  # b"": the pool closed, or the parent died
                 for fd_ in fds:
                     os.close(fd_)
+                if msg == DRAIN:
+                    draining = True
+                    # a worker may have exited before its SIGCHLD was handled
+                    if not _reap(children, notify):
+                        return _stop(children)
+                    if not children:
+                        return None
                 if msg:
                     continue
                 return _stop(children)
+            if draining:  # too late: the pool is closing
+                for fd_ in fds:
+                    os.close(fd_)
+                continue
             (slot,) = SPAWN.unpack(msg)
             pid = os.fork()
             if pid == 0:

@@ -234,6 +234,12 @@ class _Zygote:
         sock.close()
         return slot
 
+    def drain(self) -> None:
+        """Tell the zygote that the pool is closing: it forks nothing more and exits
+        after its last worker's exit notice (:data:`actionpool._zygote.DRAIN`)."""
+        with contextlib.suppress(OSError):  # gone already: close() reaps it
+            self.ctl.send(_zygote.DRAIN)
+
     def close(self) -> None:
         """Let the zygote go (it kills what workers it still has) and reap it."""
         if self.closed:
@@ -504,6 +510,9 @@ class ProcessPool:
                     _kill_group(w.pid)
                 else:
                     _send_stop(w)
+            for zygote in self._zygotes:  # each exits after its last worker's notice
+                self._drop_request(zygote)  # its worker, if forked, finds its socket closed
+                zygote.drain()
             if not self._workers:
                 self._all_gone.set()
             loop = self._loop
@@ -517,11 +526,11 @@ class ProcessPool:
         with self._lock:
             zygotes, self._zygotes, self._zygote = self._zygotes, [], None
         if loop is not None and not loop.is_closed():
-            fds = [z.notify.fileno() for z in zygotes if not z.closed]
 
-            def unwatch() -> None:
-                for fd in fds:
-                    self._unwatch(fd)
+            def unwatch() -> None:  # on the loop, which may have closed some already
+                for z in zygotes:
+                    if not z.closed:
+                        self._unwatch(z.notify.fileno())
 
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
                 self._in_loop(unwatch).result()
