@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 import actionpool as ap
+from actionpool.pools.threads import ThreadPool
+from actionpool.scheduler import Scheduler
 from tests import helpers as h
 
 
@@ -128,3 +131,20 @@ def test_memory_floor_is_validated_before_anything_starts() -> None:
     with pytest.raises(ValueError, match="memory_floor"):
         ap.Runner(cpu_workers=1, io_workers=1, memory_floor=-5)
     assert set(threading.enumerate()) == threads  # no scheduler thread left behind
+
+
+def test_the_memory_read_by_the_sizing_counts_as_the_schedulers_first_check() -> None:
+    # so a runner's first call may start from the caller's thread (Runner.submit)
+    loop = asyncio.new_event_loop()
+    pool = ThreadPool(1)
+    try:
+
+        def scheduler(available: int | None) -> Scheduler:
+            return Scheduler(loop, {"io": pool}, 1.0, 2**30, 1, 100, available)
+
+        assert scheduler(200).admits_at_once("io")
+        assert not scheduler(50).admits_at_once("io")  # below the floor: the loop decides
+        assert not scheduler(None).admits_at_once("io")  # never read: the loop reads it
+    finally:
+        pool.close()
+        loop.close()

@@ -227,6 +227,30 @@ def test_the_first_worker_starts_with_the_zygote_and_a_dead_one_is_replaced() ->
     assert out.split() == ["True", "True"]
 
 
+def test_a_scripts_first_call_goes_from_its_thread_to_the_prestarted_worker() -> None:
+    # The zygote forks the first worker unasked; once it has said so, a call joins
+    # that worker to the pool and starts on it from the caller's thread, without
+    # waiting for the scheduler's (held busy here for 2 s).
+    out = run_script(
+        """
+        import threading, time
+        import actionpool as ap
+
+        with ap.Runner(cpu_workers=1, worker_start="fork", memory_floor=0) as r:
+            zygote = r._pools["cpu"]._zygote
+            deadline = time.monotonic() + 60
+            while not zygote.answered() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            busy = threading.Event()
+            r._loop.call_soon_threadsafe(lambda: (busy.set(), time.sleep(2.0)))
+            assert busy.wait(10)
+            held_until = time.time() + 1.8
+            print(r.worker_pids() == [], r.submit(time.time).result(timeout=60) < held_until)
+        """
+    )
+    assert out.split() == ["True", "True"]
+
+
 def test_native_pools_loaded_sees_a_blas_library() -> None:
     out = run_script(
         """

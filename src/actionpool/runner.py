@@ -183,6 +183,7 @@ class Runner(Executor):
             self.sizing.memory_budget,
             self.sizing.blas_threads,
             memory_floor,
+            self.sizing.available_memory,
         )
         self._calls = CallRun(self._sched, uuid.uuid4().hex[:12])
         self._call_ids = itertools.count()

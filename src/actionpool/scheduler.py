@@ -265,6 +265,8 @@ class Scheduler:
         memory_budget: bytes that running nodes' declared ``memory`` may add up to.
         blas_threads: BLAS/OpenMP threads per CPU slot.
         memory_floor: bytes of available memory below which dispatch pauses.
+        available: bytes of available memory just read by the caller (its sizing), or
+            None; above ``memory_floor``, it counts as this loop's first check.
     """
 
     def __init__(
@@ -275,6 +277,7 @@ class Scheduler:
         memory_budget: int,
         blas_threads: int,
         memory_floor: int,
+        available: int | None = None,
     ) -> None:
         self.loop = loop
         self.pools = dict(pools)
@@ -284,6 +287,8 @@ class Scheduler:
         self._mem_free = memory_budget
         self._paused = False
         self._mem_checked = 0.0
+        if available is not None and available >= memory_floor:
+            self._mem_checked = time.monotonic()  # a runner's first call need not wait
         self._ready: dict[str, list[NodeRecord]] = {k: [] for k in self.pools}
         self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
         self._dispatch_pending = False

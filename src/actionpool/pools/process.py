@@ -226,6 +226,10 @@ class _Zygote:
         pid: int = _zygote.PID.unpack(reply)[0]
         return pid, sock, slot
 
+    def answered(self) -> bool:
+        """Whether the reply to the request sent is in (:meth:`take` will not wait)."""
+        return self.asked is not None and bool(select.select([self.ctl], [], [], 0)[0])
+
     def drop_request(self) -> int | None:
         """Forget an unanswered request; the slot it held, or None."""
         if self.asked is None:
@@ -444,7 +448,9 @@ class ProcessPool:
                 if only_if_idle:
                     return None
                 raise RuntimeError("the cpu pool is closed")
-            idle = self._idle_worker() if only_if_idle and not self._pending else None
+            idle = None
+            if only_if_idle and not self._pending:
+                idle = self._idle_worker() or self._prestarted()
             if only_if_idle and idle is None:
                 return None
             att = ProcessAttempt(
@@ -546,6 +552,20 @@ class ProcessPool:
             self._page = None
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
+
+    def _prestarted(self) -> _Worker | None:
+        """The worker its zygote forked unasked (the pool's first), when the zygote
+        has already answered (lock held): ready for a task, it joins the pool now, in
+        the caller's thread. None if there is none, or the answer is not in yet."""
+        zygote = self._zygote
+        if zygote is None or zygote.asked is None or len(self._workers) >= self.size:
+            return None
+        try:
+            if not zygote.answered():
+                return None
+            return self._spawn()
+        except (OSError, WorkerCrashed):
+            return None  # the scheduler's own dispatch goes the long way and reports it
 
     def _idle_worker(self) -> _Worker | None:
         """A live worker with no attempt (lock held), or None."""
