@@ -144,11 +144,8 @@ class Runner(Executor):
             raise ValueError(
                 f"shm_threshold must be a number of bytes >= 0 or None, got {shm_threshold!r}"
             )
-        if memory_floor is not None and (
-            isinstance(memory_floor, bool) or not isinstance(memory_floor, int) or memory_floor < 0
-        ):
-            # checked before any process or thread starts, which a raise would leave behind
-            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {memory_floor!r}")
+        if memory_floor is not None:
+            _check_memory_floor(memory_floor)  # before any process or thread starts
         self.shm_threshold = shm_threshold
         self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         # the CPU pool first: it may fork its zygote, while this process has one thread
@@ -492,8 +489,7 @@ class Runner(Executor):
 
     @memory_floor.setter
     def memory_floor(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"memory_floor must be a number of bytes >= 0, got {value!r}")
+        _check_memory_floor(value)
         self._sched.memory_floor = value
         self._loop.call_soon_threadsafe(self._sched.schedule_dispatch)
 
@@ -747,6 +743,12 @@ class Runner(Executor):
                 await asyncio.sleep(0)  # let finished runs leave self._runs
 
         asyncio.run_coroutine_threadsafe(idle(), self._loop).result()
+
+
+def _check_memory_floor(value: Any) -> None:
+    """Raise ValueError unless ``value`` is an int number of bytes >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"memory_floor must be a number of bytes >= 0, got {value!r}")
 
 
 MAP_TARGET_CHUNK_S = 0.05
