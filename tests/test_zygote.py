@@ -3,6 +3,7 @@ happens when the zygote itself dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -251,16 +252,40 @@ def test_a_scripts_first_call_goes_from_its_thread_to_the_prestarted_worker() ->
     assert out.split() == ["True", "True"]
 
 
-def test_native_pools_loaded_sees_a_blas_library() -> None:
+@pytest.mark.parametrize("source", ["loaded_objects", "mapped_files"])
+def test_native_pools_loaded_sees_a_blas_library(source: str) -> None:
+    # both sources native_pools_loaded answers from: the loader's link map (once ctypes
+    # is imported, as loky does in a runner's process), else /proc/self/maps
     out = run_script(
-        """
-        from actionpool._worker import native_pools_loaded
-        before = native_pools_loaded()
+        f"""
+        import ctypes
+        from actionpool._worker import {source} as names, native_pools_loaded, pool_library_in
+        before = pool_library_in(names()), native_pools_loaded()
         import numpy
-        print(before, native_pools_loaded())
+        print(*before, pool_library_in(names()), native_pools_loaded())
         """
     )
-    assert out.split() == ["False", "True"]
+    assert out.split() == ["False", "False", "True", "True"]
+
+
+def test_the_link_map_lists_the_shared_objects_the_kernel_has_mapped() -> None:
+    # the fast answer of native_pools_loaded must see what /proc/self/maps sees
+    out = run_script(
+        """
+        import ctypes, json, os
+        import numpy
+        from actionpool._worker import loaded_objects
+        linked = {os.path.realpath(n) for n in map(os.fsdecode, loaded_objects()) if "/" in n}
+        with open("/proc/self/maps") as f:
+            fields = [line.split(None, 5) for line in f]
+        paths = {f[5].strip() for f in fields if len(f) == 6}
+        mapped = {p for p in paths if p.startswith("/") and ".so" in os.path.basename(p)}
+        print(json.dumps([sorted(linked - mapped), sorted(mapped - linked), len(linked)]))
+        """
+    )
+    only_linked, only_mapped, count = json.loads(out)
+    assert only_linked == [] and only_mapped == []
+    assert count > 10  # libc, libpython or the like, NumPy's modules and its BLAS
 
 
 def test_a_forked_zygote_caps_a_blas_library_the_parent_loaded() -> None:
