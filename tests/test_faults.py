@@ -616,7 +616,12 @@ def test_a_cancelled_node_keeps_its_start_time_and_worker(tmp_path: Path) -> Non
 
 def test_leaving_a_map_early_stops_its_running_calls(tmp_path: Path) -> None:
     marks = [tmp_path / f"m{i}" for i in range(2)]
-    with ap.Runner(cpu_workers=2, io_workers=1) as r:
+    with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
+        # Both workers up and idle: the map's first two calls are sent by submit itself
+        # (no record: CallRun.start_direct), the third waits for the scheduler; leaving
+        # the map must stop both kinds. (The next test starts from cold workers.)
+        warm = [r.submit(fa.stamp, "warm", 0.3) for _ in range(2)]
+        assert [f.result(timeout=30)[0] for f in warm] == ["warm", "warm"]
         it = r.map(fa.sleep_long, [0.0, 30.0, 30.0], [None, *map(str, marks)], chunksize=1)
         assert next(it) == "woke"
         pids = [pid_in(m) for m in marks]

@@ -16,6 +16,7 @@ import pytest
 
 import actionpool as ap
 from actionpool.runner import MAP_TARGET_CHUNK_S, _Batcher
+from tests import fault_actions as fa
 from tests import helpers as h
 
 
@@ -145,6 +146,58 @@ def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Pat
         right_after = r.submit(h.stamp, "right after")
         _, second_end = second.result(timeout=30)
         assert right_after.result(timeout=30)[1] >= second_end - 0.01
+
+
+def test_a_call_sent_from_the_callers_thread_holds_its_slot_until_it_ends(
+    tmp_path: Path,
+) -> None:
+    # A plain call that finds an idle worker is sent by submit itself and has no
+    # record on the scheduler's side; it must still count against the cpu slots: a
+    # call needing both slots waits for it, then starts once it ends.
+    with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
+        warm = [r.submit(h.sleep_then, i, 0.3) for i in range(2)]  # start both workers
+        assert [f.result(timeout=30) for f in warm] == [0, 1]
+        marker = tmp_path / "narrow"
+        narrow = r.submit(h.mark_then_sleep, str(marker), 0.5)
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the narrow call never started"
+            time.sleep(0.005)
+        wide = r.submit(ap.action(h.stamp, threads=2), "wide")  # a worker is idle
+        _, narrow_end = narrow.result(timeout=30)
+        _, wide_start, _ = wide.result(timeout=30)
+        assert wide_start >= narrow_end - 0.01
+
+
+def test_a_cancelled_or_crashed_call_gives_its_slot_back(tmp_path: Path) -> None:
+    # One cpu slot: had a call sent by submit kept its slot after it was cancelled or
+    # its worker died, no plan node could ever be dispatched again (the suite's
+    # timeout ends the test).
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        marker = tmp_path / "long"
+        long = r.submit(h.mark_then_sleep, str(marker), 60)
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the call never started"
+            time.sleep(0.005)
+        worker = r.worker_pids()[0]
+        r.cancel()
+        with pytest.raises(cf.CancelledError, match="cancelled"):
+            long.result(timeout=0)  # ended by cancel() itself
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+        plan = ap.Plan()
+        plan.add(h.square, 3)
+        report = r.run(plan)  # hangs (pytest-timeout) if the slot was lost
+        assert report.status is ap.RunStatus.SUCCEEDED and list(report.values.values()) == [9]
+
+        crashed = r.submit(fa.exit_with, 3)
+        with pytest.raises(ap.WorkerCrashed):
+            crashed.result(timeout=30)
+        plan = ap.Plan()
+        plan.add(h.square, 4)
+        report = r.run(plan)  # hangs (pytest-timeout) if the slot was lost
+        assert report.status is ap.RunStatus.SUCCEEDED and list(report.values.values()) == [16]
 
 
 def test_runner_is_an_executor_for_run_in_executor(shared: ap.Runner) -> None:
@@ -438,6 +491,14 @@ def test_close_waits_for_submitted_work() -> None:
     futs = [r.submit(h.sleep_then, i, 0.1) for i in range(3)]
     r.close()
     assert [f.result(timeout=0) for f in futs] == [0, 1, 2]
+
+
+def test_close_waits_for_a_call_that_submit_sent_itself() -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0)
+    assert r.submit(h.square, 2).result(timeout=30) == 4  # the worker is up and idle
+    fut = r.submit(h.sleep_then, 7, 0.3)  # sent by submit: no record on the loop
+    r.close()
+    assert fut.result(timeout=0) == 7
 
 
 def test_close_waits_for_a_plan_running_in_another_thread(tmp_path: Path) -> None:

@@ -237,13 +237,14 @@ class Runner(Executor):
             arena.close()
             fut.set_exception(exc)
             return fut
-        rec = self._calls.record(spec, call, arena, fut)
         with self._lock:
             if self._closed:
                 arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
-            started = self._calls.start_now(rec)
-            self._loop.call_soon_threadsafe(self._calls.add, rec, args, kwargs, started)
+            if self._calls.start_direct(spec, call, arena, fut):
+                return fut
+            rec = self._calls.record(spec, call, arena, fut)
+            self._loop.call_soon_threadsafe(self._calls.add, rec, args, kwargs)
         return fut
 
     def map(
@@ -453,7 +454,7 @@ class Runner(Executor):
                     if isinstance(rec.handle, ProcessAttempt):
                         killed.append(rec.handle.future)
                     self._sched.cancel_node(rec, why)
-            return killed
+            return killed + self._calls.stop_direct(why, wanted)
 
         if not self._loop.is_closed():
             wait_futures(self._on_loop(stop), timeout=10)
@@ -530,6 +531,8 @@ class Runner(Executor):
                 for rec in run.live_records():
                     if isinstance(rec.handle, ProcessAttempt):
                         killed.append(rec.handle.future)
+                if run is self._calls:
+                    killed += self._calls.stop_direct(why)
                 run.cancel(why)
             return killed
 
@@ -737,6 +740,9 @@ class Runner(Executor):
                     for r in self._calls.live
                     if r.user_future is not None
                 ]
+                # a direct call is over when its attempt is (its worker may still be
+                # dying after a cancel): then _direct_end frees its arena and slot
+                waits += [asyncio.wrap_future(h.future) for h in self._calls.direct]
                 if not waits:
                     return
                 await asyncio.wait(waits)

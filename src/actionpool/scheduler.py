@@ -57,6 +57,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -291,6 +292,10 @@ class Scheduler:
             self._mem_checked = time.monotonic()  # a runner's first call need not wait
         self._ready: dict[str, list[NodeRecord]] = {k: [] for k in self.pools}
         self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
+        # Direct calls (CallRun.start_direct) hold cpu slots without a record: started
+        # by submitting threads (under the runner's lock), ended on this loop.
+        self.direct_started = 0
+        self.direct_ended = 0
         self._dispatch_pending = False
         self._seq = itertools.count(1)
 
@@ -323,11 +328,8 @@ class Scheduler:
         else:
             self._enqueue(rec)
 
-    def _to_running(
-        self, rec: NodeRecord, frm: NodeState, task: Task, handle: Attempt | None = None
-    ) -> None:
-        """Account for the attempt and submit ``task``, unless ``handle`` says the
-        attempt was submitted already (by the caller's thread: :meth:`CallRun.start_now`)."""
+    def _to_running(self, rec: NodeRecord, frm: NodeState, task: Task) -> None:
+        """Account for the attempt and submit ``task`` to its pool."""
         kind = rec.spec.kind
         rec.attempts += 1
         rec.pool = kind
@@ -340,20 +342,19 @@ class Scheduler:
             rec.arena.hold()
         self.emit(rec, "queued")
         attempt = rec.attempts
-        if handle is None:
-            on_started, on_event = self.callbacks(rec, attempt)
-            wants_start = task.announce  # see _prepare
-            try:
-                handle = self.pools[kind].submit(
-                    task, rec.spec.is_async, on_started if wants_start else None, on_event
-                )
-            except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
-                self._free[kind] += rec.spec.threads
-                self._mem_free += rec.spec.memory or 0
-                if kind == "cpu":
-                    rec.arena.unhold()
-                self.transition(rec, NodeState.FAILED, error=exc)
-                return
+        on_started, on_event = self.callbacks(rec, attempt)
+        wants_start = task.announce  # see _prepare
+        try:
+            handle = self.pools[kind].submit(
+                task, rec.spec.is_async, on_started if wants_start else None, on_event
+            )
+        except Exception as exc:  # noqa: BLE001 - a closed pool fails this node
+            self._free[kind] += rec.spec.threads
+            self._mem_free += rec.spec.memory or 0
+            if kind == "cpu":
+                rec.arena.unhold()
+            self.transition(rec, NodeState.FAILED, error=exc)
+            return
         rec.handle = handle
 
         fast = rec.user_future is not None and rec.spec.timeout is None
@@ -435,6 +436,11 @@ class Scheduler:
         heapq.heappush(self._ready[rec.spec.kind], rec)
         self.schedule_dispatch()
 
+    def slot_freed(self) -> None:
+        """A direct call's slot is free (:class:`CallRun`): dispatch what waits for it."""
+        if any(self._ready.values()):
+            self.schedule_dispatch()
+
     def _release(self, rec: NodeRecord, handle: Attempt) -> None:
         """Free an attempt's slots and memory, exactly once: when its pool is done with
         it, or at once when an io attempt is abandoned (its thread no longer counts)."""
@@ -460,16 +466,23 @@ class Scheduler:
         self._dispatch_pending = False
         self._dispatch_ready()
 
+    def free_slots(self, kind: str) -> int:
+        """Slots of the ``kind`` pool that no attempt holds, direct calls included."""
+        if kind == "cpu":
+            return self._free[kind] - (self.direct_started - self.direct_ended)
+        return self._free[kind]
+
     def _dispatch_ready(self) -> None:
         if not any(self._ready.values()) or self._memory_low():
             return
         for kind, heap in self._ready.items():
             waiting: list[NodeRecord] = []  # ready, but too big for what is free now
-            while heap and self._free[kind] > 0:
+            while heap and self.free_slots(kind) > 0:
                 rec = heapq.heappop(heap)
                 if rec.state is not NodeState.READY:
                     continue
-                if rec.spec.threads > self._free[kind] or (rec.spec.memory or 0) > self._mem_free:
+                too_big = rec.spec.threads > self.free_slots(kind)
+                if too_big or (rec.spec.memory or 0) > self._mem_free:
                     waiting.append(rec)
                     continue
                 if not rec.run.may_start(rec):
@@ -484,11 +497,11 @@ class Scheduler:
     def admits_at_once(self, kind: str) -> bool:
         """Whether a one-slot node of ``kind`` would be dispatched at once: no node of
         that kind waits, a slot is free, and available memory was checked recently and
-        was above the floor. Read from any thread (:meth:`CallRun.start_now`); a stale
+        was above the floor. Read from any thread (:meth:`CallRun.start_direct`); a stale
         answer errs by one loop turn, and the pool never runs more than its size."""
         return (
             not self._ready[kind]
-            and self._free[kind] > 0
+            and self.free_slots(kind) > 0
             and not self._paused
             and (self.memory_floor <= 0 or time.monotonic() - self._mem_checked < _MEM_RECHECK_S)
         )
@@ -542,11 +555,7 @@ class Scheduler:
         return self.task_for(rec)
 
     def task_for(self, rec: NodeRecord) -> Task:
-        """The task of ``rec``'s next attempt, its call pickled already (``rec.call``).
-
-        Reads only what does not change while the node waits, so that the thread that
-        submits a call may build it (:meth:`CallRun.start_now`).
-        """
+        """The task of ``rec``'s next attempt, its call pickled already (``rec.call``)."""
         run, spec = rec.run, rec.spec
         assert rec.call is not None
         return Task(
@@ -674,18 +683,11 @@ class Scheduler:
                 rec.value = rec.arena.loads(result.value) if result.value is not None else None
                 rec.deltas = rec.arena.loads(result.deltas) if result.deltas is not None else None
             except Exception as err:  # noqa: BLE001
-                serr = SerializationError(
-                    f"node {rec.name!r}: its return value could not be unpickled here"
-                    f" ({type(err).__name__}: {err})"
-                )
-                self._failed(rec, serr, None)
+                self._failed(rec, _unpickling_failed(rec.name, err), None)
                 return
             self.transition(rec, NodeState.SUCCEEDED)
             return
-        error = rebuild_error(result)
-        if result.traceback and error.__cause__ is None:
-            error.__cause__ = _RemoteTraceback(result.traceback)
-        self._failed(rec, error, result.traceback or None)
+        self._failed(rec, action_error(result), result.traceback or None)
 
     def _on_crash(self, rec: NodeRecord, exc: WorkerCrashed) -> None:
         if rec.stop_reason == "timeout":
@@ -775,6 +777,21 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+def action_error(result: Result) -> BaseException:
+    """The exception an action raised, rebuilt from its failed ``result``; the worker's
+    traceback is its ``__cause__`` unless it has a cause of its own."""
+    error = rebuild_error(result)
+    if result.traceback and error.__cause__ is None:
+        error.__cause__ = _RemoteTraceback(result.traceback)
+    return error
+
+
+def _unpickling_failed(name: str, err: Exception) -> SerializationError:
+    return SerializationError(
+        f"node {name!r}: its return value could not be unpickled here ({type(err).__name__}: {err})"
+    )
 
 
 def backoff_delay(base: float, attempt: int) -> float:
@@ -950,8 +967,50 @@ class PlanRun(_Run):
         )
 
 
+class _Direct:
+    """A call that its submitting thread sent straight to an idle cpu worker
+    (:meth:`CallRun.start_direct`): it has no record and makes no transitions."""
+
+    __slots__ = ("arena", "future", "name")
+
+    def __init__(self, name: str, future: Future[Any], arena: Arena) -> None:
+        self.name = name
+        self.future = future
+        self.arena = arena
+
+
+def _settle(entry: _Direct, f: Future[Result]) -> None:
+    """End a direct call's future from its attempt's, as a record's outcome would
+    (:meth:`Scheduler._on_result`, :meth:`CallRun._end`)."""
+    fut = entry.future
+    if f.cancelled():
+        fut.set_exception(ActionFailed(f"node {entry.name!r}: its attempt was withdrawn"))
+        return
+    exc = f.exception()
+    if exc is not None:  # its worker died, or none could start
+        fut.set_exception(exc)
+        return
+    result = f.result()
+    if not result.ok:
+        fut.set_exception(action_error(result))
+        return
+    try:
+        value = entry.arena.loads(result.value) if result.value is not None else None
+    except Exception as err:  # noqa: BLE001
+        fut.set_exception(_unpickling_failed(entry.name, err))
+        return
+    fut.set_result(value)
+
+
 class CallRun(_Run):
-    """The runner's stream of :meth:`Runner.submit` calls; each ends its own Future."""
+    """The runner's stream of :meth:`Runner.submit` calls; each ends its own Future.
+
+    A plain cpu call that finds an idle worker and a free slot is a *direct* call
+    (:meth:`start_direct`): the submitting thread sends it and the reader of the
+    worker's socket ends it, with no record, no state machine and no hop to the
+    loop at submit. Every other call is a :class:`NodeRecord` that the scheduler
+    runs like a plan node.
+    """
 
     def __init__(self, sched: Scheduler, run_id: str) -> None:
         self.sched = sched
@@ -963,85 +1022,128 @@ class CallRun(_Run):
         self.on_event = None
         self._index = itertools.count()
         self.live: dict[NodeRecord, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        # Calls that start_now handed to the loop, and those of them add() took: one
-        # writer each (submitting threads under the runner's lock; the loop).
+        # Calls recorded for the loop, and those of them add() took: one writer each
+        # (submitting threads under the runner's lock; the loop).
         self.via_loop = 0
         self.taken = 0
         # Calls handed over (submitting threads, under the runner's lock) and ended
         # (the loop): equal when none is in flight, readable from any thread.
         self.handed = 0
         self.ended = 0
+        # Direct calls in flight, by attempt: added by submitting threads (under the
+        # runner's lock), removed on the loop once their attempt is over.
+        self.direct: dict[Attempt, _Direct] = {}
+
+    def start_direct(
+        self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
+    ) -> bool:
+        """In the submitting thread, under the runner's lock: send a plain call straight
+        to an idle cpu worker; False (nothing done) when it must be a record instead.
+
+        Plain means what needs neither the loop's timers nor its admission nor a
+        record's state machine: no timeout, ``validate``, ``memory``, ``threads`` > 1,
+        ``retries`` or Context. It must also find the scheduler admitting at once (no
+        cpu node waits, a slot is free, memory was checked) and no earlier call still
+        waiting for the loop, so calls never overtake each other.
+
+        The call then costs the parent about half the CPU of a record (the W2 round
+        trip: docs/performance.md): the worker's reader sets ``future`` and frees
+        the slot (:meth:`_direct_done`); a cancel stops it (:meth:`stop_direct`).
+        """
+        sched = self.sched
+        submit_if_idle = getattr(sched.pools.get(spec.kind), "submit_if_idle", None)
+        if (
+            submit_if_idle is None
+            or self.via_loop != self.taken
+            or spec.timeout is not None
+            or spec.validate is not None
+            or spec.threads != 1
+            or spec.memory
+            or spec.retries
+            or spec.wants_context
+            or not sched.admits_at_once(spec.kind)
+        ):
+            return False
+        task = Task(
+            self.run_id, spec.name, 1, None, False, None, call,
+            arena.prefix, arena.threshold, sched.blas_threads, False,
+        )  # fmt: skip
+        entry = _Direct(spec.name, future, arena)
+
+        def before_send(handle: Attempt) -> None:  # under the pool's lock
+            future.set_running_or_notify_cancel()  # not given out yet: cannot be cancelled
+            self.direct[handle] = entry
+            sched.direct_started += 1
+            self.handed += 1
+            handle.future.add_done_callback(partial(self._direct_done, handle))
+
+        return submit_if_idle(task, None, before_send) is not None
+
+    def _direct_done(self, handle: Attempt, f: Future[Result]) -> None:
+        """A direct call's attempt is over (in the thread that learnt it: normally the
+        loop's reader of the worker's socket): end its future, then free its slot."""
+        entry = self.direct.get(handle)
+        if entry is None:
+            return
+        if not entry.future.done():  # else a cancel ended it already
+            with contextlib.suppress(InvalidStateError):  # or it did meanwhile
+                _settle(entry, f)
+        if asyncio._get_running_loop() is self.sched.loop:
+            self._direct_end(handle)
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
+                self.sched.loop.call_soon_threadsafe(self._direct_end, handle)
+
+    def _direct_end(self, handle: Attempt) -> None:
+        """On the loop: a direct call's attempt is over; its arena and slot go."""
+        entry = self.direct.pop(handle, None)
+        if entry is None:
+            return
+        f = handle.future
+        if f.cancelled() or f.exception() is not None:
+            entry.arena.orphans_possible = True  # it may have made segments, then died
+        entry.arena.close()
+        self.ended += 1
+        self.sched.direct_ended += 1
+        self.sched.slot_freed()
+
+    def stop_direct(self, why: str, futures: set[Future[Any]] | None = None) -> list[Future[Any]]:
+        """On the loop: cancel the direct calls in flight (those of ``futures`` only,
+        if given): each future fails with ``CancelledError`` now, and its worker is
+        killed. Returns the attempts' futures, done once their workers are gone."""
+        killed: list[Future[Any]] = []
+        for handle, entry in list(self.direct.items()):
+            if entry.future.done() or (futures is not None and entry.future not in futures):
+                continue
+            with contextlib.suppress(InvalidStateError):
+                entry.future.set_exception(CancelledError(f"node {entry.name!r} cancelled: {why}"))
+            handle.cancel("cancel")
+            killed.append(handle.future)
+        return killed
 
     def record(
         self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
     ) -> NodeRecord:
-        """A new call's record (in the submitting thread); :meth:`add` takes it over.
+        """A new call's record (in the submitting thread, under the runner's lock);
+        queue :meth:`add` on the loop next, which takes it over.
 
         ``call`` is ``(spec, args, kwargs)`` already pickled by the submitting thread;
         ``future`` gets the call's value or error.
         """
+        self.via_loop += 1
+        self.handed += 1
         rec = NodeRecord(self, next(self._index), spec.name, spec, None, arena)
         rec.call = call
         rec.user_future = future
         return rec
 
-    def start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
-        """In the submitting thread (under the runner's lock): send ``rec``'s call to an
-        idle cpu worker at once, skipping the hop to the loop's thread (woken only
-        after, for the bookkeeping: :meth:`add`). None when the call must go through
-        the scheduler: not a plain cpu call (a timeout, ``validate``, declared memory
-        or threads need the loop's admission and timers), cpu nodes already waiting,
-        or no idle worker.
-        """
-        started = self._start_now(rec)
-        if started is None:
-            self.via_loop += 1
-        self.handed += 1
-        return started
-
-    def _start_now(self, rec: NodeRecord) -> tuple[Task, Attempt] | None:
-        spec, sched = rec.spec, self.sched
-        pool = sched.pools.get(spec.kind)
-        submit_if_idle = getattr(pool, "submit_if_idle", None)
-        if (
-            submit_if_idle is None
-            or self.via_loop != self.taken  # an earlier call still waits for the loop
-            or spec.timeout is not None
-            or spec.validate is not None
-            or spec.threads != 1
-            or spec.memory
-            or not sched.admits_at_once(spec.kind)
-        ):
-            return None
-        task = sched.task_for(rec)  # no timeout, and calls have no on_event: no "started"
-        _, on_event = sched.callbacks(rec, 1)
-        handle: Attempt | None = submit_if_idle(task, on_event)
-        if handle is None:
-            return None
-        assert rec.user_future is not None
-        rec.user_future.set_running_or_notify_cancel()  # not given out yet: cannot be cancelled
-        return task, handle
-
-    def add(
-        self,
-        rec: NodeRecord,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        started: tuple[Task, Attempt] | None = None,
-    ) -> None:
-        """Take over a call from :meth:`record` (on the loop thread): queue it, or, when
-        :meth:`start_now` sent it already, account for its attempt.
+    def add(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Take over a call from :meth:`record` (on the loop thread) and queue it.
 
         ``args`` and ``kwargs`` are kept only for the action's ``validate``.
         """
         self.live[rec] = (args, kwargs) if rec.spec.validate is not None else ((), {})
-        if started is None:
-            self.taken += 1
-        if started is not None:
-            rec.state = NodeState.READY
-            task, handle = started
-            self.sched.transition(rec, NodeState.RUNNING, task=task, handle=handle)
-            return
+        self.taken += 1
         self.sched.transition(rec, NodeState.READY, now=True)
         self.sched.dispatch_now()  # a lone call need not wait for the next loop turn
 

@@ -424,15 +424,22 @@ class ProcessPool:
         return att
 
     def submit_if_idle(
-        self, task: Task, on_event: Callable[[str, float, Any], None] | None = None
+        self,
+        task: Task,
+        on_event: Callable[[str, float, Any], None] | None = None,
+        before_send: Callable[[ProcessAttempt], None] | None = None,
     ) -> ProcessAttempt | None:
         """Send ``task`` to an idle worker now, from any thread; None (nothing sent)
         when no worker is idle, attempts wait for one, or the pool is closed.
 
+        ``before_send(attempt)`` runs under the pool's lock once a worker is chosen,
+        just before the task is written to it: what the caller must set up before the
+        attempt can end (its result is read on another thread).
+
         The runner's :meth:`~actionpool.Runner.submit` uses it to reach a worker
         without waiting for its scheduler thread to wake up.
         """
-        return self._submit(task, None, on_event, True)
+        return self._submit(task, None, on_event, True, before_send)
 
     def _submit(
         self,
@@ -440,6 +447,7 @@ class ProcessPool:
         on_started: Callable[[int | str, float], None] | None,
         on_event: Callable[[str, float, Any], None] | None,
         only_if_idle: bool,
+        before_send: Callable[[ProcessAttempt], None] | None = None,
     ) -> ProcessAttempt | None:
         if self._page is None and not task.announce:
             task = task._replace(announce=True)  # no start page: the message is all we have
@@ -457,6 +465,8 @@ class ProcessPool:
                 self, next(self._ids), task, on_started or _ignore, on_event or _ignore
             )
             if idle is not None:
+                if before_send is not None:
+                    before_send(att)
                 self._send(idle, att)
             else:
                 self._pending.append(att)
