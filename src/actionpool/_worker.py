@@ -44,7 +44,16 @@ from typing import Any, NamedTuple
 
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
-from .transfer import Arena, Packed, arena_for, dumps, forget, loads, unlink_worker_segments
+from .transfer import (
+    Arena,
+    Packed,
+    arena_for,
+    dumps,
+    forget,
+    keep_mappings,
+    loads,
+    unlink_worker_segments,
+)
 
 __all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
 
@@ -377,8 +386,7 @@ def execute(
     try:
         return _execute(task, sink, cancel, started, alarm, arena, on_start)
     finally:
-        if not arena.owner and not arena._segments:  # mapped nothing: nothing to keep
-            forget(task.shm_prefix)
+        keep_mappings(arena)
 
 
 def _execute(

@@ -979,27 +979,39 @@ class _Direct:
         self.arena = arena
 
 
-def _settle(entry: _Direct, f: Future[Result]) -> None:
+def _settle(entry: _Direct, f: Future[Result]) -> bool:
     """End a direct call's future from its attempt's, as a record's outcome would
-    (:meth:`Scheduler._on_result`, :meth:`CallRun._end`)."""
-    fut = entry.future
-    if f.cancelled():
-        fut.set_exception(ActionFailed(f"node {entry.name!r}: its attempt was withdrawn"))
-        return
-    exc = f.exception()
-    if exc is not None:  # its worker died, or none could start
-        fut.set_exception(exc)
-        return
-    result = f.result()
-    if not result.ok:
-        fut.set_exception(action_error(result))
-        return
+    (:meth:`Scheduler._on_result`, :meth:`CallRun._end`), unless a cancel ended it.
+
+    Returns:
+        True when the attempt ended without a result (withdrawn, or its worker
+        died): it may have left shared-memory segments behind.
+    """
     try:
-        value = entry.arena.loads(result.value) if result.value is not None else None
-    except Exception as err:  # noqa: BLE001
-        fut.set_exception(_unpickling_failed(entry.name, err))
-        return
-    fut.set_result(value)
+        error = f.exception()
+    except CancelledError:
+        error = ActionFailed(f"node {entry.name!r}: its attempt was withdrawn")
+    fut = entry.future
+    if error is not None:
+        with contextlib.suppress(InvalidStateError):  # a cancel ended it already
+            fut.set_exception(error)
+        return True
+    result = f.result()
+    if fut.done():  # a cancel ended it already
+        return False
+    try:
+        if not result.ok:
+            fut.set_exception(action_error(result))
+            return False
+        try:
+            value = entry.arena.loads(result.value) if result.value is not None else None
+        except Exception as err:  # noqa: BLE001
+            fut.set_exception(_unpickling_failed(entry.name, err))
+            return False
+        fut.set_result(value)
+    except InvalidStateError:  # a cancel ended it meanwhile (from another thread)
+        pass
+    return False
 
 
 class CallRun(_Run):
@@ -1085,23 +1097,20 @@ class CallRun(_Run):
         entry = self.direct.get(handle)
         if entry is None:
             return
-        if not entry.future.done():  # else a cancel ended it already
-            with contextlib.suppress(InvalidStateError):  # or it did meanwhile
-                _settle(entry, f)
+        orphans = _settle(entry, f)
         if asyncio._get_running_loop() is self.sched.loop:
-            self._direct_end(handle)
+            self._direct_end(handle, orphans)
         else:
             with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
-                self.sched.loop.call_soon_threadsafe(self._direct_end, handle)
+                self.sched.loop.call_soon_threadsafe(self._direct_end, handle, orphans)
 
-    def _direct_end(self, handle: Attempt) -> None:
+    def _direct_end(self, handle: Attempt, orphans: bool) -> None:
         """On the loop: a direct call's attempt is over; its arena and slot go."""
         entry = self.direct.pop(handle, None)
         if entry is None:
             return
-        f = handle.future
-        if f.cancelled() or f.exception() is not None:
-            entry.arena.orphans_possible = True  # it may have made segments, then died
+        if orphans:  # it may have made segments, then died
+            entry.arena.orphans_possible = True
         entry.arena.close()
         self.ended += 1
         self.sched.direct_ended += 1
