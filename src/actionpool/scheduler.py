@@ -53,6 +53,7 @@ import itertools
 import random
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -358,8 +359,17 @@ class Scheduler:
         rec.handle = handle
 
         fast = rec.user_future is not None and rec.spec.timeout is None
+        # The callback must not hold the attempt: the attempt's future holds the
+        # callback, and the cycle would leave every attempt (its future, task and
+        # callbacks, ~20 objects) for the cyclic GC, whose passes then cost a large
+        # plan ~10% of its run (W9, docs/performance.md). Whoever resolves the future
+        # holds the attempt meanwhile.
+        handle_ref = weakref.ref(handle)
 
         def done(f: Future[Result]) -> None:
+            handle = handle_ref()
+            if handle is None:  # cannot happen: see above
+                return
             if fast:  # the caller wakes while the outcome is recorded
                 self._resolve_early(rec, f)
             if handle.direct:  # read on this loop, between callbacks
@@ -424,6 +434,12 @@ class Scheduler:
             rec.error = error
         if traceback is not None:
             rec.traceback = traceback
+        # What only another attempt would need goes now, not when the run ends: the
+        # attempt (its future, task and callbacks) and the pickled call. Kept, they
+        # were ~15 objects per node for the cyclic GC to traverse again and again
+        # while a large plan runs (W9: 5,000 nodes, docs/performance.md).
+        rec.handle = None
+        rec.call = None
         rec.finished_at = time.time()
         self.emit(rec, "finished", Status(rec.state.value))
         rec.run.node_finished(rec)
@@ -1087,15 +1103,17 @@ class CallRun(_Run):
             self.direct[handle] = entry
             sched.direct_started += 1
             self.handed += 1
-            handle.future.add_done_callback(partial(self._direct_done, handle))
+            # not the attempt itself, which holds the future (see Scheduler._to_running)
+            handle.future.add_done_callback(partial(self._direct_done, weakref.ref(handle)))
 
         return submit_if_idle(task, None, before_send) is not None
 
-    def _direct_done(self, handle: Attempt, f: Future[Result]) -> None:
+    def _direct_done(self, ref: weakref.ref[Attempt], f: Future[Result]) -> None:
         """A direct call's attempt is over (in the thread that learnt it: normally the
         loop's reader of the worker's socket): end its future, then free its slot."""
-        entry = self.direct.get(handle)
-        if entry is None:
+        handle = ref()  # alive: self.direct holds it
+        entry = None if handle is None else self.direct.get(handle)
+        if handle is None or entry is None:
             return
         orphans = _settle(entry, f)
         if asyncio._get_running_loop() is self.sched.loop:

@@ -312,6 +312,7 @@ class ProcessAttempt:
     """
 
     __slots__ = (
+        "__weakref__",  # the scheduler's done-callback refers to it weakly
         "_pool",
         "direct",
         "future",

@@ -52,6 +52,7 @@ class ThreadAttempt:
     """
 
     __slots__ = (
+        "__weakref__",  # the scheduler's done-callback refers to it weakly
         "_pool",
         "cancel_event",
         "direct",
@@ -150,24 +151,40 @@ class ThreadPool:
             item = self._queue.get()
             if item is None:
                 return
-            att, task, on_started, on_event = item
-            if not att.future.set_running_or_notify_cancel():
-                self._done(me)  # withdrawn before it started
-                continue
-            with self._lock:
-                self._threads[me] = att
-            att.started_at, att.worker = time.time(), me.name
-            if on_started is not None:
-                on_started(me.name, att.started_at)
-            try:
-                result = execute(task, on_event, att.cancel_event)
-            except BaseException as exc:  # noqa: BLE001 - execute never raises; belt and braces
-                att.future.set_exception(exc)
-            else:
-                att.future.set_result(result)
-            if att.killed:  # abandoned: the pool went on without this thread
+            go_on = self._serve_one(me, *item)
+            # An idle thread waiting for work must not hold the last attempt: through
+            # its callbacks, that would keep a finished run's records and values alive.
+            del item
+            if not go_on:
                 return
-            self._done(me)
+
+    def _serve_one(
+        self,
+        me: threading.Thread,
+        att: ThreadAttempt,
+        task: Task,
+        on_started: Callable[[int | str, float], None] | None,
+        on_event: Callable[[str, float, Any], None] | None,
+    ) -> bool:
+        """Run one attempt on this thread; False when the thread was abandoned."""
+        if not att.future.set_running_or_notify_cancel():
+            self._done(me)  # withdrawn before it started
+            return True
+        with self._lock:
+            self._threads[me] = att
+        att.started_at, att.worker = time.time(), me.name
+        if on_started is not None:
+            on_started(me.name, att.started_at)
+        try:
+            result = execute(task, on_event, att.cancel_event)
+        except BaseException as exc:  # noqa: BLE001 - execute never raises; belt and braces
+            att.future.set_exception(exc)
+        else:
+            att.future.set_result(result)
+        if att.killed:  # abandoned: the pool went on without this thread
+            return False
+        self._done(me)
+        return True
 
     def _done(self, me: threading.Thread) -> None:
         with self._lock:
