@@ -165,6 +165,18 @@ def test_submit_and_map_use_shared_memory_too(shared: ap.Runner) -> None:
     assert list(shared.map(total, [a, a])) == [(False, 300_000.0)] * 2
 
 
+def test_a_large_value_returned_by_a_call_sent_from_submit_is_cleaned_up() -> None:
+    # A warm worker: the call is sent by submit itself and has no record; the worker
+    # writes its result to a segment of the call's own arena, which must go when the
+    # call ends, while the value stays readable.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        assert r.submit(total, np.ones(10)).result(timeout=30) == (True, 10.0)  # warm
+        value = r.submit(ones, 1_000_000).result(timeout=30)
+        assert isinstance(value, np.ndarray) and not value.flags.writeable  # shared
+    assert float(value.sum()) == 1_000_000.0
+    # (the autouse fixture then checks that no segment of this process is left)
+
+
 def test_arena_places_each_buffer_once() -> None:
     arena = Arena(f"ap-{os.getpid()}-unit", MiB)
     try:
