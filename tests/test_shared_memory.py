@@ -299,6 +299,29 @@ def return_big_then_crash(flag: str) -> np.ndarray:
     return np.ones(1_000_000)
 
 
+class _DiesWhenPickled:
+    def __reduce__(self) -> tuple[object, ...]:
+        os._exit(3)  # in the worker, after the array before it went to a segment
+
+
+def big_then_die() -> tuple[np.ndarray, _DiesWhenPickled]:
+    return np.ones(1_000_000), _DiesWhenPickled()
+
+
+def test_no_segment_survives_a_call_whose_worker_died_while_returning() -> None:
+    # The worker writes the array to a segment of the call's own arena, then dies
+    # pickling the rest: nobody will claim the segment, so the call's end must find it
+    # (a call sent by submit itself, to a warm worker, has no record to do it).
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        assert r.submit(ones, 10).result(timeout=30).shape == (10,)  # warm
+        with pytest.raises(ap.WorkerCrashed):
+            r.submit(big_then_die).result(timeout=30)
+        deadline = time.monotonic() + 5
+        while mine() and time.monotonic() < deadline:  # cleaned once the death is seen
+            time.sleep(0.01)
+        assert mine() == []
+
+
 @pytest.mark.parametrize("ending", ["crash", "timeout", "cancel", "fail_fast"])
 def test_no_segment_survives_a_run_that_ended_badly(shared: ap.Runner, ending: str) -> None:
     a = np.ones(1_000_000)
