@@ -1080,9 +1080,10 @@ class CallRun(_Run):
         cpu node waits, a slot is free, memory was checked) and no earlier call still
         waiting for the loop, so calls never overtake each other.
 
-        The call then costs the parent about half the CPU of a record (the W2 round
-        trip: docs/performance.md): the worker's reader sets ``future`` and frees
-        the slot (:meth:`_direct_done`); a cancel stops it (:meth:`stop_direct`).
+        The call then costs the parent about a quarter less CPU than a record does
+        (W2, docs/performance.md: 152 → 116 µs per round trip): the worker's reader
+        sets ``future`` and frees the slot (:meth:`_direct_done`); a cancel stops it
+        (:meth:`stop_direct`).
         """
         sched = self.sched
         submit_if_idle = getattr(sched.pools.get(spec.kind), "submit_if_idle", None)
