@@ -110,6 +110,14 @@ def _hold_loop(r: ap.Runner, seconds: float) -> float:
     return time.time() + seconds - 0.2
 
 
+def _wait_until_started(marker: Path, what: str) -> None:
+    """Wait (up to 30 s) for the action that creates ``marker`` to have started."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"{what} never started"
+        time.sleep(0.005)
+
+
 def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy() -> None:
     # submit sends a plain cpu call to an idle worker from the caller's thread; the
     # scheduler's thread only does the bookkeeping, when it gets to it (memory_floor=0:
@@ -133,10 +141,7 @@ def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Pat
         # 1. the scheduler has given both slots to a wide call: the idle worker is not free
         marker = tmp_path / "first"
         first = r.submit(wide, str(marker), 0.5)
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline, "the wide call never started"
-            time.sleep(0.005)
+        _wait_until_started(marker, "the wide call")
         later = r.submit(h.stamp, "later")
         _, first_end = first.result(timeout=30)
         assert later.result(timeout=30)[1] >= first_end - 0.01
@@ -160,10 +165,7 @@ def test_a_call_sent_from_the_callers_thread_holds_its_slot_until_it_ends(
         assert [f.result(timeout=30) for f in warm] == [0, 1]
         marker = tmp_path / "narrow"
         narrow = r.submit(h.mark_then_sleep, str(marker), 0.5)
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline, "the narrow call never started"
-            time.sleep(0.005)
+        _wait_until_started(marker, "the narrow call")
         wide = r.submit(ap.action(h.stamp, threads=2), "wide")  # a worker is idle
         _, narrow_end = narrow.result(timeout=30)
         _, wide_start, _ = wide.result(timeout=30)
@@ -178,10 +180,7 @@ def test_a_cancelled_or_crashed_call_gives_its_slot_back(tmp_path: Path) -> None
         r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
         marker = tmp_path / "long"
         long = r.submit(h.mark_then_sleep, str(marker), 60)
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline, "the call never started"
-            time.sleep(0.005)
+        _wait_until_started(marker, "the call")
         worker = r.worker_pids()[0]
         r.cancel()
         with pytest.raises(cf.CancelledError, match="cancelled"):
