@@ -530,6 +530,25 @@ def test_close_waits_for_submitted_work() -> None:
     assert [f.result(timeout=0) for f in futs] == [0, 1, 2]
 
 
+def test_a_result_that_arrives_after_its_call_was_cancelled_still_ends_it() -> None:
+    # The loop is held while the worker replies and a cancel is queued, so the cancel
+    # runs first and the reply is read after it: the call must end CancelledError and
+    # still give its slot back (its attempt had no death to report it).
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        assert r.submit(h.square, 2).result(timeout=30) == 4  # warm: sent by submit
+        _hold_loop(r, 1.0)
+        fut = r.submit(h.square, 3)
+        time.sleep(0.3)  # the reply is in the socket; the loop has not read it
+        r._loop.call_soon_threadsafe(r._calls.stop_direct, "a test's cancel")
+        with pytest.raises(cf.CancelledError, match="a test's cancel"):
+            fut.result(timeout=30)
+        deadline = time.monotonic() + 10
+        while r._calls.direct and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not r._calls.direct and r._sched.free_slots("cpu") == 1
+        assert r.submit(h.square, 4).result(timeout=30) == 16
+
+
 def test_close_waits_for_a_call_that_submit_sent_itself() -> None:
     r = ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0)
     assert r.submit(h.square, 2).result(timeout=30) == 4  # the worker is up and idle

@@ -740,9 +740,12 @@ class Runner(Executor):
                     for r in self._calls.live
                     if r.user_future is not None
                 ]
-                # a direct call is over when its attempt is (its worker may still be
-                # dying after a cancel): then _direct_end frees its arena and slot
-                waits += [asyncio.wrap_future(h.future) for h in self._calls.direct]
+                # a direct call is over with its future; after a cancel, which ends the
+                # future at once, when its attempt's future says the worker is gone
+                waits += [
+                    asyncio.wrap_future(h.future if e.future.done() else e.future)
+                    for h, e in list(self._calls.direct.items())
+                ]
                 if not waits:
                     return
                 await asyncio.wait(waits)

@@ -81,6 +81,7 @@ from .transfer import Arena, Packed, dumps_call, dumps_function
 
 if TYPE_CHECKING:
     from .pools import Attempt, Pool
+    from .pools.process import ProcessAttempt
 
 __all__ = [
     "TRANSITIONS",
@@ -1001,9 +1002,29 @@ class _Direct:
         self.arena = arena
 
 
+def _deliver(entry: _Direct, result: Result) -> None:
+    """End a direct call's future with its attempt's result, as a record's outcome
+    would (:meth:`Scheduler._on_result`, :meth:`CallRun._end`), unless a cancel ended
+    it already."""
+    fut = entry.future
+    if fut.done():
+        return
+    try:
+        if not result.ok:
+            fut.set_exception(action_error(result))
+            return
+        try:
+            value = entry.arena.loads(result.value) if result.value is not None else None
+        except Exception as err:  # noqa: BLE001
+            fut.set_exception(_unpickling_failed(entry.name, err))
+            return
+        fut.set_result(value)
+    except InvalidStateError:  # a cancel ended it meanwhile (from another thread)
+        pass
+
+
 def _settle(entry: _Direct, f: Future[Result]) -> bool:
-    """End a direct call's future from its attempt's, as a record's outcome would
-    (:meth:`Scheduler._on_result`, :meth:`CallRun._end`), unless a cancel ended it.
+    """End a direct call's future from its attempt's (:func:`_deliver`).
 
     Returns:
         True when the attempt ended without a result (withdrawn, or its worker
@@ -1013,26 +1034,11 @@ def _settle(entry: _Direct, f: Future[Result]) -> bool:
         error = f.exception()
     except CancelledError:
         error = ActionFailed(f"node {entry.name!r}: its attempt was withdrawn")
-    fut = entry.future
     if error is not None:
         with contextlib.suppress(InvalidStateError):  # a cancel ended it already
-            fut.set_exception(error)
+            entry.future.set_exception(error)
         return True
-    result = f.result()
-    if fut.done():  # a cancel ended it already
-        return False
-    try:
-        if not result.ok:
-            fut.set_exception(action_error(result))
-            return False
-        try:
-            value = entry.arena.loads(result.value) if result.value is not None else None
-        except Exception as err:  # noqa: BLE001
-            fut.set_exception(_unpickling_failed(entry.name, err))
-            return False
-        fut.set_result(value)
-    except InvalidStateError:  # a cancel ended it meanwhile (from another thread)
-        pass
+    _deliver(entry, f.result())
     return False
 
 
@@ -1066,7 +1072,7 @@ class CallRun(_Run):
         self.ended = 0
         # Direct calls in flight, by attempt: added by submitting threads (under the
         # runner's lock), removed on the loop once their attempt is over.
-        self.direct: dict[Attempt, _Direct] = {}
+        self.direct: dict[ProcessAttempt, _Direct] = {}
 
     def start_direct(
         self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
@@ -1105,19 +1111,37 @@ class CallRun(_Run):
         )  # fmt: skip
         entry = _Direct(spec.name, future, arena)
 
-        def before_send(handle: Attempt) -> None:  # under the pool's lock
+        def before_send(handle: ProcessAttempt) -> None:  # under the pool's lock
             future.set_running_or_notify_cancel()  # not given out yet: cannot be cancelled
             self.direct[handle] = entry
             sched.direct_started += 1
             self.handed += 1
-            # not the attempt itself, which holds the future (see Scheduler._to_running)
-            handle.future.add_done_callback(partial(self._direct_done, weakref.ref(handle)))
+            # Neither refers to the attempt itself, which holds both (the cycle would
+            # wait for the cyclic GC: Scheduler._to_running). A result goes straight to
+            # _direct_result; the future only fails (the worker died) or is cancelled.
+            ref = weakref.ref(handle)
+            handle.on_result = partial(self._direct_result, ref)
+            handle.future.add_done_callback(partial(self._direct_done, ref))
 
         return submit_if_idle(task, None, before_send) is not None
 
-    def _direct_done(self, ref: weakref.ref[Attempt], f: Future[Result]) -> None:
-        """A direct call's attempt is over (in the thread that learnt it: normally the
-        loop's reader of the worker's socket): end its future, then free its slot."""
+    def _direct_result(self, ref: weakref.ref[ProcessAttempt], result: Result) -> None:
+        """On the loop, from the reader of the worker's socket: a direct call's result
+        (:attr:`ProcessAttempt.on_result`). End its future, then free its slot."""
+        handle = ref()  # alive: self.direct holds it
+        entry = None if handle is None else self.direct.get(handle)
+        if handle is None or entry is None:
+            return
+        if entry.future.done():  # a cancel ended it; its attempt's future is waited on
+            handle.future.set_result(result)  # (and _direct_done ends the call)
+            return
+        _deliver(entry, result)
+        self._direct_end(handle, False)
+
+    def _direct_done(self, ref: weakref.ref[ProcessAttempt], f: Future[Result]) -> None:
+        """A direct call's attempt failed or was withdrawn (in the thread that learnt it:
+        normally the loop's reader of the worker's socket): end its future, then free
+        its slot."""
         handle = ref()  # alive: self.direct holds it
         entry = None if handle is None else self.direct.get(handle)
         if handle is None or entry is None:
@@ -1129,7 +1153,7 @@ class CallRun(_Run):
             with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
                 self.sched.loop.call_soon_threadsafe(self._direct_end, handle, orphans)
 
-    def _direct_end(self, handle: Attempt, orphans: bool) -> None:
+    def _direct_end(self, handle: ProcessAttempt, orphans: bool) -> None:
         """On the loop: a direct call's attempt is over; its arena and slot go."""
         entry = self.direct.pop(handle, None)
         if entry is None:
