@@ -218,3 +218,51 @@ def test_a_10000_node_chain_with_a_failure_at_the_head_skips_without_recursion(
         prev = plan.add(h.add, prev, 1)
     report = shared.run(plan)
     assert report.counts() == {ap.Status.FAILED: 1, ap.Status.SKIPPED: 10_000}
+
+
+def test_work_handed_over_from_threads_runs_on_the_loop_in_order() -> None:
+    # Runner.submit and the io pool's threads hand work to the loop with from_thread,
+    # which wakes the loop once per burst: nothing may be lost or reordered, and an
+    # exception in one piece of work must not strand the ones queued after it.
+    import asyncio
+
+    from actionpool.scheduler import Scheduler
+
+    loop = asyncio.new_event_loop()
+    reported: list[BaseException | None] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx.get("exception")))
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        sched = Scheduler(loop, {}, 1.0, 0, 1, 0)
+        seen: dict[int, list[int]] = {k: [] for k in range(4)}
+        on_loop: list[bool] = []
+
+        def note(k: int, i: int) -> None:
+            on_loop.append(threading.current_thread() is thread)
+            seen[k].append(i)
+
+        def fail() -> None:
+            raise ValueError("one piece of work failed")
+
+        def hand_over(k: int) -> None:
+            for i in range(2_000):
+                sched.from_thread(note, k, i)
+                if k == 0 and i == 1_000:
+                    sched.from_thread(fail)
+
+        senders = [threading.Thread(target=hand_over, args=(k,)) for k in range(4)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        done = threading.Event()
+        sched.from_thread(done.set)
+        assert done.wait(30)
+        assert all(seen[k] == list(range(2_000)) for k in range(4))
+        assert all(on_loop) and len(on_loop) == 8_000
+        assert [type(e) for e in reported] == [ValueError]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -244,7 +244,7 @@ class Runner(Executor):
             if self._calls.start_direct(spec, call, arena, fut):
                 return fut
             rec = self._calls.record(spec, call, arena, fut)
-            self._loop.call_soon_threadsafe(self._calls.add, rec, args, kwargs)
+            self._sched.from_thread(self._calls.add, rec, args, kwargs)
         return fut
 
     def map(

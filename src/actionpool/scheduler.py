@@ -23,7 +23,7 @@ Only :meth:`Scheduler.transition` changes a record's state; it checks the move a
 :data:`TRANSITIONS` and calls the one handler of the target state, so every rule about
 a state lives in one function. The scheduler never touches processes (pools do) and a
 pool never decides order (the scheduler does). All methods run on the loop thread;
-pools report through ``loop.call_soon_threadsafe``, in the order things happened.
+pools report through :meth:`Scheduler.from_thread`, in the order things happened.
 
 Failure rules (DESIGN.md, "Failure", "Timeouts", "Crashes and recovery"):
 
@@ -51,6 +51,7 @@ import contextlib
 import heapq
 import itertools
 import random
+import threading
 import time
 import warnings
 import weakref
@@ -305,6 +306,41 @@ class Scheduler:
         self.direct_ended = 0
         self._dispatch_pending = False
         self._seq = itertools.count(1)
+        # Work handed over by other threads (from_thread): one loop wake-up per burst.
+        self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._inbox_lock = threading.Lock()
+        self._inbox_woken = False
+
+    def from_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop soon, from any thread, in the order handed over.
+
+        ``loop.call_soon_threadsafe`` writes to the loop's self-pipe every time (~16 µs
+        of the caller's time here, and a loop turn); a burst of calls (a map's window
+        of submits, io actions ending together) now wakes the loop once.
+
+        Raises:
+            RuntimeError: the loop is closed (the runner is gone).
+        """
+        with self._inbox_lock:
+            self._inbox.append((fn, args))
+            if self._inbox_woken:
+                return  # a drain is on its way and takes this too
+            self._inbox_woken = True
+        self.loop.call_soon_threadsafe(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._inbox_lock:
+                if not self._inbox:
+                    self._inbox_woken = False
+                    return
+                fn, args = self._inbox.popleft()
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - as a failing loop callback would be
+                self.loop.call_exception_handler(
+                    {"message": f"exception in {fn!r}", "exception": exc}
+                )
 
     def next_seq(self) -> int:
         """A sequence number for a new run (earlier runs dispatch first)."""
@@ -386,7 +422,7 @@ class Scheduler:
                 self.loop.call_soon(self._on_result, rec, attempt, handle)
                 return
             with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._on_result, rec, attempt, handle)
+                self.from_thread(self._on_result, rec, attempt, handle)
 
         handle.future.add_done_callback(done)
 
@@ -394,7 +430,7 @@ class Scheduler:
         self, rec: NodeRecord, attempt: int
     ) -> tuple[Callable[[int | str, float], None], Callable[[str, float, Any], None]]:
         """``(on_started, on_event)`` for a pool: they hop to this loop (from any thread)."""
-        call_soon = self.loop.call_soon_threadsafe
+        call_soon = self.from_thread
 
         def on_started(worker: int | str, at: float) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
@@ -1151,7 +1187,7 @@ class CallRun(_Run):
             self._direct_end(handle, orphans)
         else:
             with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
-                self.sched.loop.call_soon_threadsafe(self._direct_end, handle, orphans)
+                self.sched.from_thread(self._direct_end, handle, orphans)
 
     def _direct_end(self, handle: ProcessAttempt, orphans: bool) -> None:
         """On the loop: a direct call's attempt is over; its arena and slot go."""
