@@ -6,12 +6,13 @@ action's exception type, message and remote traceback, in both pools.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
 import actionpool as ap
-from actionpool.transfer import dumps, dumps_call, dumps_state, loads
+from actionpool.transfer import Arena, dumps, dumps_call, dumps_state, loads
 from tests.helpers import Unpicklable, add
 
 KINDS = ["cpu", "io"]
@@ -492,3 +493,23 @@ def test_arena_returns_its_segment_to_the_pool_unless_a_view_still_uses_it():
             arena.loads(packed)  # an io action that outlived its run reads nothing
     finally:
         pool.close()
+
+
+def test_short_containers_of_atoms_and_of_anything_else_both_round_trip() -> None:
+    # Atoms and short containers of atoms take the C pickler; a container holding
+    # anything else (here a local function, which only cloudpickle can carry) must not.
+    def local(x: int) -> int:
+        return x + 1
+
+    arena = Arena(f"ap-{os.getpid()}-plain", 1 << 20)
+    try:
+        for plain in [None, 3, (1.5, "a"), [b"x", 2], {"k": 1}]:
+            assert arena.loads(arena.dumps(plain)) == plain
+        assert arena.loads(arena.dumps([local]))[0](1) == 2
+        assert arena.loads(arena.dumps((local,)))[0](1) == 2
+        assert arena.loads(arena.dumps({"f": local}))["f"](1) == 2
+        packed = dumps_call("n", None, ((1, 2), [local]), {"g": {"h": local}}, arena, b"f")
+        _, args, kwargs = loads(packed[0])
+        assert args[0] == (1, 2) and args[1][0](2) == 3 and kwargs["g"]["h"](3) == 4
+    finally:
+        arena.close()

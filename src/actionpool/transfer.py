@@ -56,6 +56,21 @@ loads = pickle.loads
 # never out of band): a call or value made only of them skips cloudpickle's Python
 # Pickler, 2.0 vs 0.3 µs for a call with no arguments.
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_SHORT = 16  # items of a container worth checking one by one (cheaper than cloudpickle)
+
+
+def _plain(obj: Any) -> bool:
+    """An atom, or a short tuple, list or dict of atoms (no by-value or out-of-band
+    pickling can be needed): a small result such as ``(start, end)`` or a few
+    arguments."""
+    t = type(obj)
+    if t in _ATOMS:
+        return True
+    if (t is tuple or t is list) and len(obj) <= _SHORT:
+        return all(type(x) in _ATOMS for x in obj)
+    if t is dict and len(obj) <= _SHORT:
+        return all(type(k) in _ATOMS and type(v) in _ATOMS for k, v in obj.items())
+    return False
 
 
 def _why(obj: Any, exc: BaseException) -> str:
@@ -97,8 +112,7 @@ def dumps_call(
     """
     if fn_bytes is None:
         fn_bytes = dumps_function(node, fn)
-    atoms = _ATOMS
-    if all(type(a) in atoms for a in args) and all(type(v) in atoms for v in kwargs.values()):
+    if all(map(_plain, args)) and all(map(_plain, kwargs.values())):
         return pickle.dumps((fn_bytes, args, dict(kwargs)), protocol=PROTOCOL), ()
     try:
         if arena is None:
@@ -235,7 +249,7 @@ class Arena:
 
     def dumps(self, obj: Any) -> Packed:
         """Pickle ``obj``; its large buffers go to shared memory (once per arena)."""
-        if type(obj) in _ATOMS:
+        if _plain(obj):
             return pickle.dumps(obj, protocol=PROTOCOL), ()
         descs: list[tuple[str, int, int]] = []
         if self.threshold is None or self.closed:
