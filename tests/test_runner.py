@@ -549,6 +549,27 @@ def test_a_result_that_arrives_after_its_call_was_cancelled_still_ends_it() -> N
         assert r.submit(h.square, 4).result(timeout=30) == 16
 
 
+def test_on_event_runs_on_the_scheduler_thread_which_refuses_run_and_takes_cancel() -> None:
+    # on_event is called on the scheduler's own thread: a run() from there could only
+    # deadlock (refused), and a cancel() from there must act at once, not wait for it.
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        refused: list[str] = []
+
+        def on_event(ev: ap.Event) -> None:
+            if ev.kind == "started" and not refused:
+                try:
+                    r.run(ap.Plan())
+                except RuntimeError as exc:
+                    refused.append(str(exc))
+                r.cancel()
+
+        plan = ap.Plan()
+        plan.add(fa.sleep_long, 30.0, None)
+        report = r.run(plan, on_event=on_event)
+        assert report.status is ap.RunStatus.CANCELLED
+        assert refused and "scheduler thread" in refused[0]
+
+
 def test_close_waits_for_a_call_that_submit_sent_itself() -> None:
     r = ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0)
     assert r.submit(h.square, 2).result(timeout=30) == 4  # the worker is up and idle

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["in_parallel", "join_thread"]
+__all__ = ["in_parallel", "join_thread", "wait_thread_gone"]
 
 
 def join_thread(thread: threading.Thread, timeout: float = 1.0) -> None:
@@ -20,11 +20,16 @@ def join_thread(thread: threading.Thread, timeout: float = 1.0) -> None:
     not see ours. Linux only (``/proc/self/task``); elsewhere a plain join.
     """
     thread.join()
-    tid = thread.native_id
-    if tid is None or not os.path.isdir("/proc/self/task"):
+    wait_thread_gone(thread.native_id, timeout)
+
+
+def wait_thread_gone(native_id: int | None, timeout: float = 1.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the OS thread ``native_id`` of this
+    process has ended, its Python part being over (see :func:`join_thread`)."""
+    if native_id is None or not os.path.isdir("/proc/self/task"):
         return
     deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+    while os.path.exists(f"/proc/self/task/{native_id}") and time.monotonic() < deadline:
         time.sleep(0.0001)  # the kernel offers no wait for one thread of our own
 
 

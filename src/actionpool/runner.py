@@ -17,6 +17,7 @@ runner refuses new work, and every worker process it started has exited.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import atexit
 import contextlib
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from ._threads import join_thread
+from ._threads import wait_thread_gone
 from .action import ActionSpec, as_spec, wire_bytes, wire_form
 from .errors import PlanError, SerializationError, WorkerCrashed
 from .events import Event
@@ -166,10 +167,14 @@ class Runner(Executor):
         self._loop = asyncio.new_event_loop()
         if isinstance(cpu, ProcessPool):
             cpu.attach(self._loop)  # worker results are read on the scheduler's thread
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="actionpool-scheduler", daemon=True
-        )
-        self._thread.start()
+        # The scheduler thread. Not a threading.Thread: its start() waits until the new
+        # thread runs, ~1.5 ms here (a tenth of a cold start, W7) while the zygote just
+        # forked has the other core; nothing needs the loop running before a result
+        # comes back. Like a daemon thread, it does not hold up the interpreter's exit.
+        self._loop_ident: int | None = None  # set by the thread itself
+        self._loop_native_id: int | None = None
+        self._loop_done = threading.Event()
+        _thread.start_new_thread(self._run_loop, ())
         if memory_floor is None:
             total = self.sizing.total_memory or psutil.virtual_memory().total
             memory_floor = int(total * MEMORY_FLOOR_FRACTION)
@@ -480,7 +485,8 @@ class Runner(Executor):
             pool.close(cancel=not wait)
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
-        join_thread(self._thread)
+        self._loop_done.wait()
+        wait_thread_gone(self._loop_native_id)
         self._loop.close()
 
     @property
@@ -538,7 +544,7 @@ class Runner(Executor):
 
         if self._loop.is_closed():
             return
-        if threading.current_thread() is self._thread:
+        if self._on_scheduler_thread():
             cancel_on_loop()
             return
         killed = self._on_loop(cancel_on_loop)
@@ -618,7 +624,7 @@ class Runner(Executor):
             RuntimeError: the runner is closed, or this is called from an ``on_event``
                 callback (the scheduler thread).
         """
-        if threading.current_thread() is self._thread:
+        if self._on_scheduler_thread():
             raise RuntimeError("Runner.run cannot be called from the scheduler thread (on_event)")
         run = self._start_run(plan, state, failure, on_event, progress, reducers)
         cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
@@ -718,6 +724,18 @@ class Runner(Executor):
                 close()
 
     # ---- helpers -------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        """The scheduler thread: run the loop until :meth:`shutdown` stops it."""
+        self._loop_ident = threading.get_ident()
+        self._loop_native_id = threading.get_native_id()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop_done.set()
+
+    def _on_scheduler_thread(self) -> bool:
+        return threading.get_ident() == self._loop_ident
 
     def _on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the scheduler thread and wait for it."""
