@@ -615,18 +615,26 @@ class Scheduler:
 
     def task_for(self, rec: NodeRecord) -> Task:
         """The task of ``rec``'s next attempt, its call pickled already (``rec.call``)."""
-        run, spec = rec.run, rec.spec
         assert rec.call is not None
+        return self.task(rec.run, rec.spec, rec.name, rec.attempts + 1, rec.call, rec.arena)
+
+    def task(
+        self, run: _Run, spec: ActionSpec, name: str, attempt: int, call: Packed, arena: Arena
+    ) -> Task:
+        """The task of attempt ``attempt`` of node ``name`` of ``run``, its call pickled
+        (:func:`~actionpool.transfer.dumps_call`) with ``arena``. Reads nothing that
+        changes while a node waits, so a submitting thread may build it too
+        (:meth:`CallRun.start_direct`)."""
         return Task(
             run.run_id,
-            rec.name,
-            rec.attempts + 1,
+            name,
+            attempt,
             spec.timeout,
             spec.wants_context,
             run.state_bytes if spec.wants_context else None,
-            rec.call,
-            rec.arena.prefix,
-            rec.arena.threshold,
+            call,
+            arena.prefix,
+            arena.threshold,
             spec.threads * self.blas_threads,
             # "started" crosses to this thread only when something here needs it at
             # once (a deadline, or on_event); else the pool learns it when it must
@@ -1141,10 +1149,7 @@ class CallRun(_Run):
             or not sched.admits_at_once(spec.kind)
         ):
             return False
-        task = Task(
-            self.run_id, spec.name, 1, None, False, None, call,
-            arena.prefix, arena.threshold, sched.blas_threads, False,
-        )  # fmt: skip
+        task = sched.task(self, spec, spec.name, 1, call, arena)
         entry = _Direct(spec.name, future, arena)
 
         def before_send(handle: ProcessAttempt) -> None:  # under the pool's lock
@@ -1161,13 +1166,21 @@ class CallRun(_Run):
 
         return submit_if_idle(task, None, before_send) is not None
 
+    def _direct_entry(
+        self, ref: weakref.ref[ProcessAttempt]
+    ) -> tuple[ProcessAttempt, _Direct] | None:
+        """The attempt behind ``ref`` and its call, if the call is still in flight."""
+        handle = ref()  # alive while self.direct holds it
+        entry = None if handle is None else self.direct.get(handle)
+        return None if handle is None or entry is None else (handle, entry)
+
     def _direct_result(self, ref: weakref.ref[ProcessAttempt], result: Result) -> None:
         """On the loop, from the reader of the worker's socket: a direct call's result
         (:attr:`ProcessAttempt.on_result`). End its future, then free its slot."""
-        handle = ref()  # alive: self.direct holds it
-        entry = None if handle is None else self.direct.get(handle)
-        if handle is None or entry is None:
+        found = self._direct_entry(ref)
+        if found is None:
             return
+        handle, entry = found
         if entry.future.done():  # a cancel ended it; its attempt's future is waited on
             handle.future.set_result(result)  # (and _direct_done ends the call)
             return
@@ -1178,10 +1191,10 @@ class CallRun(_Run):
         """A direct call's attempt failed or was withdrawn (in the thread that learnt it:
         normally the loop's reader of the worker's socket): end its future, then free
         its slot."""
-        handle = ref()  # alive: self.direct holds it
-        entry = None if handle is None else self.direct.get(handle)
-        if handle is None or entry is None:
+        found = self._direct_entry(ref)
+        if found is None:
             return
+        handle, entry = found
         orphans = _settle(entry, f)
         if asyncio._get_running_loop() is self.sched.loop:
             self._direct_end(handle, orphans)
