@@ -133,18 +133,21 @@ def test_memory_floor_is_validated_before_anything_starts() -> None:
     assert set(threading.enumerate()) == threads  # no scheduler thread left behind
 
 
-def test_the_memory_read_by_the_sizing_counts_as_the_schedulers_first_check() -> None:
-    # so a runner's first call may start from the caller's thread (Runner.submit)
+def test_a_call_from_the_callers_thread_is_admitted_on_a_recent_or_a_fresh_memory_reading() -> None:
+    # Runner.submit asks admits_at_once in the caller's thread: the sizing's reading
+    # counts as the scheduler's first check, and a missing or stale one is read there
     loop = asyncio.new_event_loop()
     pool = ThreadPool(1)
+    huge = 2**62  # more bytes than any machine has available
     try:
 
-        def scheduler(available: int | None) -> Scheduler:
-            return Scheduler(loop, {"io": pool}, 1.0, 2**30, 1, 100, available)
+        def scheduler(floor: int, available: int | None) -> Scheduler:
+            return Scheduler(loop, {"io": pool}, 1.0, 2**30, 1, floor, available)
 
-        assert scheduler(200).admits_at_once("io")
-        assert not scheduler(50).admits_at_once("io")  # below the floor: the loop decides
-        assert not scheduler(None).admits_at_once("io")  # never read: the loop reads it
+        assert scheduler(huge, 2**63).admits_at_once("io")  # the sizing's: not read again
+        assert not scheduler(huge, 50).admits_at_once("io")  # below the floor: read again
+        assert not scheduler(huge, None).admits_at_once("io")  # read now: below the floor
+        assert scheduler(100, None).admits_at_once("io")  # read now: above it
     finally:
         pool.close()
         loop.close()

@@ -200,6 +200,62 @@ def test_a_cancelled_or_crashed_call_gives_its_slot_back(tmp_path: Path) -> None
         assert report.status is ap.RunStatus.SUCCEEDED and list(report.values.values()) == [16]
 
 
+def test_an_io_call_sent_from_the_callers_thread_holds_its_slot_and_wakes_a_waiting_node(
+    tmp_path: Path,
+) -> None:
+    # A plain io call is queued for a thread by submit itself, and that thread ends
+    # it, with no record and no hop to the scheduler's loop. It must still hold its io
+    # slot (the node below waits for it), and its end must wake the loop for that node
+    # (memory_floor=0: no memory reading wakes it otherwise; pytest-timeout if not).
+    slow = ap.action(h.mark_then_sleep, kind="io")
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        marker = tmp_path / "call"
+        call = r.submit(slow, str(marker), 0.5)
+        assert len(r._calls.direct) == 1 and not r._calls.live  # no record
+        _wait_until_started(marker, "the io call")
+        plan = ap.Plan()
+        plan.add(ap.action(h.stamp, kind="io"), "node")
+        report = r.run(plan)
+        _, call_end = call.result(timeout=30)
+        ((_, node_start, _),) = report.values.values()
+        assert node_start >= call_end - 0.01
+
+
+def test_a_cancelled_io_call_gives_its_slot_back_at_once(tmp_path: Path) -> None:
+    # A thread cannot be killed: a cancelled io call's thread is abandoned (it sleeps
+    # on), and the call's slot is free at once, as a plan node's would be; else the
+    # node below waits for the sleep to end.
+    slow = ap.action(h.mark_then_sleep, kind="io")
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        marker = tmp_path / "call"
+        call = r.submit(slow, str(marker), 10)
+        _wait_until_started(marker, "the io call")
+        started = time.time()
+        r.cancel()
+        with pytest.raises(cf.CancelledError, match="cancelled"):
+            call.result(timeout=0)  # ended by cancel() itself
+        plan = ap.Plan()
+        plan.add(ap.action(h.stamp, kind="io"), "node")
+        report = r.run(plan)
+        ((_, node_start, _),) = report.values.values()
+        assert node_start < started + 9  # the call's thread sleeps until started + ~10
+
+
+def test_an_io_call_is_ended_by_its_thread_with_its_value_or_its_error() -> None:
+    # The thread that ran a direct io call sets its future: a value or the action's
+    # own exception; a map of many such calls keeps its order, and closing the
+    # runner waits for those in flight.
+    io_square = ap.action(h.square, kind="io")
+    with ap.Runner(cpu_workers=1, io_workers=4, memory_floor=0) as r:
+        assert r.submit(io_square, 7).result(timeout=30) == 49
+        with pytest.raises(ValueError, match="boom"):
+            r.submit(ap.action(h.boom, kind="io"), "boom").result(timeout=30)
+        assert list(r.map(io_square, range(200))) == [i * i for i in range(200)]
+        late = [r.submit(ap.action(h.sleep_then, kind="io"), i, 0.2) for i in range(4)]
+    assert [f.result(timeout=0) for f in late] == [0, 1, 2, 3]  # the runner waited
+    assert r._calls.handed == r._calls.ended and not r._calls.direct
+
+
 def test_attempts_are_freed_without_the_cyclic_garbage_collector() -> None:
     # An attempt that lived on in a reference cycle (its future -> a done-callback ->
     # the attempt) was ~20 objects per node for the cyclic GC, which then took ~10%

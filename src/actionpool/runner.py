@@ -206,10 +206,11 @@ class Runner(Executor):
             A :class:`concurrent.futures.Future` of the value. Its exception is the
             action's own (type, message; remote traceback as ``__cause__``), or
             :class:`~actionpool.SerializationError` naming the argument that could not
-            be pickled. ``future.cancel()`` works until the call starts; a plain cpu
-            call (no timeout, ``validate``, ``memory`` or ``threads``) that finds an
-            idle worker starts at once, sent from this thread, so its future is
-            running when ``submit`` returns.
+            be pickled. ``future.cancel()`` works until the call starts; a plain call
+            (no timeout, ``validate``, ``memory``, ``threads``, ``retries``, Context
+            or ``async def``) that finds a free slot (and, for a cpu call, an idle
+            worker) is sent from this thread, so its future is running when
+            ``submit`` returns.
 
         Raises:
             RuntimeError: the runner is closed.

@@ -82,7 +82,6 @@ from .transfer import Arena, Packed, dumps_call, dumps_function
 
 if TYPE_CHECKING:
     from .pools import Attempt, Pool
-    from .pools.process import ProcessAttempt
 
 __all__ = [
     "TRANSITIONS",
@@ -300,10 +299,16 @@ class Scheduler:
             k: [] for k in self.pools
         }
         self._free: dict[str, int] = {k: p.size for k, p in self.pools.items()}
-        # Direct calls (CallRun.start_direct) hold cpu slots without a record: started
-        # by submitting threads (under the runner's lock), ended on this loop.
-        self.direct_started = 0
-        self.direct_ended = 0
+        # Direct calls (CallRun.start_direct) hold slots without a record, per pool:
+        # started by submitting threads (under the runner's lock), ended on this loop
+        # or by io threads (under _direct_lock; see direct_ended_at).
+        self.direct_started: dict[str, int] = dict.fromkeys(self.pools, 0)
+        self.direct_ended: dict[str, int] = dict.fromkeys(self.pools, 0)
+        self._direct_lock = threading.Lock()
+        # Per pool: the dispatcher may leave a node waiting for a slot. Set before it
+        # reads the slots, so that a direct call ending in another thread either is
+        # counted in that reading or sees the flag and wakes the loop.
+        self._wants_slot: dict[str, bool] = dict.fromkeys(self.pools, False)
         self._dispatch_pending = False
         self._seq = itertools.count(1)
         # Work handed over by other threads (from_thread): one loop wake-up per burst.
@@ -494,8 +499,27 @@ class Scheduler:
         heapq.heappush(self._ready[rec.spec.kind], (rec.key, rec))
         self.schedule_dispatch()
 
+    def direct_ended_at(self, kind: str) -> None:
+        """A direct call of ``kind`` gave its slot back (from any thread). The loop is
+        woken only when it must act: a node may wait for that slot, or available
+        memory needs a fresh reading (:meth:`slot_freed`)."""
+        with self._direct_lock:
+            self.direct_ended[kind] += 1
+        if asyncio._get_running_loop() is self.loop:
+            self.slot_freed()
+        elif self._wants_slot[kind] or (
+            self.memory_floor > 0 and time.monotonic() - self._mem_checked >= _MEM_RECHECK_S
+        ):
+            with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
+                self.from_thread(self.slot_freed)
+
     def slot_freed(self) -> None:
-        """A direct call's slot is free (:class:`CallRun`): dispatch what waits for it."""
+        """A direct call's slot is free (:class:`CallRun`): dispatch what waits for it,
+        and read available memory if the last reading is stale, so that the next
+        direct call finds a fresh one (:meth:`admits_at_once`) rather than read it in
+        the caller's thread: ~70 µs, ~270 µs after the process slept (W6's maps)."""
+        if self.memory_floor > 0 and time.monotonic() - self._mem_checked >= _MEM_RECHECK_S:
+            self._memory_low()
         if any(self._ready.values()):
             self.schedule_dispatch()
 
@@ -526,14 +550,15 @@ class Scheduler:
 
     def free_slots(self, kind: str) -> int:
         """Slots of the ``kind`` pool that no attempt holds, direct calls included."""
-        if kind == "cpu":
-            return self._free[kind] - (self.direct_started - self.direct_ended)
-        return self._free[kind]
+        return self._free[kind] - (self.direct_started[kind] - self.direct_ended[kind])
 
     def _dispatch_ready(self) -> None:
         if not any(self._ready.values()) or self._memory_low():
             return
         for kind, heap in self._ready.items():
+            if not heap:
+                continue
+            self._wants_slot[kind] = True  # before the slots are read: direct_ended_at
             waiting: list[tuple[tuple[int, int], NodeRecord]] = []  # too big for now
             while heap and self.free_slots(kind) > 0:
                 entry = heapq.heappop(heap)
@@ -552,18 +577,31 @@ class Scheduler:
                     self.transition(rec, NodeState.RUNNING, task=task)
             for entry in waiting:
                 heapq.heappush(heap, entry)
+            self._wants_slot[kind] = bool(heap)
 
     def admits_at_once(self, kind: str) -> bool:
         """Whether a one-slot node of ``kind`` would be dispatched at once: no node of
         that kind waits, a slot is free, and available memory was checked recently and
-        was above the floor. Read from any thread (:meth:`CallRun.start_direct`); a stale
-        answer errs by one loop turn, and the pool never runs more than its size."""
-        return (
-            not self._ready[kind]
-            and self.free_slots(kind) > 0
-            and not self._paused
-            and (self.memory_floor <= 0 or time.monotonic() - self._mem_checked < _MEM_RECHECK_S)
-        )
+        is above the floor. Read from any thread (:meth:`CallRun.start_direct`); a stale
+        answer errs by one loop turn, and the pool never runs more than its size.
+
+        Available memory is read here (psutil) when the last reading is older than the
+        dispatcher's own recheck interval (:meth:`slot_freed` keeps it fresh while
+        direct calls end); that reading then counts as the dispatcher's too. A call
+        submitted after a pause of more than 50 ms (each map of W6's 50 ms sleeps)
+        used to go the loop's way only to have memory read there.
+        """
+        if self._ready[kind] or self.free_slots(kind) <= 0 or self._paused:
+            return False
+        if self.memory_floor <= 0:
+            return True
+        now = time.monotonic()
+        if now - self._mem_checked < _MEM_RECHECK_S:
+            return True
+        if psutil.virtual_memory().available < self.memory_floor:
+            return False  # the dispatcher pauses, and says so to the runs
+        self._mem_checked = now
+        return True
 
     def _memory_low(self) -> bool:
         """Backpressure: True (and a recheck scheduled) while available memory < floor."""
@@ -1035,36 +1073,43 @@ class PlanRun(_Run):
 
 
 class _Direct:
-    """A call that its submitting thread sent straight to an idle cpu worker
+    """A call that its submitting thread sent straight to its pool
     (:meth:`CallRun.start_direct`): it has no record and makes no transitions."""
 
-    __slots__ = ("arena", "future", "name")
+    __slots__ = ("arena", "future", "kind", "name")
 
-    def __init__(self, name: str, future: Future[Any], arena: Arena) -> None:
+    def __init__(self, name: str, kind: str, future: Future[Any], arena: Arena) -> None:
         self.name = name
+        self.kind = kind
         self.future = future
         self.arena = arena
 
 
-def _deliver(entry: _Direct, result: Result) -> None:
-    """End a direct call's future with its attempt's result, as a record's outcome
-    would (:meth:`Scheduler._on_result`, :meth:`CallRun._end`), unless a cancel ended
-    it already."""
-    fut = entry.future
-    if fut.done():
-        return
+def _value_of(entry: _Direct, result: Result) -> tuple[Any, BaseException | None]:
+    """A direct call's value, or the error its future gets instead, from its attempt's
+    result, as a record's outcome would have it (:meth:`Scheduler._on_result`)."""
+    if not result.ok:
+        return None, action_error(result)
     try:
-        if not result.ok:
-            fut.set_exception(action_error(result))
-            return
-        try:
-            value = entry.arena.loads(result.value) if result.value is not None else None
-        except Exception as err:  # noqa: BLE001
-            fut.set_exception(_unpickling_failed(entry.name, err))
-            return
-        fut.set_result(value)
-    except InvalidStateError:  # a cancel ended it meanwhile (from another thread)
-        pass
+        return (entry.arena.loads(result.value) if result.value is not None else None), None
+    except Exception as err:  # noqa: BLE001
+        return None, _unpickling_failed(entry.name, err)
+
+
+def _end_future(fut: Future[Any], value: Any, error: BaseException | None) -> None:
+    """Set ``fut`` (from any thread), unless a cancel ended it already."""
+    with contextlib.suppress(InvalidStateError):  # a cancel ended it meanwhile
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+
+def _deliver(entry: _Direct, result: Result) -> None:
+    """End a direct call's future with its attempt's result (:meth:`CallRun._end`
+    does the same for a record), unless a cancel ended it already."""
+    if not entry.future.done():
+        _end_future(entry.future, *_value_of(entry, result))
 
 
 def _settle(entry: _Direct, f: Future[Result]) -> bool:
@@ -1089,11 +1134,12 @@ def _settle(entry: _Direct, f: Future[Result]) -> bool:
 class CallRun(_Run):
     """The runner's stream of :meth:`Runner.submit` calls; each ends its own Future.
 
-    A plain cpu call that finds an idle worker and a free slot is a *direct* call
-    (:meth:`start_direct`): the submitting thread sends it and the reader of the
-    worker's socket ends it, with no record, no state machine and no hop to the
-    loop at submit. Every other call is a :class:`NodeRecord` that the scheduler
-    runs like a plan node.
+    A plain call that finds its pool ready to take it (an idle cpu worker, or a free
+    io slot) is a *direct* call (:meth:`start_direct`): the submitting thread sends it,
+    and whoever gets its result (the reader of the worker's socket, or the io thread
+    that ran it) ends it, with no record, no state machine and no hop to the loop at
+    submit. Every other call is a :class:`NodeRecord` that the scheduler runs like a
+    plan node.
     """
 
     def __init__(self, sched: Scheduler, run_id: str) -> None:
@@ -1111,29 +1157,33 @@ class CallRun(_Run):
         self.via_loop = 0
         self.taken = 0
         # Calls handed over (submitting threads, under the runner's lock) and ended
-        # (the loop): equal when none is in flight, readable from any thread.
+        # (the loop, and io threads ending direct calls, under _ended_lock): equal
+        # when none is in flight, readable from any thread.
         self.handed = 0
         self.ended = 0
+        self._ended_lock = threading.Lock()
         # Direct calls in flight, by attempt: added by submitting threads (under the
-        # runner's lock), removed on the loop once their attempt is over.
-        self.direct: dict[ProcessAttempt, _Direct] = {}
+        # runner's lock), removed once their attempt is over by whoever ends them (the
+        # loop; an io thread): popping the entry is what makes one the ender.
+        self.direct: dict[Attempt, _Direct] = {}
 
     def start_direct(
         self, spec: ActionSpec, call: Packed, arena: Arena, future: Future[Any]
     ) -> bool:
         """In the submitting thread, under the runner's lock: send a plain call straight
-        to an idle cpu worker; False (nothing done) when it must be a record instead.
+        to its pool; False (nothing done) when it must be a record instead.
 
         Plain means what needs neither the loop's timers nor its admission nor a
         record's state machine: no timeout, ``validate``, ``memory``, ``threads`` > 1,
-        ``retries`` or Context. It must also find the scheduler admitting at once (no
-        cpu node waits, a slot is free, memory was checked) and no earlier call still
-        waiting for the loop, so calls never overtake each other.
+        ``retries``, Context or ``async def``. It must also find the scheduler
+        admitting at once (no node of its kind waits, a slot is free, memory was
+        checked), a cpu call an idle worker, and no earlier call still waiting for
+        the loop, so calls never overtake each other.
 
-        The call then costs the parent about a quarter less CPU than a record does
-        (W2, docs/performance.md: 152 → 116 µs per round trip): the worker's reader
-        sets ``future`` and frees the slot (:meth:`_direct_done`); a cancel stops it
-        (:meth:`stop_direct`).
+        The call then costs the parent less CPU than a record does (a quarter less
+        for a cpu call, W2, and ~40% for an io call: docs/performance.md): whoever gets
+        the result sets ``future``, and the loop frees the slot (:meth:`_direct_end`);
+        a cancel stops it (:meth:`stop_direct`).
         """
         sched = self.sched
         submit_if_idle = getattr(sched.pools.get(spec.kind), "submit_if_idle", None)
@@ -1146,16 +1196,17 @@ class CallRun(_Run):
             or spec.memory
             or spec.retries
             or spec.wants_context
+            or spec.is_async
             or not sched.admits_at_once(spec.kind)
         ):
             return False
         task = sched.task(self, spec, spec.name, 1, call, arena)
-        entry = _Direct(spec.name, future, arena)
+        entry = _Direct(spec.name, spec.kind, future, arena)
 
-        def before_send(handle: ProcessAttempt) -> None:  # under the pool's lock
+        def before_send(handle: Attempt) -> None:  # under the pool's lock
             future.set_running_or_notify_cancel()  # not given out yet: cannot be cancelled
             self.direct[handle] = entry
-            sched.direct_started += 1
+            sched.direct_started[spec.kind] += 1
             self.handed += 1
             # Neither refers to the attempt itself, which holds both (the cycle would
             # wait for the cyclic GC: Scheduler._to_running). A result goes straight to
@@ -1166,28 +1217,37 @@ class CallRun(_Run):
 
         return submit_if_idle(task, None, before_send) is not None
 
-    def _direct_entry(
-        self, ref: weakref.ref[ProcessAttempt]
-    ) -> tuple[ProcessAttempt, _Direct] | None:
+    def _direct_entry(self, ref: weakref.ref[Attempt]) -> tuple[Attempt, _Direct] | None:
         """The attempt behind ``ref`` and its call, if the call is still in flight."""
         handle = ref()  # alive while self.direct holds it
         entry = None if handle is None else self.direct.get(handle)
         return None if handle is None or entry is None else (handle, entry)
 
-    def _direct_result(self, ref: weakref.ref[ProcessAttempt], result: Result) -> None:
-        """On the loop, from the reader of the worker's socket: a direct call's result
-        (:attr:`ProcessAttempt.on_result`). End its future, then free its slot."""
+    def _direct_result(self, ref: weakref.ref[Attempt], result: Result) -> None:
+        """A direct call's result (the attempt's ``on_result``): end its future, and
+        free its slot. Called on the loop by the reader of a cpu worker's socket, or
+        by the io thread that ran the call."""
         found = self._direct_entry(ref)
         if found is None:
-            return
+            return  # cancelled, and its slot freed already (an io call: stop_direct)
         handle, entry = found
         if entry.future.done():  # a cancel ended it; its attempt's future is waited on
             handle.future.set_result(result)  # (and _direct_done ends the call)
             return
-        _deliver(entry, result)
-        self._direct_end(handle, False)
+        if asyncio._get_running_loop() is self.sched.loop:
+            _deliver(entry, result)
+            self._direct_end(handle, False)
+            return
+        # The io thread that ran it ends it, with no hop to the loop (which wakes only
+        # if a node waits for the slot: Scheduler.direct_ended_at). The value is read
+        # before the arena closes; the caller is woken last.
+        if self.direct.pop(handle, None) is None:
+            return  # stop_direct ended it meanwhile
+        value, error = _value_of(entry, result)
+        self._release(entry, False)
+        _end_future(entry.future, value, error)
 
-    def _direct_done(self, ref: weakref.ref[ProcessAttempt], f: Future[Result]) -> None:
+    def _direct_done(self, ref: weakref.ref[Attempt], f: Future[Result]) -> None:
         """A direct call's attempt failed or was withdrawn (in the thread that learnt it:
         normally the loop's reader of the worker's socket): end its future, then free
         its slot."""
@@ -1202,22 +1262,30 @@ class CallRun(_Run):
             with contextlib.suppress(RuntimeError):  # a closed loop: the runner is gone
                 self.sched.from_thread(self._direct_end, handle, orphans)
 
-    def _direct_end(self, handle: ProcessAttempt, orphans: bool) -> None:
-        """On the loop: a direct call's attempt is over; its arena and slot go."""
+    def _direct_end(self, handle: Attempt, orphans: bool) -> None:
+        """On the loop: a direct call's attempt is over (or abandoned); its arena and
+        slot go."""
         entry = self.direct.pop(handle, None)
-        if entry is None:
-            return
+        if entry is not None:
+            self._release(entry, orphans)
+
+    def _release(self, entry: _Direct, orphans: bool) -> None:
+        """A direct call that this thread took out of :attr:`direct` is over: close its
+        arena, count it ended and give its slot back (from any thread)."""
         if orphans:  # it may have made segments, then died
             entry.arena.orphans_possible = True
         entry.arena.close()
-        self.ended += 1
-        self.sched.direct_ended += 1
-        self.sched.slot_freed()
+        with self._ended_lock:
+            self.ended += 1
+        self.sched.direct_ended_at(entry.kind)
 
     def stop_direct(self, why: str, futures: set[Future[Any]] | None = None) -> list[Future[Any]]:
         """On the loop: cancel the direct calls in flight (those of ``futures`` only,
-        if given): each future fails with ``CancelledError`` now, and its worker is
-        killed. Returns the attempts' futures, done once their workers are gone."""
+        if given): each future fails with ``CancelledError`` now. A cpu call's worker
+        is killed; an io call's thread is asked to stop (``ctx.cancelled()``) and
+        abandoned, and its slot is free at once, as for a record
+        (:meth:`Scheduler._io_timeout`). Returns the killed cpu attempts' futures,
+        done once their workers are gone."""
         killed: list[Future[Any]] = []
         for handle, entry in list(self.direct.items()):
             if entry.future.done() or (futures is not None and entry.future not in futures):
@@ -1225,7 +1293,10 @@ class CallRun(_Run):
             with contextlib.suppress(InvalidStateError):
                 entry.future.set_exception(CancelledError(f"node {entry.name!r} cancelled: {why}"))
             handle.cancel("cancel")
-            killed.append(handle.future)
+            if entry.kind == "cpu":
+                killed.append(handle.future)
+            else:  # a thread cannot be killed: it no longer counts
+                self._direct_end(handle, False)
         return killed
 
     def record(
@@ -1273,7 +1344,8 @@ class CallRun(_Run):
         try:
             self._end(rec)
         finally:
-            self.ended += 1
+            with self._ended_lock:
+                self.ended += 1
 
     def _end(self, rec: NodeRecord) -> None:
         self.live.pop(rec, None)

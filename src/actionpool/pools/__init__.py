@@ -20,6 +20,10 @@ class Attempt(Protocol):
 
     future: Future[Result]
     direct: bool  # its result was set on the scheduler's loop, between callbacks
+    # when set (before the pool starts it), the result goes to on_result(result),
+    # called by whoever reads it, and the future stays pending (it only fails or is
+    # cancelled): the runner's direct calls (CallRun.start_direct)
+    on_result: Callable[[Result], None] | None
     killed: str
     released: bool
     started_at: float | None  # time.time() when it started, once the pool knows

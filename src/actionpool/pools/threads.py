@@ -4,6 +4,7 @@ Data flow::
 
     scheduler ─submit(Task)─► queue ─► pool thread: on_started, _worker.execute ─► Future
     scheduler ─submit(Task)─► the pool's event loop thread: _worker.execute_async ─► Future
+    Runner.submit ─submit_if_idle(Task)─► queue ─► pool thread: execute ─► on_result
 
 ``async def`` actions get an event loop of their own, on a thread the pool owns, not
 the scheduler's: an action that blocks its loop by mistake (``time.sleep`` in a
@@ -49,6 +50,11 @@ class ThreadAttempt:
         cancel_event: what ``ctx.cancelled()`` reads.
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
         direct: always False (see :class:`~actionpool.pools.Attempt`).
+        on_result: when set (before the task is queued), the result goes to
+            ``on_result(result)``, called by the pool thread that ran it, and
+            ``future`` stays pending (it is still cancelled when the attempt is
+            withdrawn): the runner's direct io calls end their caller's future there,
+            with no hop to the scheduler's loop.
     """
 
     __slots__ = (
@@ -58,6 +64,7 @@ class ThreadAttempt:
         "direct",
         "future",
         "killed",
+        "on_result",
         "released",
         "started_at",
         "worker",
@@ -69,6 +76,7 @@ class ThreadAttempt:
         self.future: Future[Result] = Future()
         self.killed = ""
         self.direct = False  # set by a pool thread: never on the scheduler's loop
+        self.on_result: Callable[[Result], None] | None = None
         self.released = False  # the scheduler freed this attempt's slot
         self.started_at: float | None = None
         self.worker: int | str | None = None
@@ -122,16 +130,52 @@ class ThreadPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the io pool is closed")
-            self._queue.put((att, task, on_started, on_event))
-            if self._idle > 0:
-                self._idle -= 1
-            else:
-                t = threading.Thread(
-                    target=self._serve, name=f"actionpool-io-{next(self._names)}", daemon=True
-                )
-                self._threads[t] = None
-                t.start()
+            self._queue_attempt(att, task, on_started, on_event)
         return att
+
+    def submit_if_idle(
+        self,
+        task: Task,
+        on_event: Callable[[str, float, Any], None] | None = None,
+        before_send: Callable[[ThreadAttempt], None] | None = None,
+    ) -> ThreadAttempt | None:
+        """Queue ``task`` (not an ``async def`` action's) for a pool thread now, from any
+        thread; None (nothing queued) when the pool is closed. A thread is started
+        when none is idle: the caller keeps to the pool's ``size`` (the scheduler's
+        slots).
+
+        ``before_send(attempt)`` runs under the pool's lock just before the attempt is
+        queued: what the caller must set up before it can end (on a pool thread).
+        Same signature as :meth:`ProcessPool.submit_if_idle
+        <actionpool.pools.process.ProcessPool.submit_if_idle>`, which the runner's
+        :meth:`~actionpool.Runner.submit` uses the same way.
+        """
+        att = ThreadAttempt(self)
+        with self._lock:
+            if self._closed:
+                return None
+            if before_send is not None:
+                before_send(att)
+            self._queue_attempt(att, task, None, on_event)
+        return att
+
+    def _queue_attempt(
+        self,
+        att: ThreadAttempt,
+        task: Task,
+        on_started: Callable[[int | str, float], None] | None,
+        on_event: Callable[[str, float, Any], None] | None,
+    ) -> None:
+        """Queue ``att`` and wake an idle thread, or start one (lock held)."""
+        self._queue.put((att, task, on_started, on_event))
+        if self._idle > 0:
+            self._idle -= 1
+        else:
+            t = threading.Thread(
+                target=self._serve, name=f"actionpool-io-{next(self._names)}", daemon=True
+            )
+            self._threads[t] = None
+            t.start()
 
     def _async_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -180,7 +224,10 @@ class ThreadPool:
         except BaseException as exc:  # noqa: BLE001 - execute never raises; belt and braces
             att.future.set_exception(exc)
         else:
-            att.future.set_result(result)
+            if att.on_result is not None:
+                att.on_result(result)  # its owner ends it (the future stays pending)
+            else:
+                att.future.set_result(result)
         if att.killed:  # abandoned: the pool went on without this thread
             return False
         self._done(me)
