@@ -62,6 +62,17 @@ def io_until_cancelled(ctx: ap.Context, mark: str) -> str:
     return "stopped"
 
 
+@ap.action(kind="io")
+def io_until_run_cancelled(ctx: ap.Context, started: str, mark: str) -> str:
+    """No deadline: only a cancel can turn ctx.cancelled() True (gives up after 20 s)."""
+    write(started, "polling")
+    end = time.monotonic() + 20
+    while not ctx.cancelled() and time.monotonic() < end:
+        time.sleep(0.01)
+    write(mark, f"saw cancelled: {ctx.cancelled()}")
+    return "stopped"
+
+
 @ap.action(kind="io", timeout=0.3)
 async def async_sleep(mark: str) -> str:
     try:

@@ -138,6 +138,20 @@ def test_io_timeout_ends_the_node_and_sets_cancelled(shared: ap.Runner, tmp_path
     wait_for(mark.exists, 5)  # the thread saw ctx.cancelled() turn True
 
 
+def test_runner_cancel_sets_cancelled_for_a_running_io_action(tmp_path: Path) -> None:
+    # Not a timeout (the action has none): the cancel itself must reach the thread.
+    started, mark = tmp_path / "started", tmp_path / "seen"
+    with ap.Runner(cpu_workers=1, io_workers=2) as r:
+        plan = ap.Plan()
+        n = plan.add(fa.io_until_run_cancelled, str(started), str(mark))
+        canceller = threading.Thread(target=lambda: (wait_for(started.exists), r.cancel()))
+        canceller.start()
+        report = r.run(plan)
+        canceller.join()
+        assert report.outcome(n).status is ap.Status.CANCELLED
+        wait_for(lambda: mark.exists() and "True" in mark.read_text(), 10)
+
+
 def test_async_io_timeout_cancels_the_task(shared: ap.Runner, tmp_path: Path) -> None:
     mark = tmp_path / "cancelled"
     out = run_one(shared, fa.async_sleep, str(mark))
