@@ -1182,8 +1182,9 @@ class CallRun(_Run):
 
         The call then costs the parent less CPU than a record does (a quarter less
         for a cpu call, W2, and ~40% for an io call: docs/performance.md): whoever gets
-        the result sets ``future``, and the loop frees the slot (:meth:`_direct_end`);
-        a cancel stops it (:meth:`stop_direct`).
+        the result (the loop's reader of a cpu worker's socket, the io thread) sets
+        ``future`` and frees the slot (:meth:`_direct_result`); a cancel stops it
+        (:meth:`stop_direct`).
         """
         sched = self.sched
         submit_if_idle = getattr(sched.pools.get(spec.kind), "submit_if_idle", None)
