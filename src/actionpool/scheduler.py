@@ -1283,10 +1283,10 @@ class CallRun(_Run):
     def stop_direct(self, why: str, futures: set[Future[Any]] | None = None) -> list[Future[Any]]:
         """On the loop: cancel the direct calls in flight (those of ``futures`` only,
         if given): each future fails with ``CancelledError`` now. A cpu call's worker
-        is killed; an io call's thread is asked to stop (``ctx.cancelled()``) and
-        abandoned, and its slot is free at once, as for a record
-        (:meth:`Scheduler._io_timeout`). Returns the killed cpu attempts' futures,
-        done once their workers are gone."""
+        is killed; an io call's thread, which cannot be (and, a direct call taking no
+        Context, cannot be told to stop either), is abandoned and its slot is free at
+        once, as for a record (:meth:`Scheduler._io_timeout`). Returns the killed cpu
+        attempts' futures, done once their workers are gone."""
         killed: list[Future[Any]] = []
         for handle, entry in list(self.direct.items()):
             if entry.future.done() or (futures is not None and entry.future not in futures):
