@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import actionpool as ap
@@ -56,6 +57,24 @@ def io_stamp(tag: str, seconds: float = 0.0) -> tuple[str, float, float, str]:
 
 
 @ap.action(kind="cpu")
+async def async_mark_then_sleep(path: str, seconds: float) -> str:
+    """Create ``path``, then ``asyncio.sleep(seconds)``; if cancelled, write
+    "cancelled" to it first."""
+    import asyncio
+
+    Path(path).write_text("started")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        Path(path).write_text("cancelled")
+        raise
+    return "slept"
+
+
+async def async_square(x: int) -> int:
+    return x * x
+
+
 def set_key(ctx: ap.Context, key: str, value: Any) -> Any:
     ctx.update({key: value})
     return value

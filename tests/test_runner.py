@@ -256,6 +256,31 @@ def test_an_io_call_is_ended_by_its_thread_with_its_value_or_its_error() -> None
     assert r._calls.handed == r._calls.ended and not r._calls.direct
 
 
+def test_an_async_io_call_runs_on_the_pools_loop_without_a_record(tmp_path: Path) -> None:
+    # A plain async def io call is started on the io pool's loop by submit itself and
+    # ended there: its value or its error, no record. Cancelled while it runs, its
+    # task is cancelled and its slot is free at once (else the node below waits).
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        assert r.submit(ap.action(h.async_square, kind="io"), 9).result(timeout=30) == 81
+        marker = tmp_path / "call"
+        call = r.submit(ap.action(h.async_mark_then_sleep, kind="io"), str(marker), 10)
+        assert len(r._calls.direct) == 1 and not r._calls.live  # no record
+        _wait_until_started(marker, "the async call")
+        started = time.time()
+        r.cancel()
+        with pytest.raises(cf.CancelledError, match="cancelled"):
+            call.result(timeout=0)  # ended by cancel() itself
+        deadline = time.monotonic() + 30
+        while marker.read_text() != "cancelled":  # the task itself was cancelled
+            assert time.monotonic() < deadline, "the async call's task was not cancelled"
+            time.sleep(0.005)
+        plan = ap.Plan()
+        plan.add(ap.action(h.stamp, kind="io"), "node")
+        ((_, node_start, _),) = r.run(plan).values.values()
+        assert node_start < started + 9  # the call would have slept until ~started + 10
+        assert r.submit(ap.action(h.async_square, kind="io"), 3).result(timeout=30) == 9
+
+
 def test_attempts_are_freed_without_the_cyclic_garbage_collector() -> None:
     # An attempt that lived on in a reference cycle (its future -> a done-callback ->
     # the attempt) was ~20 objects per node for the cyclic GC, which then took ~10%

@@ -207,8 +207,8 @@ class Runner(Executor):
             action's own (type, message; remote traceback as ``__cause__``), or
             :class:`~actionpool.SerializationError` naming the argument that could not
             be pickled. ``future.cancel()`` works until the call starts; a plain call
-            (no timeout, ``validate``, ``memory``, ``threads``, ``retries``, Context
-            or ``async def``) that finds a free slot (and, for a cpu call, an idle
+            (no timeout, ``validate``, ``memory``, ``threads``, ``retries`` or
+            Context) that finds a free slot (and, for a cpu call, an idle
             worker) is sent from this thread, so its future is running when
             ``submit`` returns.
 

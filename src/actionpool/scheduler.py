@@ -1175,7 +1175,7 @@ class CallRun(_Run):
 
         Plain means what needs neither the loop's timers nor its admission nor a
         record's state machine: no timeout, ``validate``, ``memory``, ``threads`` > 1,
-        ``retries``, Context or ``async def``. It must also find the scheduler
+        ``retries`` or Context. It must also find the scheduler
         admitting at once (no node of its kind waits, a slot is free, memory was
         checked), a cpu call an idle worker, and no earlier call still waiting for
         the loop, so calls never overtake each other.
@@ -1197,7 +1197,6 @@ class CallRun(_Run):
             or spec.memory
             or spec.retries
             or spec.wants_context
-            or spec.is_async
             or not sched.admits_at_once(spec.kind)
         ):
             return False
@@ -1216,7 +1215,7 @@ class CallRun(_Run):
             handle.on_result = partial(self._direct_result, ref)
             handle.future.add_done_callback(partial(self._direct_done, ref))
 
-        return submit_if_idle(task, None, before_send) is not None
+        return submit_if_idle(task, None, before_send, spec.is_async) is not None
 
     def _direct_entry(self, ref: weakref.ref[Attempt]) -> tuple[Attempt, _Direct] | None:
         """The attempt behind ``ref`` and its call, if the call is still in flight."""

@@ -436,9 +436,12 @@ class ProcessPool:
         task: Task,
         on_event: Callable[[str, float, Any], None] | None = None,
         before_send: Callable[[ProcessAttempt], None] | None = None,
+        is_async: bool = False,
     ) -> ProcessAttempt | None:
         """Send ``task`` to an idle worker now, from any thread; None (nothing sent)
         when no worker is idle, attempts wait for one, or the pool is closed.
+        ``is_async`` changes nothing here: a worker runs an ``async def`` action on
+        an event loop of its own.
 
         ``before_send(attempt)`` runs under the pool's lock once a worker is chosen,
         just before the task is written to it: what the caller must set up before the

@@ -5,6 +5,7 @@ Data flow::
     scheduler ─submit(Task)─► queue ─► pool thread: on_started, _worker.execute ─► Future
     scheduler ─submit(Task)─► the pool's event loop thread: _worker.execute_async ─► Future
     Runner.submit ─submit_if_idle(Task)─► queue ─► pool thread: execute ─► on_result
+    Runner.submit ─submit_if_idle(Task, is_async)─► the pool's loop: execute_async ─► on_result
 
 ``async def`` actions get an event loop of their own, on a thread the pool owns, not
 the scheduler's: an action that blocks its loop by mistake (``time.sleep`` in a
@@ -52,10 +53,11 @@ class ThreadAttempt:
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
         direct: always False (see :class:`~actionpool.pools.Attempt`).
         on_result: when set (before the task is queued), the result goes to
-            ``on_result(result)``, called by the pool thread that ran it, and
-            ``future`` stays pending (it is still cancelled when the attempt is
-            withdrawn): the runner's direct io calls end their caller's future there,
-            with no hop to the scheduler's loop.
+            ``on_result(result)``, called by the pool thread (or the pool's loop) that
+            ran it, and ``future`` stays pending (it is still cancelled when the
+            attempt is withdrawn, and fails when an ``async def`` action is cancelled):
+            the runner's direct io calls end their caller's future there, with no hop
+            to the scheduler's loop.
     """
 
     __slots__ = (
@@ -67,6 +69,7 @@ class ThreadAttempt:
         "killed",
         "on_result",
         "released",
+        "run",
         "started_at",
         "worker",
     )
@@ -78,6 +81,7 @@ class ThreadAttempt:
         self.killed = ""
         self.direct = False  # set by a pool thread: never on the scheduler's loop
         self.on_result: Callable[[Result], None] | None = None
+        self.run: Future[Any] | None = None  # a direct async def call's task, as a Future
         self.released = False  # the scheduler freed this attempt's slot
         self.started_at: float | None = None
         self.worker: int | str | None = None
@@ -88,6 +92,8 @@ class ThreadAttempt:
         if self.cancel_event is not None:
             self.cancel_event.set()
         self.future.cancel()  # async: cancels the task; queued: withdrawn; running: no-op
+        if self.run is not None:  # a direct async def call: its task
+            self.run.cancel()
         self._pool.abandon(self)
 
 
@@ -140,11 +146,12 @@ class ThreadPool:
         task: Task,
         on_event: Callable[[str, float, Any], None] | None = None,
         before_send: Callable[[ThreadAttempt], None] | None = None,
+        is_async: bool = False,
     ) -> ThreadAttempt | None:
-        """Queue ``task`` (not an ``async def`` action's) for a pool thread now, from any
-        thread; None (nothing queued) when the pool is closed. A thread is started
-        when none is idle: the caller keeps to the pool's ``size`` (the scheduler's
-        slots).
+        """Queue ``task`` for a pool thread now (an ``async def`` action's: start it on
+        the pool's loop), from any thread; None (nothing queued) when the pool is
+        closed. A thread is started when none is idle: the caller keeps to the
+        pool's ``size`` (the scheduler's slots).
 
         ``before_send(attempt)`` runs under the pool's lock just before the attempt is
         queued: what the caller must set up before it can end (on a pool thread).
@@ -153,6 +160,18 @@ class ThreadPool:
         :meth:`~actionpool.Runner.submit` uses the same way.
         """
         att = ThreadAttempt(self, task.wants_state)
+        if is_async:
+            try:
+                loop = self._async_loop()
+            except RuntimeError:  # closed
+                return None
+            with self._lock:
+                if self._closed:
+                    return None
+                if before_send is not None:
+                    before_send(att)
+                att.run = asyncio.run_coroutine_threadsafe(_run_direct(att, task, on_event), loop)
+            return att
         with self._lock:
             if self._closed:
                 return None
@@ -276,6 +295,22 @@ class ThreadPool:
             loop.call_soon_threadsafe(loop.stop)
             join_thread(thread)
             loop.close()
+
+
+async def _run_direct(
+    att: ThreadAttempt, task: Task, on_event: Callable[[str, float, Any], None] | None
+) -> None:
+    """A direct ``async def`` call on the pool's loop: its result goes to
+    ``att.on_result``; ``att.future`` only starts, and fails if the task is cancelled."""
+    if not att.future.set_running_or_notify_cancel():
+        return  # withdrawn before it started
+    try:
+        result = await execute_async(task, on_event, att.cancel_event)
+    except BaseException as exc:  # CancelledError too: the attempt fails with it
+        att.future.set_exception(exc)
+        raise
+    assert att.on_result is not None
+    att.on_result(result)
 
 
 async def _all_done() -> None:
