@@ -160,24 +160,19 @@ class ThreadPool:
         :meth:`~actionpool.Runner.submit` uses the same way.
         """
         att = ThreadAttempt(self, task.wants_state)
-        if is_async:
-            try:
-                loop = self._async_loop()
-            except RuntimeError:  # closed
-                return None
-            with self._lock:
-                if self._closed:
-                    return None
-                if before_send is not None:
-                    before_send(att)
-                att.run = asyncio.run_coroutine_threadsafe(_run_direct(att, task, on_event), loop)
-            return att
+        try:
+            loop = self._async_loop() if is_async else None
+        except RuntimeError:  # closed
+            return None
         with self._lock:
             if self._closed:
                 return None
             if before_send is not None:
                 before_send(att)
-            self._queue_attempt(att, task, None, on_event)
+            if loop is not None:
+                att.run = asyncio.run_coroutine_threadsafe(_run_direct(att, task, on_event), loop)
+            else:
+                self._queue_attempt(att, task, None, on_event)
         return att
 
     def _queue_attempt(
