@@ -482,10 +482,16 @@ class Runner(Executor):
             self._cancel(None, "the runner was shut down")
         if wait:
             self._wait_idle()
-        for pool in self._pools.values():
-            pool.close(cancel=not wait)
+        cpu = self._pools["cpu"]
+        if isinstance(cpu, ProcessPool):  # its workers gone; its zygote reaped below
+            cpu.close(cancel=not wait, reap=False)
+        else:
+            cpu.close(cancel=not wait)
+        self._pools["io"].close(cancel=not wait)
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
+        if isinstance(cpu, ProcessPool):  # its zygote exits while the loop's thread does
+            cpu.reap()
         self._loop_done.wait()
         wait_thread_gone(self._loop_native_id)
         self._loop.close()

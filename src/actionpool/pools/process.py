@@ -518,12 +518,17 @@ class ProcessPool:
         with self._lock:
             return [z.pid for z in self._zygotes if not z.closed]
 
-    def close(self, cancel: bool = False) -> None:
+    def close(self, cancel: bool = False, *, reap: bool = True) -> None:
         """Stop every worker and wait until each has exited.
 
         Args:
             cancel: kill running attempts (their futures fail) instead of letting idle
                 workers finish; queued attempts are withdrawn either way.
+            reap: also wait for the zygote processes to exit. False leaves that to
+                :meth:`reap`, so that the caller can close other things meanwhile:
+                each zygote exits on its own right after its last worker's exit
+                notice, and its exit (the teardown of a fork of this process) takes
+                ~1 ms here.
         """
         with self._lock:
             self._closed = True
@@ -540,7 +545,9 @@ class ProcessPool:
             for zygote in self._zygotes:  # each exits after its last worker's notice
                 self._drop_request(zygote)  # its worker, if forked, finds its socket closed
                 zygote.drain()
-            if not self._workers:
+            # with workers, the last one's exit unwatches the zygotes (on the loop)
+            idle = not self._workers
+            if idle:
                 self._all_gone.set()
             loop = self._loop
         if loop is not None and self._on_loop():
@@ -550,20 +557,20 @@ class ProcessPool:
                 for w in self._workers.values():
                     _kill_group(w.pid)
             self._all_gone.wait()
+        if idle and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
+                self._in_loop(self._unwatch_zygotes).result()
+        if reap:
+            self.reap()
+
+    def reap(self) -> None:
+        """After :meth:`close`: wait until every zygote has exited, then free the rest."""
         with self._lock:
             zygotes, self._zygotes, self._zygote = self._zygotes, [], None
-        if loop is not None and not loop.is_closed():
-
-            def unwatch() -> None:  # on the loop, which may have closed some already
-                for z in zygotes:
-                    if not z.closed:
-                        self._unwatch(z.notify.fileno())
-
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
-                self._in_loop(unwatch).result()
+            loop = self._loop
         for zygote in zygotes:
             zygote.close()
-        if self._own_loop is not None and loop is not None:
+        if self._own_loop is not None and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
             join_thread(self._own_loop)
             loop.close()
@@ -571,6 +578,14 @@ class ProcessPool:
             self._page.close()
             os.close(self._page_fd)
             self._page = None
+
+    def _unwatch_zygotes(self) -> None:
+        """On the loop, once the pool is closed and its workers are gone: nothing more
+        is to be heard from the zygotes (their sockets close when they exit), and
+        :meth:`reap` closes them from another thread."""
+        for z in self._zygotes:
+            if not z.closed:
+                self._unwatch(z.notify.fileno())
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
@@ -813,6 +828,7 @@ class ProcessPool:
             self._note_start(w)
             self._free_slots.append(w.slot)
             if self._closed and not self._workers:
+                self._unwatch_zygotes()
                 self._all_gone.set()
         if not conn.closed:
             self._unwatch(conn.fileno())
