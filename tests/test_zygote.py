@@ -200,13 +200,42 @@ def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
     assert not mark.exists()  # the failed call was not left queued, to run later
 
 
-def test_the_first_worker_starts_with_the_zygote_and_a_dead_one_is_replaced() -> None:
+def test_the_first_worker_starts_with_the_runner_and_a_dead_one_is_replaced() -> None:
+    # A forking runner forks its first worker itself, with its zygote; the zygote forks
+    # every later one, the replacement of a first worker that died unused included.
     out = run_script(
         """
         import os, signal, time
         import psutil
         import actionpool as ap
 
+        me = psutil.Process()
+        with ap.Runner(cpu_workers=2, worker_start="fork") as r:
+            (first,) = r.worker_pids()  # forked before any call
+            print(psutil.Process(first).ppid() == os.getpid())
+            print(r.submit(os.getpid).result(timeout=60) == first)
+        print(psutil.pid_exists(first) is False)  # reaped by the runner at its close
+        with ap.Runner(cpu_workers=2, worker_start="fork") as r:
+            (first,) = r.worker_pids()
+            (zygote,) = r._pools["cpu"].zygote_pids()
+            os.kill(first, signal.SIGKILL)  # dies before it is ever used
+            got = r.submit(os.getpid).result(timeout=60)
+            print(got not in (first, os.getpid()), psutil.Process(got).ppid() == zygote)
+            print(r.worker_pids() == [got])
+        """
+    )
+    assert out.split() == ["True", "True", "True", "True", "True", "True"]
+
+
+def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
+    out = run_script(
+        """
+        import os, signal, time
+        import psutil
+        import actionpool as ap
+        import actionpool.pools.process as process
+
+        process._FORK_FIRST = False  # as where the kernel has no pidfds
         with ap.Runner(cpu_workers=2, worker_start="fork") as r:
             (zygote,) = r._pools["cpu"].zygote_pids()
             deadline = time.monotonic() + 60
@@ -228,25 +257,30 @@ def test_the_first_worker_starts_with_the_zygote_and_a_dead_one_is_replaced() ->
     assert out.split() == ["True", "True"]
 
 
-def test_a_scripts_first_call_goes_from_its_thread_to_the_prestarted_worker() -> None:
-    # The zygote forks the first worker unasked; once it has said so, a call joins
-    # that worker to the pool and starts on it from the caller's thread, without
-    # waiting for the scheduler's (held busy here for 2 s).
+@pytest.mark.parametrize("fork_first", [True, False])
+def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(fork_first: bool) -> None:
+    # The first worker is forked at the start (by this process, or by the zygote
+    # unasked); once its pid is known, a call joins it to the pool and starts on it
+    # from the caller's thread, without waiting for the scheduler's (held busy here
+    # for 2 s).
     out = run_script(
-        """
+        f"""
         import threading, time
         import actionpool as ap
+        import actionpool.pools.process as process
 
+        process._FORK_FIRST = {fork_first}
         with ap.Runner(cpu_workers=1, worker_start="fork", memory_floor=0) as r:
             zygote = r._pools["cpu"]._zygote
             deadline = time.monotonic() + 60
-            while not zygote.answered() and time.monotonic() < deadline:
+            while not {fork_first} and not zygote.answered() and time.monotonic() < deadline:
                 time.sleep(0.005)
             busy = threading.Event()
             r._loop.call_soon_threadsafe(lambda: (busy.set(), time.sleep(2.0)))
             assert busy.wait(10)
             held_until = time.time() + 1.8
-            print(r.worker_pids() == [], r.submit(time.time).result(timeout=60) < held_until)
+            before = len(r.worker_pids())
+            print(before == {int(fork_first)}, r.submit(time.time).result(timeout=60) < held_until)
         """
     )
     assert out.split() == ["True", "True"]

@@ -48,7 +48,7 @@ import struct
 import sys
 from typing import NoReturn
 
-__all__ = ["DRAIN", "NOTICE", "PID", "SPAWN", "main"]
+__all__ = ["DRAIN", "NOTICE", "PID", "SPAWN", "child_main", "main"]
 
 DRAIN = b"drain"
 """A request with no descriptors: the pool is closing (it has asked its workers to stop);
@@ -144,7 +144,7 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
             pid = os.fork()
             if pid == 0:
                 page = fds[1] if len(fds) > 1 else -1
-                _child(fds[0], page, slot, (ctl.fileno(), notify.fileno(), wake_r, wake_w))
+                child_main(fds[0], page, slot, (ctl.fileno(), notify.fileno(), wake_r, wake_w))
             # its own process group before the parent learns its pid (the child does
             # the same: whichever runs first), so that killpg(pid) always reaches it
             with contextlib.suppress(OSError):
@@ -191,13 +191,28 @@ def _stop(children: set[int]) -> None:
             os.waitpid(pid, 0)
 
 
-def _child(fd: int, page: int, slot: int, inherited: tuple[int, ...]) -> NoReturn:
-    """In a new worker: leave the zygote's ways behind and run the worker loop."""
+def child_main(
+    fd: int, page: int, slot: int, inherited: tuple[int, ...], own_session: bool = False
+) -> NoReturn:
+    """In a new worker: leave the zygote's ways behind and run the worker loop.
+
+    Args:
+        fd: the worker's socket.
+        page: the pool's start page, or -1.
+        slot: the worker's slot in it.
+        inherited: descriptors to close (the forking process's own).
+        own_session: a session of its own (the pool's first worker, forked by the
+            pool's process itself, whose session may have a terminal), not only a
+            process group.
+    """
     code = 0
     try:
         # its own process group: killpg takes what its actions start; the zygote's
         # session has no terminal, so a terminal's Ctrl-C reaches only the parent
-        os.setpgid(0, 0)
+        if own_session:
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd_ in inherited:

@@ -79,6 +79,9 @@ WORKER_START_MODES = ("auto", "fork", "fresh")
 _LAUNCH = "import actionpool._zygote as z; z.launch()"
 _MAX_STARTUP_FAILURES = 3
 _ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote is stuck
+# Fork a pool's first worker from this process (ProcessPool._start_forked): where
+# pidfds exist (Linux), by which this process watches its exit without the zygote.
+_FORK_FIRST = hasattr(os, "pidfd_open")
 
 
 def resolve_worker_start(mode: str | None = None) -> str:
@@ -149,13 +152,33 @@ def describe_exit(returncode: int | None) -> tuple[str, int | None, int | None]:
 class _Zygote:
     """The parent's handle of a zygote process (see :mod:`actionpool._zygote`)."""
 
-    def __init__(self, mode: str, env: dict[str, str], blas_threads: int) -> None:
+    def __init__(
+        self,
+        mode: str,
+        env: dict[str, str],
+        blas_threads: int,
+        pools_loaded: bool | None = None,
+        not_inherited: tuple[int, ...] = (),
+    ) -> None:
+        """Start a zygote: a fork of this process (``mode`` "fork"; only while this
+        process runs a single thread) or a fresh interpreter ("fresh").
+
+        Args:
+            mode: "fork" or "fresh".
+            env: environment overrides for the zygote and its workers.
+            blas_threads: the BLAS/OpenMP cap of every worker.
+            pools_loaded: for a fork, :func:`actionpool._worker.native_pools_loaded`
+                if the caller asked it already (else asked here).
+            not_inherited: descriptors of this process that a fork closes at once
+                (the pool's end of its first worker's socket).
+        """
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             if mode == "fork":
-                pools_loaded = _worker.native_pools_loaded()  # cheaper here than there
+                if pools_loaded is None:
+                    pools_loaded = _worker.native_pools_loaded()  # cheaper here than there
                 self.pid = os.fork()
                 if self.pid == 0:  # the zygote: this process had a single thread
                     try:
@@ -163,6 +186,8 @@ class _Zygote:
                         gc.freeze()  # never finalize the parent's objects in here
                         ctl.close()
                         notify.close()
+                        for fd in not_inherited:
+                            os.close(fd)
                         os.environ.update(env)
                         _zygote.main(
                             ctl_child.fileno(), notify_child.fileno(), blas_threads, pools_loaded
@@ -282,13 +307,18 @@ def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float | 
 
 
 class _Worker:
-    __slots__ = ("attempt", "conn", "eof", "pid", "slot", "state", "zygote")
+    __slots__ = ("attempt", "conn", "eof", "pid", "pidfd", "slot", "state", "zygote")
 
-    def __init__(self, pid: int, conn: Connection, zygote: _Zygote, slot: int) -> None:
+    def __init__(
+        self, pid: int, conn: Connection, zygote: _Zygote | None, slot: int, pidfd: int = -1
+    ) -> None:
         self.conn = conn
         self.pid = pid
         self.slot = slot  # its slot in the pool's start page
-        self.zygote = zygote  # it reaps this worker and reports its exit
+        # it reaps this worker and reports its exit; None: the pool's first worker,
+        # a child of this process, which watches its pidfd and reaps it itself
+        self.zygote = zygote
+        self.pidfd = pidfd  # -1 once reaped (or for a zygote's worker)
         self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
         self.attempt: ProcessAttempt | None = None
@@ -397,11 +427,56 @@ class ProcessPool:
             os.ftruncate(self._page_fd, _worker.START.size * size)
             self._page = mmap.mmap(self._page_fd, _worker.START.size * size)
         self._free_slots = list(range(size - 1, -1, -1))
+        # the first worker, when this process forked it (see _fork_first): its pid,
+        # our end of its socket, its slot, its pidfd; it joins the pool on first use
+        self._first: tuple[int, socket.socket, int, int] | None = None
         if self.worker_start == "fork":  # now, while this process has a single thread
-            self._zygote = _Zygote("fork", self._env, blas_threads)
-            self._zygotes.append(self._zygote)
-            # the first worker is forked as soon as the zygote is ready, unasked for
+            self._start_forked()
+
+    def _start_forked(self) -> None:
+        """Fork the zygote and, where pidfds exist (Linux), the first worker too.
+
+        A zygote's first worker is ready ~4 ms after the zygote's fork here: the
+        zygote's own start (Python's after-fork work alone is ~200 copy-on-write
+        faults at ~4 µs each), its setup, then a second fork of the same size. Forked
+        from this process at the same moment, the first worker is ready ~2 ms sooner,
+        and its exit is seen here at once (its pidfd) rather than relayed by the
+        zygote, whose own exit then overlaps it at shutdown. A cold start with one
+        call (W7) uses no other worker. The zygote forks every later worker.
+        """
+        pools_loaded = _worker.native_pools_loaded()
+        first = None
+        if _FORK_FIRST:
+            first = _fork_first(
+                self._page_fd, self._free_slots.pop(), self._env, self.blas_threads, pools_loaded
+            )
+        try:
+            self._zygote = _Zygote(
+                "fork",
+                self._env,
+                self.blas_threads,
+                pools_loaded,
+                () if first is None else (first[1].fileno(),),
+            )
+        except BaseException:
+            if first is not None:
+                _end_first(first[0], first[1], -1)
+            raise
+        self._zygotes.append(self._zygote)
+        if first is None:  # forked by the zygote as soon as it is ready, unasked for
             self._zygote.ask(self._page_fd, self._free_slots.pop())
+            return
+        pid, sock, slot = first
+        try:  # after the zygote's fork: the zygote must not hold it
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        if pidfd < 0:  # not a kernel that has them after all: the zygote's way
+            _end_first(pid, sock, -1)
+            self._free_slots.append(slot)
+            self._zygote.ask(self._page_fd, self._free_slots.pop())
+            return
+        self._first = (pid, sock, slot, pidfd)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the workers' sockets on ``loop`` from now on (the runner's scheduler
@@ -497,7 +572,7 @@ class ProcessPool:
             for w in self._workers.values():
                 if w.attempt is att:
                     self._note_start(w)
-                    _kill_group(w.pid)
+                    _kill_worker(w)
                     return
 
     def forget(self, prefix: str) -> None:
@@ -511,7 +586,10 @@ class ProcessPool:
     def pids(self) -> list[int]:
         """The pids of the live worker processes."""
         with self._lock:
-            return [w.pid for w in self._workers.values() if w.state is not WorkerState.GONE]
+            pids = [w.pid for w in self._workers.values() if w.state is not WorkerState.GONE]
+            if self._first is not None:  # forked at the start, not used yet
+                pids.append(self._first[0])
+            return pids
 
     def zygote_pids(self) -> list[int]:
         """The pids of the pool's zygote processes (see :mod:`actionpool._zygote`)."""
@@ -539,12 +617,15 @@ class ProcessPool:
                 if cancel or w.attempt is not None:
                     if w.attempt is not None:
                         w.attempt.killed = w.attempt.killed or "cancel"
-                    _kill_group(w.pid)
+                    _kill_worker(w)
                 else:
                     _send_stop(w)
             for zygote in self._zygotes:  # each exits after its last worker's notice
                 self._drop_request(zygote)  # its worker, if forked, finds its socket closed
                 zygote.drain()
+            first, self._first = self._first, None  # a first worker never used
+            if first is not None:
+                self._free_slots.append(first[2])
             # with workers, the last one's exit unwatches the zygotes (on the loop)
             idle = not self._workers
             if idle:
@@ -552,10 +633,12 @@ class ProcessPool:
             loop = self._loop
         if loop is not None and self._on_loop():
             raise RuntimeError("the cpu pool cannot be closed from its own loop's thread")
+        if first is not None:
+            _end_first(first[0], first[1], first[3])
         if not self._all_gone.wait(10):  # a worker ignored its stop: end it
             with self._lock:
                 for w in self._workers.values():
-                    _kill_group(w.pid)
+                    _kill_worker(w)
             self._all_gone.wait()
         if idle and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
@@ -590,9 +673,16 @@ class ProcessPool:
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
     def _prestarted(self) -> _Worker | None:
-        """The worker its zygote forked unasked (the pool's first), when the zygote
-        has already answered (lock held): ready for a task, it joins the pool now, in
-        the caller's thread. None if there is none, or the answer is not in yet."""
+        """The pool's first worker, forked at its start by this process or by the
+        zygote unasked, when its pid is known (lock held; for the zygote's, once it
+        has answered): it joins the pool now, in the caller's thread, and a task sent
+        to it waits in its socket until it is ready. None if there is none, or the
+        zygote's answer is not in yet."""
+        if self._first is not None:  # forked by this process: its pid is known
+            try:
+                return self._spawn()
+            except (OSError, WorkerCrashed):
+                return None
         zygote = self._zygote
         if zygote is None or zygote.asked is None or len(self._workers) >= self.size:
             return None
@@ -635,8 +725,8 @@ class ProcessPool:
             worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
 
     def _spawn(self) -> _Worker:
-        pid, parent_sock, slot, zygote = self._fork_worker()
-        worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot)
+        pid, parent_sock, slot, zygote, pidfd = self._fork_worker()
+        worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot, pidfd)
         self._workers[worker.conn] = worker
         if self._loop is None:  # a pool used on its own: a loop thread of its own
             self._loop = asyncio.new_event_loop()
@@ -651,6 +741,8 @@ class ProcessPool:
             for z in zygotes:
                 self._watch(z.notify.fileno(), self._on_notice, z)
             self._watch(conn.fileno(), self._on_readable, conn)
+            if worker.pidfd >= 0:
+                self._watch(worker.pidfd, self._on_exit, worker)
 
         self._in_loop(watch)
         return worker
@@ -704,11 +796,40 @@ class ProcessPool:
                 if w is not None:
                     w.eof = True
 
-    def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote]:
+    def _on_exit(self, w: _Worker) -> None:
+        """On the loop: the pool's first worker, a child of this process, exited (its
+        pidfd is readable). Kill its process group and reap it, as a zygote does for
+        its own workers, then handle its death."""
+        with self._lock:
+            if w.pidfd < 0:
+                return
+            self._unwatch(w.pidfd)
+            returncode = None
+            try:
+                # still a zombie, so its pid (its group's id) is not anyone else's yet
+                os.waitid(os.P_PID, w.pid, os.WEXITED | os.WNOWAIT)
+                _kill_group(w.pid)
+                _, status = os.waitpid(w.pid, 0)
+                returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass  # reaped by someone else (os.wait() in the user's code)
+            os.close(w.pidfd)
+            w.pidfd = -1  # reaped: never signal its pid again (_kill_worker)
+        # what it sent before it died is still in its socket: results count
+        while not w.eof and w.conn.poll(0):
+            w.eof = not self._read(w.conn)
+        self._on_death(w.conn, returncode)
+
+    def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote | None, int]:
         """Have the zygote fork a worker: its pid, our end of its socket, its start-page
         slot, the zygote. The request may have been sent already (the first worker of a
         forked zygote). A zygote that is gone or stuck is replaced once (by a fresh
-        interpreter: this process has threads now)."""
+        interpreter: this process has threads now). The pool's first worker, when this
+        process forked it itself, comes first (zygote None)."""
+        if self._first is not None:
+            pid, sock, slot, pidfd = self._first
+            self._first = None
+            return pid, sock, slot, None, pidfd
         for _ in range(2):
             zygote = self._zygote
             if zygote is None:
@@ -718,7 +839,7 @@ class ProcessPool:
                 if zygote.asked is None:
                     zygote.ask(self._page_fd, self._free_slots[-1])
                     self._free_slots.pop()
-                return (*zygote.take(), zygote)
+                return (*zygote.take(), zygote, -1)
             except OSError:
                 self._zygote = None  # its workers are handled when its notify socket closes
                 self._drop_request(zygote)
@@ -876,6 +997,56 @@ class ProcessPool:
 def _send_stop(w: _Worker) -> None:
     with contextlib.suppress(OSError):
         w.conn.send_bytes(b"")
+
+
+def _kill_worker(w: _Worker) -> None:
+    """SIGKILL worker ``w`` and its process group (lock held)."""
+    _kill_group(w.pid)
+    if w.pidfd >= 0:  # our own child, not reaped yet: it may not lead its group yet
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
+
+
+def _fork_first(
+    page_fd: int, slot: int, env: dict[str, str], blas_threads: int, pools_loaded: bool
+) -> tuple[int, socket.socket, int]:
+    """Fork a pool's first worker from this process, which runs a single thread (as for
+    the zygote): its pid, our end of its socket, its slot. It does what the zygote does
+    for itself and its workers, in a session of its own (no terminal: job control
+    never stops it), and runs the worker loop."""
+    sock, child = socket.socketpair()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                gc.freeze()  # its collections never walk the parent's objects
+                os.environ.update(env)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _worker.init_process(blas_threads, pools_loaded)
+                _zygote.child_main(child.fileno(), page_fd, slot, (sock.fileno(),), True)
+            finally:
+                os._exit(1)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        child.close()
+    return pid, sock, slot
+
+
+def _end_first(pid: int, sock: socket.socket, pidfd: int) -> None:
+    """Stop and reap a pool's first worker that never joined the pool (it never ran an
+    action: there is nothing in its process group to kill)."""
+    conn = Connection(sock.detach())
+    with contextlib.suppress(OSError):
+        conn.send_bytes(b"")  # stop
+    conn.close()
+    if not _wait_exit(pid, None, 10.0):
+        with contextlib.suppress(OSError):  # our child, not reaped: its pid is ours
+            os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, None, None)
+    if pidfd >= 0:
+        os.close(pidfd)
 
 
 def _kill_group(pid: int) -> None:
