@@ -3,7 +3,10 @@
 Starting a worker as a fresh interpreter costs ~40-50 ms of CPU (the interpreter, then
 importing actionpool's worker side); forking a process that already did both costs
 about a millisecond. So the CPU pool starts one *zygote* per runner, and every worker,
-the first ones and each replacement after a crash or a hard timeout, is a fork of it::
+each replacement after a crash or a hard timeout included, is a fork of it, but one:
+where the kernel has pidfds (Linux), the pool's first worker is forked by the parent
+itself, at the same moment as the zygote, and the parent watches and reaps it
+(``ProcessPool._start_forked``)::
 
     parent (ProcessPool)                      zygote (this module)             worker
     --------------------                      --------------------             ------
