@@ -87,6 +87,14 @@ def exit_with(code: int) -> None:
     os._exit(code)
 
 
+def start_child_then_exit(mark: str, code: int) -> None:
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])  # in this worker's process group
+    write(mark, str(child.pid))
+    os._exit(code)
+
+
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -227,6 +227,83 @@ def test_the_first_worker_starts_with_the_runner_and_a_dead_one_is_replaced() ->
     assert out.split() == ["True", "True", "True", "True", "True", "True"]
 
 
+def test_the_runners_own_first_worker_crashes_times_out_and_is_cancelled_as_any_other(
+    tmp_path: Path,
+) -> None:
+    # The first worker is the runner's child, watched on its pidfd and reaped by the
+    # pool rather than by the zygote: each way a worker ends must still kill what its
+    # action started, report the same outcome and leave a pool that heals. A fresh
+    # runner each time, so that the first worker is the one that ends.
+    out = run_script(
+        f"""
+        import os, signal, time
+        from concurrent.futures import CancelledError
+        import psutil
+        import actionpool as ap
+        from tests import fault_actions as fa
+
+        def gone(pid):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                        return True
+                except psutil.NoSuchProcess:
+                    return True
+                time.sleep(0.01)
+            return False
+
+        def runner():
+            r = ap.Runner(cpu_workers=1, worker_start="fork", timeout_grace=0.3)
+            (first,) = r.worker_pids()
+            assert psutil.Process(first).ppid() == os.getpid()
+            return r, first
+
+        mark = {str(tmp_path / "child")!r}
+        r, first = runner()
+        with r:
+            plan = ap.Plan()
+            crash = plan.add(fa.start_child_then_exit, mark, 3)
+            out = r.run(plan).outcome(crash)
+            print(out.status is ap.Status.CRASHED, out.error.exitcode == 3, out.worker == first)
+            print(gone(int(open(mark).read())), gone(first))  # its group was killed
+            print(r.submit(os.getpid).result(timeout=60) not in (first, os.getpid()))
+
+        r, first = runner()
+        with r:
+            try:
+                r.submit(fa.segfault).result(timeout=60)
+            except ap.WorkerCrashed as exc:
+                print(exc.signal == signal.SIGSEGV)
+
+        r, first = runner()
+        with r:
+            plan = ap.Plan()
+            stuck = plan.add(ap.action(fa.stuck_in_c, timeout=0.3))
+            out = r.run(plan).outcome(stuck)
+            print(out.status is ap.Status.TIMED_OUT, gone(first))
+
+        r, first = runner()
+        with r:
+            fut = r.submit(fa.sleep_long, 30.0)
+            time.sleep(0.2)
+            r.cancel()  # a running call: its worker is killed
+            try:
+                fut.result(timeout=60)
+            except CancelledError:
+                print(gone(first))
+
+        print(not psutil.pid_exists(first))  # reaped, not left a zombie
+
+        start = time.monotonic()
+        r, first = runner()
+        r.close()  # never used
+        print(not psutil.pid_exists(first), time.monotonic() - start < 10)
+        """
+    )
+    assert out.split() == ["True"] * 13
+
+
 def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
     out = run_script(
         """
