@@ -170,7 +170,7 @@ class _Zygote:
             pools_loaded: for a fork, :func:`actionpool._worker.native_pools_loaded`
                 if the caller asked it already (else asked here).
             not_inherited: descriptors of this process that a fork closes at once
-                (the pool's end of its first worker's socket).
+                (the pool's end of its first worker's socket, and its pidfd).
         """
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -447,36 +447,29 @@ class ProcessPool:
         pools_loaded = _worker.native_pools_loaded()
         first = None
         if _FORK_FIRST:
-            first = _fork_first(
-                self._page_fd, self._free_slots.pop(), self._env, self.blas_threads, pools_loaded
-            )
-        try:
+            slot = self._free_slots.pop()
+            pid, sock = _fork_first(self._page_fd, slot, self._env, self.blas_threads, pools_loaded)
+            try:
+                first = (pid, sock, slot, os.pidfd_open(pid))
+            except OSError:  # not a kernel that has them after all: the zygote's way
+                _end_first(pid, sock, -1)
+                self._free_slots.append(slot)
+        try:  # the zygote closes its copies of the first worker's socket and pidfd
             self._zygote = _Zygote(
                 "fork",
                 self._env,
                 self.blas_threads,
                 pools_loaded,
-                () if first is None else (first[1].fileno(),),
+                () if first is None else (first[1].fileno(), first[3]),
             )
         except BaseException:
             if first is not None:
-                _end_first(first[0], first[1], -1)
+                _end_first(first[0], first[1], first[3])
             raise
         self._zygotes.append(self._zygote)
+        self._first = first
         if first is None:  # forked by the zygote as soon as it is ready, unasked for
             self._zygote.ask(self._page_fd, self._free_slots.pop())
-            return
-        pid, sock, slot = first
-        try:  # after the zygote's fork: the zygote must not hold it
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        if pidfd < 0:  # not a kernel that has them after all: the zygote's way
-            _end_first(pid, sock, -1)
-            self._free_slots.append(slot)
-            self._zygote.ask(self._page_fd, self._free_slots.pop())
-            return
-        self._first = (pid, sock, slot, pidfd)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the workers' sockets on ``loop`` from now on (the runner's scheduler
@@ -815,10 +808,7 @@ class ProcessPool:
                 pass  # reaped by someone else (os.wait() in the user's code)
             os.close(w.pidfd)
             w.pidfd = -1  # reaped: never signal its pid again (_kill_worker)
-        # what it sent before it died is still in its socket: results count
-        while not w.eof and w.conn.poll(0):
-            w.eof = not self._read(w.conn)
-        self._on_death(w.conn, returncode)
+        self._exited(w, returncode)
 
     def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote | None, int]:
         """Have the zygote fork a worker: its pid, our end of its socket, its start-page
@@ -884,10 +874,15 @@ class ProcessPool:
                 _kill_group(w.pid)
             zygote.close()
         for w, code in dead:
-            # what it sent before it died is still in its socket: results count
-            while not w.eof and w.conn.poll(0):
-                w.eof = not self._read(w.conn)
-            self._on_death(w.conn, code)
+            self._exited(w, code)
+
+    def _exited(self, w: _Worker, returncode: int | None) -> None:
+        """On the loop: worker ``w`` exited and was reaped. What it sent before it died
+        is still in its socket, and its results count: read them, then handle its
+        death."""
+        while not w.eof and w.conn.poll(0):
+            w.eof = not self._read(w.conn)
+        self._on_death(w.conn, returncode)
 
     def _drop_request(self, zygote: _Zygote) -> None:
         slot = zygote.drop_request()
@@ -1009,9 +1004,9 @@ def _kill_worker(w: _Worker) -> None:
 
 def _fork_first(
     page_fd: int, slot: int, env: dict[str, str], blas_threads: int, pools_loaded: bool
-) -> tuple[int, socket.socket, int]:
+) -> tuple[int, socket.socket]:
     """Fork a pool's first worker from this process, which runs a single thread (as for
-    the zygote): its pid, our end of its socket, its slot. It does what the zygote does
+    the zygote): its pid and our end of its socket. It does what the zygote does
     for itself and its workers, in a session of its own (no terminal: job control
     never stops it), and runs the worker loop."""
     sock, child = socket.socketpair()
@@ -1031,7 +1026,7 @@ def _fork_first(
         raise
     finally:
         child.close()
-    return pid, sock, slot
+    return pid, sock
 
 
 def _end_first(pid: int, sock: socket.socket, pidfd: int) -> None:
