@@ -95,6 +95,26 @@ def start_child_then_exit(mark: str, code: int) -> None:
     os._exit(code)
 
 
+def fork_keeper_then_exit(mark: str, code: int) -> None:
+    """Fork a child that leaves this worker's session and process group (so killing
+    the group spares it) and keeps every fd this worker had, its socket included;
+    exit once it has."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            write(mark, str(os.getpid()))
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while not (Path(mark).exists() and Path(mark).read_text().isdigit()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    os._exit(code)
+
+
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -190,6 +190,28 @@ def test_a_submitted_call_that_crashes_its_worker_is_not_run_again(
         shared.submit(fa.crash_first_time, str(tmp_path / "flag")).result(timeout=60)
 
 
+def test_a_worker_that_dies_while_a_thread_reads_its_socket_fails_that_call(
+    tmp_path: Path,
+) -> None:
+    # The thread in result() reads its call's reply from the worker's socket itself.
+    # The worker exits, but a child of its own session keeps that socket open, so no
+    # end of it ever reaches the reader: the pool, told of the exit, must wake the
+    # reader and fail the call.
+    mark = tmp_path / "keeper"
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(abs, -1).result(timeout=30)  # the worker is up and idle
+        fut = r.submit(fa.fork_keeper_then_exit, str(mark), 5)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ap.WorkerCrashed, match="exited with code 5"):
+                fut.result(timeout=30)
+            assert time.monotonic() - started < 20
+            assert r.submit(abs, -2).result(timeout=30) == 2  # a fresh worker
+        finally:
+            keeper = pid_in(mark)
+            os.kill(keeper, signal.SIGKILL)
+
+
 def test_sigkill_ends_the_node_crashed_with_the_signal(shared: ap.Runner) -> None:
     out = run_one(shared, fa.kill_self)
     assert out.status is ap.Status.CRASHED

@@ -131,6 +131,37 @@ def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy() -> N
         assert not fut.cancel()  # it started: too late to withdraw it
 
 
+def test_a_thread_waiting_on_a_call_reads_its_result_while_the_loop_is_busy() -> None:
+    # The thread in result() reads a direct call's reply from the worker's socket
+    # itself (CallFuture): the scheduler's loop, held busy, is needed neither to send
+    # the call nor to end it, and the slot is given back all the same.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        held_until = _hold_loop(r, 3.0)
+        assert r.submit(h.square, 3).result(timeout=30) == 9
+        assert r.submit(h.square, 4).exception(timeout=30) is None
+        assert time.time() < held_until  # both ended while the loop was held
+        assert not r._calls.direct and r._sched.free_slots("cpu") == 1
+        assert r.submit(h.square, 5).result(timeout=30) == 25
+
+
+def test_a_result_timeout_hands_the_reading_back_to_the_loop() -> None:
+    # A thread whose result(timeout) expires stops reading the worker's socket: the
+    # loop reads the reply when it comes (cf.wait calls no result()), and a later
+    # result() gets it.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        fut = r.submit(h.sleep_then, 7, 0.5)
+        with pytest.raises(cf.TimeoutError):
+            fut.result(timeout=0.05)
+        assert fut in cf.wait([fut], timeout=30).done
+        assert fut.result(timeout=0) == 7
+        slow = r.submit(h.sleep_then, 8, 0.5)
+        with pytest.raises(cf.TimeoutError):
+            slow.exception(timeout=0.05)
+        assert slow.result(timeout=30) == 8
+
+
 def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Path) -> None:
     # memory_floor=0: no memory check that would send a call through the scheduler anyway
     with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
@@ -621,8 +652,10 @@ def test_a_result_that_arrives_after_its_call_was_cancelled_still_ends_it() -> N
         fut = r.submit(h.square, 3)
         time.sleep(0.3)  # the reply is in the socket; the loop has not read it
         r._loop.call_soon_threadsafe(r._calls.stop_direct, "a test's cancel")
+        # not fut.result(), which would read the reply itself (CallFuture), first
+        assert fut in cf.wait([fut], timeout=30).done
         with pytest.raises(cf.CancelledError, match="a test's cancel"):
-            fut.result(timeout=30)
+            fut.result(timeout=0)
         deadline = time.monotonic() + 10
         while r._calls.direct and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -45,7 +45,7 @@ from .plan import Plan
 from .pools import Pool
 from .pools.process import ProcessAttempt, ProcessPool
 from .pools.threads import ThreadPool
-from .scheduler import CallRun, PlanRun, Scheduler, check_failure_policy
+from .scheduler import CallFuture, CallRun, PlanRun, Scheduler, check_failure_policy
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
 from .transfer import (
     DEFAULT_SHM_THRESHOLD,
@@ -214,7 +214,8 @@ class Runner(Executor):
             (no timeout, ``validate``, ``memory``, ``threads``, ``retries`` or
             Context) that finds a free slot (and, for a cpu call, an idle
             worker) is sent from this thread, so its future is running when
-            ``submit`` returns.
+            ``submit`` returns; a thread then waiting in its ``result()`` reads a
+            cpu call's reply from the worker itself (:class:`CallFuture`).
 
         Raises:
             RuntimeError: the runner is closed.
@@ -230,7 +231,7 @@ class Runner(Executor):
         fn_bytes: bytes | None,
     ) -> Future[Any]:
         """:meth:`submit`, with the function already pickled when ``fn_bytes`` is given."""
-        fut: Future[Any] = Future()
+        fut: Future[Any] = CallFuture()
         if self._closed:
             raise RuntimeError("cannot submit to a closed Runner")
         try:

@@ -5,9 +5,13 @@ Data flow::
     scheduler ─submit(Task)─► pending ─► idle worker ─socket─► worker main thread
                                               ▲                     │
     scheduler ◄─callbacks/Future─ loop reader ◄─socket───────── "ready" / "started" /
-                                  (add_reader on every worker's  "event" / "result",
-                                   socket and the zygotes'       or EOF; the zygote's
-                                   notify sockets)               notice = it exited
+                                  (an epoll set of the worker    "event" / "result",
+                                   sockets, the zygotes' notify  or EOF; the zygote's
+                                   sockets, first worker's pidfd) notice = it exited
+
+A thread blocked in a direct call's ``result()`` reads that call's reply itself
+(:meth:`ProcessPool.read_result`): it takes the worker's socket out of the loop's epoll
+set while it waits, so the reply wakes one thread, not the loop and then the caller.
 
 Why not ``loky.ProcessPoolExecutor`` (or ``concurrent.futures``): there, one dead
 worker marks the whole executor broken and fails every pending future, and killing
@@ -42,6 +46,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import math
 import mmap
 import os
 import pickle
@@ -52,6 +57,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -82,6 +88,10 @@ _ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote 
 # Fork a pool's first worker from this process (ProcessPool._start_forked): where
 # pidfds exist (Linux), by which this process watches its exit without the zygote.
 _FORK_FIRST = hasattr(os, "pidfd_open")
+# A thread waiting for a direct call's result reads it from the worker's socket
+# itself (ProcessPool.read_result): the worker sockets are then watched through an
+# epoll set of the pool's own, from which any thread can take one out (Linux).
+_READ_HERE = hasattr(select, "epoll") and hasattr(os, "eventfd")
 
 
 def resolve_worker_start(mode: str | None = None) -> str:
@@ -307,7 +317,19 @@ def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float | 
 
 
 class _Worker:
-    __slots__ = ("attempt", "conn", "eof", "pid", "pidfd", "slot", "state", "zygote")
+    __slots__ = (
+        "attempt",
+        "conn",
+        "eof",
+        "pid",
+        "pidfd",
+        "poller",
+        "reading",
+        "slot",
+        "state",
+        "wake",
+        "zygote",
+    )
 
     def __init__(
         self, pid: int, conn: Connection, zygote: _Zygote | None, slot: int, pidfd: int = -1
@@ -322,6 +344,24 @@ class _Worker:
         self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
         self.attempt: ProcessAttempt | None = None
+        # Held by whoever reads the socket: the loop's reader, or a thread waiting for
+        # its attempt's result (ProcessPool.read_result), which the loop asks to let go
+        # by writing to ``wake``.
+        self.reading = threading.Lock()
+        self.wake = -1
+        self.poller: Any = None
+        if _READ_HERE:
+            self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.poller = select.poll()
+            self.poller.register(conn.fileno(), select.POLLIN)
+            self.poller.register(self.wake, select.POLLIN)
+
+    def close(self) -> None:
+        """Close its socket and wake fd (on the loop, ``reading`` held)."""
+        self.conn.close()
+        if self.wake >= 0:
+            os.close(self.wake)
+            self.wake = -1
 
 
 class ProcessAttempt:
@@ -351,6 +391,7 @@ class ProcessAttempt:
         "_pool",
         "direct",
         "future",
+        "holder",
         "id",
         "killed",
         "on_event",
@@ -386,6 +427,7 @@ class ProcessAttempt:
         self.killed = ""
         self.released = False  # the scheduler freed this attempt's slot
         self.direct = False  # resolved by a reader on the pool's loop (see ProcessPool.attach)
+        self.holder: _Worker | None = None  # the worker it was sent to
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop this attempt now: withdraw it, or kill its worker's process group."""
@@ -432,6 +474,10 @@ class ProcessPool:
         self._first: tuple[int, socket.socket, int, int] | None = None
         if self.worker_start == "fork":  # now, while this process has a single thread
             self._start_forked()
+        # The worker sockets, from which a waiting thread may take one (read_result):
+        # an epoll set that the loop watches (made after the forks: theirs to ignore).
+        self._sockets: select.epoll | None = select.epoll() if _READ_HERE else None
+        self._by_fd: dict[int, _Worker] = {}
 
     def _start_forked(self) -> None:
         """Fork the zygote and, where pidfds exist (Linux), the first worker too.
@@ -654,6 +700,8 @@ class ProcessPool:
             self._page.close()
             os.close(self._page_fd)
             self._page = None
+        if self._sockets is not None:
+            self._sockets.close()
 
     def _unwatch_zygotes(self) -> None:
         """On the loop, once the pool is closed and its workers are gone: nothing more
@@ -662,6 +710,8 @@ class ProcessPool:
         for z in self._zygotes:
             if not z.closed:
                 self._unwatch(z.notify.fileno())
+        if self._sockets is not None and not self._sockets.closed:  # no socket is left in it
+            self._unwatch(self._sockets.fileno())
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
@@ -712,6 +762,7 @@ class ProcessPool:
 
     def _send(self, worker: _Worker, att: ProcessAttempt) -> None:
         worker.attempt = att
+        att.holder = worker
         if worker.state is WorkerState.IDLE:
             worker.state = WorkerState.BUSY
         with contextlib.suppress(OSError):  # it just died: its notice requeues it
@@ -727,13 +778,12 @@ class ProcessPool:
                 target=self._loop.run_forever, name="actionpool-cpu-pool", daemon=True
             )
             self._own_loop.start()
-        conn = worker.conn
         zygotes = [z for z in self._zygotes if z.notify.fileno() not in self._watched]
 
         def watch() -> None:
             for z in zygotes:
                 self._watch(z.notify.fileno(), self._on_notice, z)
-            self._watch(conn.fileno(), self._on_readable, conn)
+            self._watch_socket(worker)
             if worker.pidfd >= 0:
                 self._watch(worker.pidfd, self._on_exit, worker)
 
@@ -779,15 +829,112 @@ class ProcessPool:
             assert self._loop is not None
             self._loop.remove_reader(fd)
 
-    def _on_readable(self, conn: Connection) -> None:
-        """A worker's socket has data: one message, or its end (the exit notice follows)."""
-        fd = -1 if conn.closed else conn.fileno()
-        if not self._read(conn):
+    def _watch_socket(self, w: _Worker) -> None:
+        """On the loop: read ``w``'s socket from now on."""
+        fd = w.conn.fileno()
+        if self._sockets is None:
+            self._watch(fd, self._on_readable, w)
+            return
+        self._watch(self._sockets.fileno(), self._on_sockets)
+        self._by_fd[fd] = w
+        self._sockets.register(fd, select.EPOLLIN)
+
+    def _unwatch_socket(self, w: _Worker) -> None:
+        """On the loop: stop reading ``w``'s socket (before it is closed)."""
+        if w.conn.closed:
+            return
+        fd = w.conn.fileno()
+        if self._sockets is None:
             self._unwatch(fd)
-            with self._lock:
-                w = self._workers.get(conn)
-                if w is not None:
-                    w.eof = True
+        elif self._by_fd.get(fd) is w:
+            del self._by_fd[fd]
+            with contextlib.suppress(OSError):
+                self._sockets.unregister(fd)
+
+    def _on_sockets(self) -> None:
+        """On the loop: some worker sockets have data (the epoll set is readable)."""
+        assert self._sockets is not None
+        for fd, _ in self._sockets.poll(0):
+            w = self._by_fd.get(fd)
+            if w is not None:
+                self._on_readable(w)
+
+    def _on_readable(self, w: _Worker) -> None:
+        """A worker's socket has data: one message, or its end (the exit notice follows).
+        Nothing, if a thread waiting for its attempt's result reads it."""
+        if not w.reading.acquire(blocking=False):
+            return  # read_result has it, and took it out of the epoll set
+        try:
+            if self._read(w):
+                return
+            self._unwatch_socket(w)
+            w.eof = True
+        finally:
+            w.reading.release()
+
+    def read_result(self, att: ProcessAttempt, timeout: float | None) -> None:
+        """Wait for ``att``'s result in this thread, reading its worker's socket here:
+        a thread that would wait for a result anyway gets it with one wake-up instead
+        of two (the loop's, then its own), and the loop is not woken at all.
+
+        Returns once the result was handed to ``att.on_result`` (in this thread), or
+        without it, leaving the rest to the loop's reader as usual, when: another
+        thread reads that socket, ``timeout`` seconds passed (None: no limit), the
+        worker's socket ended (it died: its exit is handled on the loop), or the loop
+        needs the socket back (:meth:`_exited`). Never raises for the attempt's sake.
+        Only an attempt whose ``on_result`` is set (its future stays pending) can be
+        read so.
+        """
+        w = att.holder
+        if self._sockets is None or w is None or att.on_result is None:
+            return
+        if not w.reading.acquire(blocking=False):
+            return  # the loop's reader (or another thread) has it
+        found = None
+        try:
+            if w.attempt is not att or w.conn.closed or self._by_fd.get(w.conn.fileno()) is not w:
+                return
+            fd = w.conn.fileno()
+            try:
+                self._sockets.modify(fd, 0)  # the loop stops watching it
+            except OSError:
+                return
+            try:
+                found = self._read_until(w, att, timeout)
+            finally:
+                with contextlib.suppress(OSError):
+                    self._sockets.modify(fd, select.EPOLLIN)
+        finally:
+            w.reading.release()
+        if found is not None:  # its result: handed over with the socket given back
+            self._notify(*found)
+
+    def _read_until(
+        self, w: _Worker, att: ProcessAttempt, timeout: float | None
+    ) -> tuple[ProcessAttempt, _Worker, tuple[Any, ...]] | None:
+        """:meth:`read_result`'s wait (``w.reading`` held): ``att``'s result, applied to
+        the pool, for :meth:`_notify`; None when it gave up."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_ms = None if end is None else max(0, math.ceil((end - time.monotonic()) * 1000))
+            events = w.poller.poll(wait_ms)
+            if not events:
+                return None  # timed out
+            for fd, _ in events:
+                if fd == w.wake:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_read(w.wake)
+                    return None  # the loop needs the socket
+            try:
+                msg = pickle.loads(w.conn.recv_bytes())
+            except (EOFError, OSError):
+                return None  # its end: the loop sees it too, and its exit follows
+            found = self._apply(w, msg)
+            if found is None:
+                continue
+            if msg[0] == "result":
+                return found
+            self._notify(*found)  # "started", "event": not sent for such an attempt
 
     def _on_exit(self, w: _Worker) -> None:
         """On the loop: the pool's first worker, a child of this process, exited (its
@@ -836,15 +983,17 @@ class ProcessPool:
                 _kill_group(zygote.pid)
         raise WorkerCrashed("cannot start a worker process: its zygote process keeps failing")
 
-    def _read(self, conn: Connection) -> bool:
-        """Handle one message from ``conn``; False at its end."""
-        if conn.closed:
+    def _read(self, w: _Worker) -> bool:
+        """Handle one message from ``w``'s socket (``w.reading`` held); False at its end."""
+        if w.conn.closed:
             return False
         try:
-            data = conn.recv_bytes()
+            data = w.conn.recv_bytes()
         except (EOFError, OSError):
             return False
-        self._on_message(conn, pickle.loads(data))
+        found = self._apply(w, pickle.loads(data))
+        if found is not None:
+            self._notify(*found)
         return True
 
     def _on_notice(self, zygote: _Zygote) -> None:
@@ -880,9 +1029,18 @@ class ProcessPool:
         """On the loop: worker ``w`` exited and was reaped. What it sent before it died
         is still in its socket, and its results count: read them, then handle its
         death."""
-        while not w.eof and w.conn.poll(0):
-            w.eof = not self._read(w.conn)
-        self._on_death(w.conn, returncode)
+        if not w.reading.acquire(blocking=False):
+            # A thread reads it for its attempt's result (read_result): ask it to let
+            # go, which it does at once (nothing it holds meanwhile waits for the loop).
+            if w.wake >= 0:
+                os.eventfd_write(w.wake, 1)
+            w.reading.acquire()
+        try:
+            while not w.eof and w.conn.poll(0):
+                w.eof = not self._read(w)
+            self._on_death(w, returncode)
+        finally:
+            w.reading.release()
 
     def _drop_request(self, zygote: _Zygote) -> None:
         slot = zygote.drop_request()
@@ -901,25 +1059,33 @@ class ProcessPool:
         if attempt_id == att.id:
             att.started, att.started_at, att.worker = True, at, w.pid
 
-    def _on_message(self, conn: Connection, msg: tuple[Any, ...]) -> None:
+    def _apply(
+        self, w: _Worker, msg: tuple[Any, ...]
+    ) -> tuple[ProcessAttempt, _Worker, tuple[Any, ...]] | None:
+        """Record a message of ``w`` in the pool's state (``w.reading`` held); what
+        :meth:`_notify` must then tell its attempt, if anything."""
         with self._lock:
-            w = self._workers.get(conn)
-            if w is None:
-                return
+            if self._workers.get(w.conn) is not w:
+                return None
             kind = msg[0]
             if kind == "ready":
                 self._startup_failures = 0
                 w.state = WorkerState.BUSY if w.attempt is not None else WorkerState.IDLE
-                return
+                return None
             att = w.attempt
             if att is None or att.id != msg[1]:
-                return
+                return None
             if kind == "result":
                 w.attempt = None
                 w.state = WorkerState.IDLE
                 if not self._closed:
                     self._assign()
-        # callbacks run outside the lock: they may call back into the pool
+        return att, w, msg
+
+    def _notify(self, att: ProcessAttempt, w: _Worker, msg: tuple[Any, ...]) -> None:
+        """Tell ``att`` what its worker ``w`` sent (:meth:`_apply`), outside the lock:
+        its callbacks may call back into the pool."""
+        kind = msg[0]
         if kind == "started":
             att.started_at, att.worker = msg[2], w.pid
             att.started = True
@@ -933,12 +1099,12 @@ class ProcessPool:
             att.direct = self._own_loop is None
             att.future.set_result(msg[2])
 
-    def _on_death(self, conn: Connection, returncode: int | None) -> None:
-        """Worker of ``conn`` exited with ``returncode`` (its zygote killed its group
-        and reaped it); None: unknown (its zygote died too)."""
+    def _on_death(self, w: _Worker, returncode: int | None) -> None:
+        """Worker ``w`` exited with ``returncode`` (its zygote killed its group and
+        reaped it; ``w.reading`` held); None: unknown (its zygote died too)."""
+        conn = w.conn
         with self._lock:
-            w = self._workers.pop(conn, None)
-            if w is None:
+            if self._workers.pop(conn, None) is None:
                 return
             w.state = WorkerState.GONE
             self._note_start(w)
@@ -946,9 +1112,8 @@ class ProcessPool:
             if self._closed and not self._workers:
                 self._unwatch_zygotes()
                 self._all_gone.set()
-        if not conn.closed:
-            self._unwatch(conn.fileno())
-        conn.close()
+        self._unwatch_socket(w)
+        w.close()
         text, exitcode, sig = describe_exit(returncode)
         failed: list[tuple[ProcessAttempt, BaseException]] = []
         with self._lock:
