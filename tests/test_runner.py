@@ -162,6 +162,26 @@ def test_a_result_timeout_hands_the_reading_back_to_the_loop() -> None:
         assert slow.result(timeout=30) == 8
 
 
+def test_a_waiting_thread_spins_only_after_short_actions_and_with_a_core_to_spare() -> None:
+    # read_result polls the socket without sleeping before it blocks (spin, then
+    # block) only while the recent actions were short, and never while every core
+    # has a busy worker: a spin would then take CPU from the workers.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        pool = r._pools["cpu"]
+        pool.cores = 2  # as on a machine with a core to spare, whatever this one has
+        for _ in range(3):
+            assert r.submit(h.sleep_then, 1, 0.05).result(timeout=30) == 1
+        assert pool._spin_for(None) == 0  # 50 ms actions: a spin would be wasted
+        for _ in range(40):
+            assert r.submit(abs, -1).result(timeout=30) == 1
+        assert 0 < pool._spin_for(None) <= 0.001  # no-ops: their replies come at once
+        assert pool._spin_for(0.00001) <= 0.00001  # never past the caller's timeout
+        pool.cores = 1
+        busy = r.submit(h.sleep_then, 2, 0.3)
+        assert pool._spin_for(None) == 0  # its worker has the only core
+        assert busy.result(timeout=30) == 2
+
+
 def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Path) -> None:
     # memory_floor=0: no memory check that would send a call through the scheduler anyway
     with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:

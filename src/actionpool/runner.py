@@ -156,7 +156,12 @@ class Runner(Executor):
         self._loop = asyncio.new_event_loop()
         io_pool = ThreadPool(self.sizing.io_workers)
         self._pools: dict[str, Pool] = {
-            "cpu": ProcessPool(self.sizing.cpu_workers, self.sizing.blas_threads, worker_start),
+            "cpu": ProcessPool(
+                self.sizing.cpu_workers,
+                self.sizing.blas_threads,
+                worker_start,
+                cores=self.sizing.usable_cores,
+            ),
             "io": io_pool,
         }
         cpu = self._pools["cpu"]

@@ -65,6 +65,8 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
+import loky
+
 from .. import _worker, _zygote
 from .._threads import join_thread
 from .._worker import Result, Task
@@ -92,6 +94,15 @@ _FORK_FIRST = hasattr(os, "pidfd_open")
 # itself (ProcessPool.read_result): the worker sockets are then watched through an
 # epoll set of the pool's own, from which any thread can take one out (Linux).
 _READ_HERE = hasattr(select, "epoll") and hasattr(os, "eventfd")
+# Spin, then block: read_result polls the socket without sleeping for up to _SPIN_S
+# before it blocks, when the pool's recent actions ran for under _SPIN_IF_UNDER_S
+# (a moving average) and a core is spare for it. A thread that blocks is woken
+# ~100 us later than one that polls here (W2: a no-op's round trip 225 -> 127 us,
+# with the parent's CPU per call unchanged, as the wake-up costs CPU too), and its
+# reply arrives 100-150 us after the call is sent (per-hop trace, docs/performance.md).
+# The same trade as glibc's adaptive mutexes and OpenMP's KMP_BLOCKTIME (200 ms).
+_SPIN_S = 200e-6
+_SPIN_IF_UNDER_S = 100e-6
 
 
 def resolve_worker_start(mode: str | None = None) -> str:
@@ -439,10 +450,24 @@ class ProcessPool:
 
     kind = "cpu"
 
-    def __init__(self, size: int, blas_threads: int, worker_start: str | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        blas_threads: int,
+        worker_start: str | None = None,
+        cores: int | None = None,
+    ) -> None:
         """Start the pool; its zygote at once if it forks this process (see
-        :func:`resolve_worker_start`, whose errors it raises), else on first use."""
+        :func:`resolve_worker_start`, whose errors it raises), else on first use.
+        ``cores``: the logical CPUs this process may use (default
+        ``loky.cpu_count()``), which bounds when a waiting thread may spin
+        (:meth:`read_result`)."""
         self.size = size
+        self.cores = cores if cores is not None else max(1, loky.cpu_count())
+        # read_result's spin: the recent actions' mean run time (seconds, a moving
+        # average of 1 in 5), and who spins now (one thread at most)
+        self._recent_s = 0.0
+        self._spinner = threading.Lock()
         self.blas_threads = blas_threads
         self.worker_start = resolve_worker_start(worker_start)
         self._lock = threading.RLock()
@@ -915,9 +940,18 @@ class ProcessPool:
         """:meth:`read_result`'s wait (``w.reading`` held): ``att``'s result, applied to
         the pool, for :meth:`_notify`; None when it gave up."""
         end = None if timeout is None else time.monotonic() + timeout
+        spin = self._spin_for(timeout)
         while True:
-            wait_ms = None if end is None else max(0, math.ceil((end - time.monotonic()) * 1000))
-            events = w.poller.poll(wait_ms)
+            events = None
+            if spin > 0 and self._spinner.acquire(blocking=False):
+                try:
+                    events = _spin(w.poller, spin)
+                finally:
+                    self._spinner.release()
+            spin = 0.0
+            if not events:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                events = w.poller.poll(None if left is None else math.ceil(left * 1000))
             if not events:
                 return None  # timed out
             for fd, _ in events:
@@ -933,8 +967,20 @@ class ProcessPool:
             if found is None:
                 continue
             if msg[0] == "result":
+                res: Result = msg[2]
+                self._recent_s += 0.2 * (res.finished_at - res.started_at - self._recent_s)
                 return found
             self._notify(*found)  # "started", "event": not sent for such an attempt
+
+    def _spin_for(self, timeout: float | None) -> float:
+        """How long :meth:`_read_until` may spin (seconds): :data:`_SPIN_S` while the
+        recent actions are short and a core is left after the busy workers, else 0."""
+        if self._recent_s >= _SPIN_IF_UNDER_S:
+            return 0.0
+        busy = sum(1 for w in list(self._workers.values()) if w.attempt is not None)
+        if busy >= self.cores:
+            return 0.0
+        return _SPIN_S if timeout is None else min(_SPIN_S, timeout)
 
     def _on_exit(self, w: _Worker) -> None:
         """On the loop: the pool's first worker, a child of this process, exited (its
@@ -1152,6 +1198,15 @@ class ProcessPool:
         for att, exc in failed:
             if not att.future.done():
                 att.future.set_exception(exc)
+
+
+def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:
+    """Poll ``poller`` without sleeping for up to ``seconds``; its events, or []."""
+    end = time.perf_counter() + seconds
+    while True:
+        events: list[tuple[int, int]] = poller.poll(0)
+        if events or time.perf_counter() >= end:
+            return events
 
 
 def _send_stop(w: _Worker) -> None:
