@@ -1733,11 +1733,15 @@ def w9_curve_targets(curve: dict[str, Any]) -> list[dict[str, Any]]:
     """The W9 chain and lattice verdicts, from ``W9_curve``'s summary (also used by
     ``--render``, which has only results.json).
 
-    Linear (not worse): a straight line explains the run times (R² >= 0.98), and the
-    time per node + edge does not grow with size (at the largest size <= 1.5x that
-    at the smallest). A fixed cost (the line's intercept) makes small plans dearer per
-    node; that is linear overhead too, so the spread across sizes is shown but not
-    judged.
+    Linear (not worse): the run time grows with nodes + edges no faster than
+    linearly: the exponent ``b`` of a power-law fit over every size (``run = a
+    (nodes + edges)^b``, least squares in log-log) is <= 1.1. Over the 16x range of
+    sizes, b = 1.1 means the cost per node + edge grows 1.32x from the smallest to the
+    largest. A fixed cost makes small plans dearer per node, which bends the curve
+    below a straight line (b < 1): that is linear overhead too, so the straight line's
+    R², the growth and the spread of the cost per node + edge are shown but not judged
+    (an R² >= 0.98 rule failed a chain whose cost per node fell from 207 to 136 µs as
+    it grew 16x).
     """
     out: list[dict[str, Any]] = []
     for shape, sm in curve.items():
@@ -1748,18 +1752,20 @@ def w9_curve_targets(curve: dict[str, Any]) -> list[dict[str, Any]]:
         r2 = (sm.get("fit") or {}).get("r2", float("nan"))
         first, last = points[0], points[-1]
         growth = last["run_us_per_ne"] / first["run_us_per_ne"]
+        exponent = float(np.polyfit(
+            [math.log(p["n_plus_e"]) for p in points], [math.log(p["run_s"]) for p in points], 1
+        )[0])  # fmt: skip
         out.append({
             "workload": "W9",
             "title": f"{shape} of tiny cpu nodes, sizes up to {last['nodes']:,} nodes",
-            "target": f"{shape}: overhead linear in nodes + edges (linear fit R² >= 0.98, and"
-                      " the time per node+edge at the largest size <= 1.5x that at the"
-                      " smallest)",
+            "target": f"{shape}: overhead linear in nodes + edges (run time ~ (nodes +"
+                      " edges)^b with b <= 1.1)",
             "value": growth,
             "shown": f"per node+edge {first['run_us_per_ne']:.0f} µs at {first['nodes']:,}"
                      f" nodes, {last['run_us_per_ne']:.0f} µs at {last['nodes']:,}"
-                     f" ({growth:.2f}x; spread across sizes {spread:.2f}x), linear fit"
-                     f" R² {r2:.4f}",
-            "met": bool(r2 >= 0.98 and growth <= 1.5),
+                     f" ({growth:.2f}x; spread across sizes {spread:.2f}x); b = {exponent:.2f};"
+                     f" straight line R² {r2:.4f}",
+            "met": bool(exponent <= 1.1),
             "best_peer": "",
         })  # fmt: skip
     return out
