@@ -959,9 +959,8 @@ class ProcessPool:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(w.wake)
                     return None  # the loop needs the socket
-            try:
-                msg = pickle.loads(w.conn.recv_bytes())
-            except (EOFError, OSError):
+            msg = _recv(w)
+            if msg is None:
                 return None  # its end: the loop sees it too, and its exit follows
             found = self._apply(w, msg)
             if found is None:
@@ -1031,13 +1030,10 @@ class ProcessPool:
 
     def _read(self, w: _Worker) -> bool:
         """Handle one message from ``w``'s socket (``w.reading`` held); False at its end."""
-        if w.conn.closed:
+        msg = _recv(w)
+        if msg is None:
             return False
-        try:
-            data = w.conn.recv_bytes()
-        except (EOFError, OSError):
-            return False
-        found = self._apply(w, pickle.loads(data))
+        found = self._apply(w, msg)
         if found is not None:
             self._notify(*found)
         return True
@@ -1198,6 +1194,16 @@ class ProcessPool:
         for att, exc in failed:
             if not att.future.done():
                 att.future.set_exception(exc)
+
+
+def _recv(w: _Worker) -> tuple[Any, ...] | None:
+    """The next message on ``w``'s socket (``w.reading`` held); None at its end."""
+    if w.conn.closed:
+        return None
+    try:
+        return pickle.loads(w.conn.recv_bytes())  # type: ignore[no-any-return]
+    except (EOFError, OSError):
+        return None
 
 
 def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:
