@@ -966,8 +966,6 @@ class ProcessPool:
             if found is None:
                 continue
             if msg[0] == "result":
-                res: Result = msg[2]
-                self._recent_s += 0.2 * (res.finished_at - res.started_at - self._recent_s)
                 return found
             self._notify(*found)  # "started", "event": not sent for such an attempt
 
@@ -1118,6 +1116,8 @@ class ProcessPool:
             if att is None or att.id != msg[1]:
                 return None
             if kind == "result":
+                res: Result = msg[2]  # every result counts for read_result's spin
+                self._recent_s += 0.2 * (res.finished_at - res.started_at - self._recent_s)
                 w.attempt = None
                 w.state = WorkerState.IDLE
                 if not self._closed:
