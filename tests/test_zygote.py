@@ -137,6 +137,21 @@ def test_the_zygote_is_preloaded_and_its_workers_are_its_children() -> None:
             assert os.getpgid(p) == p  # a process group of its own: killpg reaches it
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("start", ["fork", "fresh"])
+def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_policy(
+    start: str,
+) -> None:
+    parent = os.sched_getscheduler(0)
+    with ap.Runner(cpu_workers=2, io_workers=2, worker_start=start) as r:
+        assert r.submit(os.sched_getscheduler, 0).result(timeout=60) == os.SCHED_BATCH
+        io = ap.action(os.sched_getscheduler, kind="io")
+        assert r.submit(io, 0).result(timeout=60) == parent
+        for p in r.worker_pids():
+            assert os.sched_getscheduler(p) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == parent
+
+
 def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: Path) -> None:
     mark = tmp_path / "started"
     with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
