@@ -210,3 +210,20 @@ def np_random_and_pid() -> tuple[float, int]:
 
     time.sleep(0.2)  # long enough for the other worker to take the next call
     return float(np.random.rand()), os.getpid()
+
+
+class SlowToFree:
+    """An argument whose copy in a worker takes ``seconds`` to free (think of a large
+    structure of small objects); the process that made it frees its own at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.owner = os.getpid()
+
+    def __del__(self) -> None:
+        if os.getpid() != self.owner:
+            time.sleep(self.seconds)
+
+
+def worker_pid(_arg: object) -> int:
+    return os.getpid()

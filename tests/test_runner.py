@@ -472,6 +472,14 @@ def test_a_map_leaves_its_per_item_time_for_the_next_map_of_that_function() -> N
         assert b.per_item == per_item
 
 
+def test_a_worker_sends_its_result_before_it_frees_the_calls_objects() -> None:
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        pid = r.submit(fa.slow_pid, 0).result(timeout=60)  # the worker is up
+        t0 = time.monotonic()
+        assert r.submit(fa.worker_pid, fa.SlowToFree(2.0)).result(timeout=60) == pid
+        assert time.monotonic() - t0 < 1.0  # not after the 2 s its copy takes to free
+
+
 def test_map_timeout_raises_timeout_error(shared: ap.Runner) -> None:
     it = shared.map(h.sleep_then, [1], [2.0], timeout=0.2)
     with pytest.raises(TimeoutError):

@@ -138,18 +138,25 @@ def test_the_zygote_is_preloaded_and_its_workers_are_its_children() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-@pytest.mark.parametrize("start", ["fork", "fresh"])
-def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_policy(
-    start: str,
-) -> None:
-    parent = os.sched_getscheduler(0)
-    with ap.Runner(cpu_workers=2, io_workers=2, worker_start=start) as r:
-        assert r.submit(os.sched_getscheduler, 0).result(timeout=60) == os.SCHED_BATCH
-        io = ap.action(os.sched_getscheduler, kind="io")
-        assert r.submit(io, 0).result(timeout=60) == parent
-        for p in r.worker_pids():
-            assert os.sched_getscheduler(p) == os.SCHED_BATCH
-    assert os.sched_getscheduler(0) == parent
+def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_policy() -> None:
+    code = """
+        import json, os
+        import actionpool as ap
+
+        def policies(start):
+            parent = os.sched_getscheduler(0)
+            with ap.Runner(cpu_workers=2, io_workers=2, worker_start=start) as r:
+                cpu = r.submit(os.sched_getscheduler, 0).result(timeout=60)
+                io = r.submit(ap.action(os.sched_getscheduler, kind="io"), 0).result(timeout=60)
+                workers = {os.sched_getscheduler(p) for p in r.worker_pids()}
+            return [parent, cpu, io, sorted(workers), os.sched_getscheduler(0)]
+
+        print(json.dumps({start: policies(start) for start in ("fork", "fresh")}))
+    """
+    out = json.loads(run_script(code).splitlines()[-1])
+    other, batch = os.SCHED_OTHER, os.SCHED_BATCH
+    for start in ("fork", "fresh"):
+        assert out[start] == [other, batch, other, [batch], other], start
 
 
 def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: Path) -> None:
