@@ -159,6 +159,21 @@ def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_polic
         assert out[start] == [other, batch, other, [batch], other], start
 
 
+def test_a_fresh_zygote_imports_what_the_callers_sys_path_holds(tmp_path: Path) -> None:
+    (tmp_path / "on_my_path.py").write_text("import os\ndef where():\n    return os.getpid()\n")
+    out = run_script(
+        f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import actionpool as ap
+        import on_my_path
+        with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
+            print(r.submit(on_my_path.where).result(timeout=60) in r.worker_pids())
+        """
+    )
+    assert out.splitlines()[-1] == "True"
+
+
 def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: Path) -> None:
     mark = tmp_path / "started"
     with ap.Runner(cpu_workers=2, worker_start="fresh") as r:

@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import json
 import math
 import mmap
 import os
@@ -84,7 +85,13 @@ __all__ = [
 WORKER_START_MODES = ("auto", "fork", "fresh")
 """How a pool's zygote starts: see :func:`resolve_worker_start`."""
 
-_LAUNCH = "import actionpool._zygote as z; z.launch()"
+# A fresh zygote starts with this process's sys.path (its last argument), as
+# multiprocessing's spawn and loky do: a module the caller put on the path (and
+# actionpool itself, when it is not installed) must import in the workers too.
+_LAUNCH = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv.pop());"
+    " import actionpool._zygote as z; z.launch()"
+)
 _MAX_STARTUP_FAILURES = 3
 _ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote is stuck
 # Fork a pool's first worker from this process (ProcessPool._start_forked): where
@@ -217,6 +224,7 @@ class _Zygote:
                         os._exit(1)
             else:
                 args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
+                args.append(json.dumps(sys.path))
                 self.proc = subprocess.Popen(
                     [sys.executable, "-c", _LAUNCH, *args],
                     pass_fds=(ctl_child.fileno(), notify_child.fileno()),
