@@ -526,8 +526,8 @@ def _batch_policy() -> None:
     parent still had the map's next chunk to send: on a 2-core machine, in 8 of 35
     ``map(x + 1)`` of 20,000 items, the parent's 30 KB write took 1.0-1.8 ms instead
     of 20-60 µs, the whole chunk of the worker it had woken (``docs/performance.md``,
-    W1). The parent and io threads keep their policy; an
-    action's own child processes and threads inherit the worker's.
+    W1). The worker's share of the CPU is unchanged. The parent and io threads keep
+    their policy; an action's own child processes and threads inherit the worker's.
     """
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:

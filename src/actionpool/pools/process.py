@@ -224,7 +224,8 @@ class _Zygote:
                         os._exit(1)
             else:
                 args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
-                args.append(json.dumps(sys.path))
+                # str entries only: the import system skips any other (JSON could not carry it)
+                args.append(json.dumps([p for p in sys.path if isinstance(p, str)]))
                 self.proc = subprocess.Popen(
                     [sys.executable, "-c", _LAUNCH, *args],
                     pass_fds=(ctl_child.fileno(), notify_child.fileno()),
