@@ -7,6 +7,7 @@ and the suite's verdicts are checked on made-up curves.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -82,3 +83,62 @@ def test_the_w9_verdict_passes_linear_and_concave_curves_and_fails_superlinear_o
     assert not verdict([50e-6 * n * (n / 2_500) ** 0.3 for n in sizes])  # n^1.3
     # n^1.14: the cost per node+edge grows only 1.47x over the sizes, and is not linear
     assert not verdict([50e-6 * n * (n / 2_500) ** 0.14 for n in sizes])
+
+
+def test_w3_w5_w8_judge_samples_by_their_rounds_reference_and_w3_fits_any_core_count() -> None:
+    """The machine slows 1.6x in round 1 and 1.3x in round 3: the serial reference and
+    the pool slow alike, so the pool's efficiency is the same in every round (80%). A
+    ratio to the reference's median would read 64-100% instead."""
+    suite = _suite()
+    Entry = suite.Entry
+    slow = [1.0, 1.6, 1.0, 1.3, 1.0]
+    rounds = list(range(5))
+
+    def entry(kind: str, lib: str, op: str, base: float, skip: int = -1, kw: Any = None) -> Any:
+        e = Entry(f"{lib} {op}", lib, op, kw or {}, kind)
+        for r, f in zip(rounds, slow, strict=True):
+            if r != skip:
+                e.samples.append(base * f)
+                e.rounds.append(r)
+        return e
+
+    # 0.4 s of serial work on 2 workers: ideal 0.2 s, the pool takes 0.25 s (80%);
+    # the reference has no sample in round 4, which falls back to its median
+    # (0.46 s of 0.4, 0.64, 0.4 and 0.52): 0.46 / 2 / 0.25 = 92%
+    res = {
+        "W3": [
+            entry("actionpool", "actionpool", "w3", 0.25),
+            entry("reference", "baseline", "serial", 0.4, skip=4, kw={"tasks": 8}),
+        ],
+        "W5": [  # 4 tasks in 1.25 memcpys: 3.2x, whatever the machine's speed
+            entry("actionpool", "actionpool", "w5", 0.0125),
+            entry("reference", "baseline", "memcpy", 0.01),
+        ],
+        "W8": [  # cpu work 0.4 s / 2 cores beats 0.1 s of io: ideal 0.2 s; wall 0.22 s
+            entry("actionpool", "actionpool", "w8", 0.22),
+            entry("reference", "baseline", "serial", 0.4),
+        ],
+        "W8_params": {"io_s": 0.1},
+    }
+    an = suite.analyse(res, argparse.Namespace(workers=2))
+    metric = {wid: an["tables"][wid]["rows"][0]["metric"] for wid in ("W3", "W5", "W8")}
+    assert metric["W3"] == pytest.approx([0.8, 0.8, 0.8, 0.8, 0.92])
+    assert metric["W5"] == pytest.approx([3.2] * 5)
+    assert metric["W8"] == pytest.approx([1.1] * 5)
+    verdict = {t["workload"]: t for t in an["targets"]}
+    assert verdict["W3"]["value"] == pytest.approx(0.8)  # the median of the five
+    assert verdict["W3"]["met"] is False
+    assert verdict["W5"]["met"] is True
+    # 8 tasks on 16 workers: the ideal is one task (0.4 s / 8), not 0.4 s / 16, which
+    # would cap W3 at 50% on a 16-core machine; 0.0625 s per map is 80%
+    res16 = {"W3": [entry("actionpool", "actionpool", "w3", 0.0625), res["W3"][1]]}
+    an16 = suite.analyse(res16, argparse.Namespace(workers=16))
+    assert an16["tables"]["W3"]["rows"][0]["metric"][:4] == pytest.approx([0.8] * 4)
+    # 3 workers: ceil(8 / 3) = 3 tasks one after another, 0.15 s; 0.1875 s is 80%
+    res3 = {"W3": [entry("actionpool", "actionpool", "w3", 0.1875), res["W3"][1]]}
+    an3 = suite.analyse(res3, argparse.Namespace(workers=3))
+    assert an3["tables"]["W3"]["rows"][0]["metric"][:4] == pytest.approx([0.8] * 4)
+    # io dominates when the cpu work is small: the ideal is then the io wait, per round
+    res["W8"][1] = entry("reference", "baseline", "serial", 0.1)
+    an = suite.analyse(res, argparse.Namespace(workers=2))
+    assert an["tables"]["W8"]["rows"][0]["metric"] == pytest.approx([2.2 * f for f in slow])
