@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import gc
 import itertools
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -160,6 +161,24 @@ def test_a_result_timeout_hands_the_reading_back_to_the_loop() -> None:
         with pytest.raises(cf.TimeoutError):
             slow.exception(timeout=0.05)
         assert slow.result(timeout=30) == 8
+
+
+def test_the_loop_does_not_block_on_a_socket_whose_message_another_thread_took() -> None:
+    # The loop polls every worker socket, then reads each readable one; a thread in
+    # read_result may take a message in between. Reading that socket then would block
+    # the loop until the worker's next message: an idle worker sends none.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        pool = r._pools["cpu"]
+        (w,) = list(pool._workers.values())
+        handled: cf.Future[None] = cf.Future()
+        r._loop.call_soon_threadsafe(lambda: handled.set_result(pool._on_readable(w)))
+        try:
+            handled.result(timeout=10)
+        finally:
+            if not handled.done():  # it blocked: its read ends when the worker dies
+                os.kill(w.pid, signal.SIGKILL)
+        assert r.submit(h.square, 3).result(timeout=30) == 9
 
 
 def test_a_waiting_thread_spins_only_after_short_actions_and_with_a_core_to_spare() -> None:

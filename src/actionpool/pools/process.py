@@ -899,6 +899,13 @@ class ProcessPool:
         if not w.reading.acquire(blocking=False):
             return  # read_result has it, and took it out of the epoll set
         try:
+            # The epoll set said readable, but a thread in read_result may have taken
+            # that message since (while this loop handled another socket's result):
+            # a read now would block this loop until the worker's next message.
+            if w.poller is not None and not w.conn.closed:
+                fd = w.conn.fileno()
+                if not any(f == fd for f, _ in w.poller.poll(0)):
+                    return
             if self._read(w):
                 return
             self._unwatch_socket(w)
