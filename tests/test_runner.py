@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -161,6 +162,32 @@ def test_a_result_timeout_hands_the_reading_back_to_the_loop() -> None:
         with pytest.raises(cf.TimeoutError):
             slow.exception(timeout=0.05)
         assert slow.result(timeout=30) == 8
+
+
+def test_a_freed_worker_gets_the_next_waiting_call_before_the_caller_is_woken() -> None:
+    # One worker, three calls: the first is sent at once, the others wait for its slot.
+    # When the loop reads a result, the worker's next call is sent before the caller's
+    # future is set (whose done-callbacks run right there, on the loop): the caller,
+    # woken, takes the GIL, and the worker would wait for it otherwise. Both paths:
+    # the call sent from the caller's thread, and a call the scheduler dispatched.
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
+        r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
+        pool = r._pools["cpu"]
+        seen: dict[int, bool] = {}
+
+        def busy_worker(i: int) -> Callable[[cf.Future[Any]], None]:
+            def check(_: cf.Future[Any]) -> None:
+                seen[i] = any(w.attempt is not None for w in list(pool._workers.values()))
+
+            return check
+
+        futs = [r.submit(h.sleep_then, i, 0.2) for i in range(3)]
+        for i, fut in enumerate(futs):
+            fut.add_done_callback(busy_worker(i))
+        done, _ = cf.wait(futs, timeout=30)  # no result(): the loop reads every reply
+        assert len(done) == 3
+        assert [f.result() for f in futs] == [0, 1, 2]
+        assert seen == {0: True, 1: True, 2: False}  # the last had no call behind it
 
 
 def test_the_loop_does_not_block_on_a_socket_whose_message_another_thread_took() -> None:
