@@ -18,6 +18,12 @@ def square(x: int) -> int:
     return x * x
 
 
+def fail_at(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError("seven" if bad == 7 else f"item {x}")
+    return x
+
+
 def boom(msg: str = "boom") -> None:
     raise ValueError(msg)
 

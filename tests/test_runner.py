@@ -488,6 +488,35 @@ def test_map_with_chunks_keeps_order_and_errors(shared: ap.Runner) -> None:
     assert seen == list(range(7))
 
 
+class _Items(list):  # type: ignore[type-arg]
+    """A list subclass: sliced by islice, as any other iterable (it may slice oddly)."""
+
+
+@pytest.mark.parametrize(
+    "make",
+    [list, tuple, lambda xs: range(len(xs)), _Items, iter],
+    ids=["list", "tuple", "range", "list-subclass", "iterator"],
+)
+def test_map_of_a_list_tuple_or_range_sends_slices_with_the_same_results(
+    shared: ap.Runner, make: Callable[[list[int]], Any]
+) -> None:
+    xs = list(range(23))
+    assert list(shared.map(h.square, make(xs), chunksize=5)) == [i * i for i in xs]
+    seen = []
+    with pytest.raises(ValueError, match="seven"):  # a failed item within a slice
+        for y in shared.map(h.fail_at, make(xs), bad=7, chunksize=4):
+            seen.append(y)
+    assert seen == list(range(7))
+    # the chunks in flight: slices of the input's own type, else lists
+    seq = make(xs)
+    it = shared.map(h.square, seq, chunksize=5)
+    assert next(it) == 0
+    in_flight = [chunk for _, chunk in it._tasks.gi_frame.f_locals["pending"]]
+    sliced = type(seq) in (list, tuple, range)
+    assert in_flight and {type(c) for c in in_flight} == ({type(seq)} if sliced else {list})
+    assert list(it) == [i * i for i in xs[1:]]
+
+
 def _sizes(b: _Batcher, n: int) -> list[int]:
     return [len(c) for c in b.chunks(iter(range(n)))]
 
