@@ -1293,9 +1293,9 @@ class CallRun(_Run):
         return None if handle is None or entry is None else (handle, entry)
 
     def _direct_result(self, ref: weakref.ref[Attempt], result: Result) -> None:
-        """A direct call's result (the attempt's ``on_result``): end its future, and
-        free its slot. Called on the loop by the reader of a cpu worker's socket, or
-        by the io thread that ran the call."""
+        """A direct call's result (the attempt's ``on_result``): free its slot, then end
+        its future. Called by the reader of a cpu worker's socket (the loop, or the
+        caller's thread in ``result()``), or by the io thread that ran the call."""
         found = self._direct_entry(ref)
         if found is None:
             return  # cancelled, and its slot freed already (an io call: stop_direct)
@@ -1303,8 +1303,9 @@ class CallRun(_Run):
         if entry.future.done():  # a cancel ended it; its attempt's future is waited on
             handle.future.set_result(result)  # (and _direct_done ends the call)
             return
-        # Ended here, on the loop or in the io thread that ran it (no hop to the loop,
-        # which wakes only if a node waits for the slot: Scheduler.direct_ended_at).
+        # Ended here: on the loop, in the caller's thread (read_result) or in the io
+        # thread that ran it. Off the loop there is no hop to it (it wakes only if a
+        # node waits for the slot: Scheduler.direct_ended_at).
         # The value is read before the arena closes; the slot is given back, and a
         # call waiting for it sent, before the caller is woken.
         if self.direct.pop(handle, None) is None:
