@@ -142,3 +142,33 @@ def test_w3_w5_w8_judge_samples_by_their_rounds_reference_and_w3_fits_any_core_c
     res["W8"][1] = entry("reference", "baseline", "serial", 0.1)
     an = suite.analyse(res, argparse.Namespace(workers=2))
     assert an["tables"]["W8"]["rows"][0]["metric"] == pytest.approx([2.2 * f for f in slow])
+
+
+def test_w3_verdict_pairs_each_round_with_the_best_peer_and_runs_twice_the_rounds() -> None:
+    """The machine's speed swings 1.6x between rounds; in each round the pool is 10%
+    slower than the peer (rounds 0, 2) or 10% faster (round 1). Their efficiencies
+    overlap across rounds, the paired ratios do not."""
+    suite = _suite()
+    Entry = suite.Entry
+    slow = [1.0, 1.6, 1.3]
+
+    def entry(kind: str, lib: str, op: str, walls: list[float], kw: Any = None) -> Any:
+        e = Entry(f"{lib} {op}", lib, op, kw or {}, kind)
+        for r, (f, t) in enumerate(zip(slow, walls, strict=True)):
+            e.samples.append(t * f)
+            e.rounds.append(r)
+        return e
+
+    res = {
+        "W3": [
+            entry("actionpool", "actionpool", "w3", [0.22, 0.20, 0.22]),
+            entry("peer", "multiprocessing", "w3", [0.20, 0.22, 0.20]),
+            entry("reference", "baseline", "serial", [0.4, 0.4, 0.4], kw={"tasks": 8}),
+        ]
+    }
+    an = suite.analyse(res, argparse.Namespace(workers=2))
+    (w3,) = [t for t in an["targets"] if t["workload"] == "W3"]
+    # ours / theirs per round: 0.20/0.22, 0.22/0.20, 0.20/0.22 (efficiency: higher wins)
+    assert "same round: median 0.91x, ahead in 1 of 3" in w3["shown"]
+    assert w3["value"] == pytest.approx(0.2 / 0.22)
+    assert (suite.w3_rounds(5), suite.w3_rounds(7)) == (11, 15)  # quick, default
