@@ -105,3 +105,33 @@ class Unpicklable:
         import threading
 
         self.lock = threading.Lock()
+
+
+def wait_for_path(path: str | Path, what: str, timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` seconds) until the file ``path`` exists.
+
+    Raises:
+        AssertionError: naming ``what`` when it never appeared (in an action, the
+            node fails with it instead of hanging the test).
+    """
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{what}: {path} did not appear in {timeout:g} s"
+        time.sleep(0.005)
+
+
+def update_after(ctx: ap.Context, wait_for: str | None, updates: dict[str, Any]) -> None:
+    """Wait until the file ``wait_for`` exists (None: do not wait), then
+    ``ctx.update(updates)``: a writer that provably finishes after whatever creates
+    that file."""
+    if wait_for is not None:
+        wait_for_path(wait_for, f"node {ctx.node!r}")
+    ctx.update(updates)
+
+
+def gate(mark: str, release: str) -> int:
+    """Write this process's pid to ``mark``, then wait until ``release`` exists: an
+    action that holds its worker (or thread) exactly as long as the test wants."""
+    Path(mark).write_text(str(os.getpid()))
+    wait_for_path(release, "the gate's release")
+    return os.getpid()

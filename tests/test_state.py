@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,9 @@ from tests import helpers as h
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[ap.Runner]:
-    with ap.Runner(cpu_workers=2, io_workers=4) as r:
+    # three cpu workers: a plan of three writers that wait for each other needs all
+    # three running at once (see _reverse_completion_plan)
+    with ap.Runner(cpu_workers=3, io_workers=8) as r:
         yield r
 
 
@@ -37,21 +41,48 @@ def test_ordered_writers_overwrite_in_dependency_order(shared: ap.Runner) -> Non
     assert shared.run(plan).state["x"] == "late"
 
 
-def test_final_state_does_not_depend_on_completion_order(shared: ap.Runner) -> None:
-    # a chain of writers where the first one is slowest: the result is the chain's last
-    @ap.action
-    def slow_set(ctx: ap.Context, value: int, seconds: float) -> None:
-        import time
-
-        time.sleep(seconds)
-        ctx.update(x=value, **{f"v{value}": value})
-
+def _reverse_completion_plan(
+    tmp_path: Path, kind: str, updates: list[dict[str, Any]]
+) -> tuple[ap.Plan, list[ap.Node], Callable[[ap.Event], None]]:
+    """Unordered writers that finish in reverse plan order, provably: node i waits
+    until the scheduler has seen node i + 1 finish (on_event writes a file then), so
+    its result reaches the scheduler after that one's. Run it with the returned
+    on_event."""
+    action = ap.action(h.update_after, kind=kind)
     plan = ap.Plan()
-    prev = None
-    for i, delay in enumerate([0.3, 0.0, 0.1]):
-        prev = plan.add(slow_set, i, delay, after=[prev] if prev else None)
-    for _ in range(2):
-        assert shared.run(plan).state == {"x": 2, "v0": 0, "v1": 1, "v2": 2}
+    nodes = []
+    for i, delta in enumerate(updates):
+        last = i == len(updates) - 1
+        wait = None if last else str(tmp_path / f"n{i + 1}.finished")
+        nodes.append(plan.add(action, wait, delta, name=f"n{i}"))
+
+    def on_event(ev: ap.Event) -> None:
+        if ev.kind == "finished":
+            (tmp_path / f"{ev.name}.finished").write_text(str(ev.data))
+
+    return plan, nodes, on_event
+
+
+def _finished_in_reverse(report: ap.Report, nodes: list[ap.Node]) -> None:
+    """The premise of a test of merge order: the nodes did finish last-first."""
+    assert report.status is ap.RunStatus.SUCCEEDED, report.outcomes
+    ends = [report.outcome(n).finished_at for n in nodes]
+    assert ends == sorted(ends, reverse=True), ends
+
+
+@pytest.mark.parametrize("kind", ["cpu", "io"])
+def test_final_state_does_not_depend_on_completion_order(
+    shared: ap.Runner, tmp_path: Path, kind: str
+) -> None:
+    # Distinct keys and one reduced key, set by unordered nodes that finish in reverse
+    # plan order: merged in completion order, the keys would come in the order
+    # v2, v1, v0 and the log would read [2, 1, 0].
+    updates: list[dict[str, Any]] = [{f"v{i}": i, "log": [i]} for i in range(3)]
+    plan, nodes, on_event = _reverse_completion_plan(tmp_path, kind, updates)
+    report = shared.run(plan, state={"log": []}, reducers={"log": operator.add}, on_event=on_event)
+    _finished_in_reverse(report, nodes)
+    assert report.state == {"log": [0, 1, 2], "v0": 0, "v1": 1, "v2": 2}
+    assert list(report.state) == ["log", "v0", "v1", "v2"]  # inserted in plan order
 
 
 def test_unordered_writers_of_one_key_raise_state_conflict(shared: ap.Runner) -> None:
@@ -66,19 +97,31 @@ def test_unordered_writers_of_one_key_raise_state_conflict(shared: ap.Runner) ->
     assert [o.value for o in report.outcomes] == [1, 2]
 
 
-def test_reducers_combine_unordered_writers_in_plan_order(shared: ap.Runner) -> None:
-    plan = ap.Plan()
-    for i in range(5):
-        plan.add(h.set_key, "log", [i], name=f"n{i}")
-    report = shared.run(plan, state={"log": []}, reducers={"log": operator.add})
+def test_reducers_combine_unordered_writers_in_plan_order(
+    shared: ap.Runner, tmp_path: Path
+) -> None:
+    # five writers of one key, the first in plan order the last to finish
+    updates: list[dict[str, Any]] = [{"log": [i]} for i in range(5)]
+    plan, nodes, on_event = _reverse_completion_plan(tmp_path, "io", updates)
+    report = shared.run(plan, state={"log": []}, reducers={"log": operator.add}, on_event=on_event)
+    _finished_in_reverse(report, nodes)
     assert report.state["log"] == [0, 1, 2, 3, 4]
 
 
-def test_reducer_takes_the_first_update_when_the_key_is_new(shared: ap.Runner) -> None:
-    plan = ap.Plan()
-    for i in (3, 1, 2):
-        plan.add(h.set_key, "n", i)
-    assert shared.run(plan, reducers={"n": max}).state == {"n": 3}
+def test_reducer_takes_the_first_update_when_the_key_is_new(
+    shared: ap.Runner, tmp_path: Path
+) -> None:
+    # A reducer that shows both its order and its start: the first writer in plan
+    # order (the last to finish) is taken as it is, never combined with a default.
+    updates: list[dict[str, Any]] = [{"n": v} for v in ("a", "b", "c")]
+    plan, nodes, on_event = _reverse_completion_plan(tmp_path, "io", updates)
+
+    def join(old: str, new: str) -> str:
+        return f"({old}+{new})"
+
+    report = shared.run(plan, reducers={"n": join}, on_event=on_event)
+    _finished_in_reverse(report, nodes)
+    assert report.state == {"n": "((a+b)+c)"}
 
 
 def test_failed_nodes_do_not_update_the_state(shared: ap.Runner) -> None:
