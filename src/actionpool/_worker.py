@@ -5,13 +5,16 @@ Data flow of one attempt::
     parent (scheduler + pool)                worker (process main loop, or I/O thread)
     -------------------------                -----------------------------------------
     (attempt id, Task) ── socket ─────────►  main thread
-                        ◄─────────────────   ("started", id, time)
+                        ◄─────────────────   (STARTED, id, time)
                                              unpickle call  -> private args
                                              unpickle state -> private Context.state
                                              arm SIGALRM at the timeout (soft timeout)
                                              run the action
-                        ◄─────────────────   ("event", id, kind, time, data)  (ctx.emit/progress)
-                        ◄─────────────────   ("result", id, Result)
+                        ◄─────────────────   (EVENT, id, kind, time, data)  (ctx.emit/progress)
+                        ◄─────────────────   (RESULT, id, Result)
+
+The frames and message kinds on that socket, and the start page, are
+:mod:`actionpool._link`'s, which the pool imports too.
 
 The same :func:`execute` runs in both pools, so an io action gets private copies and
 its result is checked for picklability exactly like a cpu action's. A :class:`Result`
@@ -33,9 +36,7 @@ import contextlib
 import inspect
 import mmap
 import os
-import pickle
 import signal
-import struct
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from . import _link
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
 from .transfer import (
@@ -164,12 +166,13 @@ def native_pools_loaded() -> bool:
     """False when this process has certainly loaded none of the libraries threadpoolctl
     controls, so that capping them has nothing to do; True when it has, or cannot tell.
 
-    Importing threadpoolctl and scanning the loaded libraries costs ~3.4 ms, on the
-    critical path of a runner's first result. The dynamic loader's own list of loaded
-    objects (:func:`loaded_objects`) answers in ~0.05 ms; where it cannot be read, the
-    file names in ``/proc/self/maps`` do, in ~0.45 ms (the kernel writes that file a
-    page per ``read``, nine of them in a runner's process). Where neither can be read
-    (not Linux), the answer is True and threadpoolctl runs.
+    Importing threadpoolctl and scanning the loaded libraries is slow, and it lies on
+    the critical path of a runner's first result. The dynamic loader's own list of
+    loaded objects (:func:`loaded_objects`) answers without importing anything; where
+    it cannot be read, the file names in ``/proc/self/maps`` do, at a higher cost (the
+    kernel writes that file a page per ``read``, several of them in a runner's
+    process). Where neither can be read (not Linux), the answer is True and
+    threadpoolctl runs.
 
     Call it only while this process runs a single thread (the zygote's fork, the
     zygote): the loader's list is read without the loader's lock.
@@ -202,7 +205,8 @@ def loaded_objects() -> list[bytes] | None:
     RTLD_DI_LINKMAP)`` and its ``l_next`` chain, as glibc and musl keep it; the same
     list that ``dl_iterate_phdr`` (threadpoolctl's way) walks, without a callback per
     object. None where that is not available, or where :mod:`ctypes` is not imported
-    yet (importing it costs ~1.5 ms; loky has imported it in a runner's process).
+    yet (importing it here would cost more than it saves; loky has imported it in a
+    runner's process).
 
     Only while no other thread can load or unload a library (see
     :func:`native_pools_loaded`).
@@ -379,8 +383,8 @@ def execute(
         cancel: set when the attempt is cancelled (``ctx.cancelled()`` turns True).
         on_start: called with ``time.time()`` just before the action is called.
         keep: receives the call's arguments and return value, for the caller to
-            drop once the result is sent (freeing a map chunk's 20,000 ints took
-            ~0.15 ms, which the parent would wait for).
+            drop once the result is sent (freeing a large map chunk's objects takes
+            long enough that the parent, waiting for the result, would notice).
 
     Returns:
         The :class:`Result`; never raises for the action's sake.
@@ -522,22 +526,18 @@ def _batch_policy() -> None:
 
     sched(7): a batch thread is treated as CPU-bound and does not preempt the thread
     that wakes it, which is what a pool's worker is. Under the default policy a worker
-    woken by its task preempted the parent in the middle of its ``write``, while the
-    parent still had the map's next chunk to send: on a 2-core machine, in 8 of 35
-    ``map(x + 1)`` of 20,000 items, the parent's 30 KB write took 1.0-1.8 ms instead
-    of 20-60 µs, the whole chunk of the worker it had woken (``docs/performance.md``,
-    W1). The worker's share of the CPU is unchanged. The parent and io threads keep
-    their policy; an action's own child processes and threads inherit the worker's.
+    woken by its task could preempt the parent in the middle of its ``write``, while
+    the parent still had a map's next chunk to send: on a machine with few cores, that
+    write then lasted as long as the whole chunk of the worker it had woken, and the
+    other workers waited for their chunks meanwhile. The worker's share of the CPU is
+    unchanged. The parent and io threads keep their policy; an action's own child
+    processes and threads inherit the worker's.
     """
     policy = getattr(os, "SCHED_BATCH", None)
     if policy is None:
         return
     with contextlib.suppress(OSError):
         os.sched_setscheduler(0, policy, os.sched_param(0))
-
-
-START = struct.Struct("=qd")
-"""A worker's slot in its pool's start page: (attempt id, ``time.time()`` it started)."""
 
 
 def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
@@ -550,7 +550,7 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
     Args:
         fd: the worker's socket.
         page_fd: the pool's start page (shared memory, -1: none), in which this worker
-            records each attempt it starts at ``START.size * slot``. The parent reads it
+            records each attempt it starts at ``_link.START.size * slot``. The parent reads it
             only when it must know (the worker died, or it is killing it), so a call
             that no one watches costs no "started" message and no wake-up.
         slot: this worker's slot in the page.
@@ -559,9 +559,9 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
 
     page: mmap.mmap | None = None
     if page_fd >= 0:
-        page = mmap.mmap(page_fd, START.size * (slot + 1))
+        page = mmap.mmap(page_fd, _link.START.size * (slot + 1))
         os.close(page_fd)
-    offset = START.size * slot
+    offset = _link.START.size * slot
     conn = Connection(fd)
     _after_fork()
     _batch_policy()
@@ -570,25 +570,25 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
     send_lock = threading.Lock()
 
     def send(msg: tuple[Any, ...]) -> None:
-        data = pickle.dumps(msg, protocol=5)
+        data = _link.encode(msg)
         with send_lock:  # ctx.emit may be called from threads the action started
             conn.send_bytes(data)
 
     # Not threading.Thread: its start() waits until the new thread runs, which on a
-    # busy machine delays this worker's first task (0.2-0.4 ms of a cold start here);
+    # busy machine delays this worker's first task, on a cold start's critical path;
     # the watchdog is never joined, and the process ends with os._exit.
     _thread.start_new_thread(_watch_parent, (conn.fileno(),))
-    send(("ready", os.getpid()))
+    send((_link.READY, os.getpid()))
     kept: list[Any] = []
     while True:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             _die_with_parent()
-        if not data:  # b"": the pool is closing
+        if not data:  # _link.STOP: the pool is closing
             return
-        msg = pickle.loads(data)
-        if msg[0] == "forget":  # a run is over: drop its shared-memory mappings
+        msg = _link.decode(data)
+        if msg[0] == _link.FORGET:  # a run is over: drop its shared-memory mappings
             forget(msg[1])
             continue
         attempt_id, task = msg
@@ -596,21 +596,20 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
         def on_start(at: float, _id: int = attempt_id, _announce: bool = task.announce) -> None:
-            if page is not None:  # the time, then the id: a reader that sees the id
-                struct.pack_into("=d", page, offset + 8, at)  # sees its time
-                struct.pack_into("=q", page, offset, _id)
+            if page is not None:
+                _link.mark_started(page, offset, _id, at)
             if _announce:
-                send(("started", _id, at))
+                send((_link.STARTED, _id, at))
 
         def sink(kind: str, at: float, data: Any, _id: int = attempt_id) -> None:
             try:
                 payload = dumps(data)
             except Exception:  # noqa: BLE001 - an event must not fail the action
                 payload = dumps(repr(data))
-            send(("event", _id, kind, at, payload))
+            send((_link.EVENT, _id, kind, at, payload))
 
         result = execute(task, sink, None, on_start, kept)
-        send(("result", attempt_id, result))
+        send((_link.RESULT, attempt_id, result))
         # The call's objects are freed only now, with the reply out (as Pool's worker
         # does): freeing them is the parent's wait otherwise.
         kept.clear()

@@ -1,11 +1,11 @@
 """The CPU pool: worker processes, each with its own socket, read on an asyncio loop.
 
-Data flow::
+Data flow (messages: :mod:`actionpool._link`; processes: :mod:`.zygote_client`)::
 
     scheduler ─submit(Task)─► pending ─► idle worker ─socket─► worker main thread
                                               ▲                     │
-    scheduler ◄─callbacks/Future─ loop reader ◄─socket───────── "ready" / "started" /
-                                  (an epoll set of the worker    "event" / "result",
+    scheduler ◄─callbacks/Future─ loop reader ◄─socket───────── READY / STARTED /
+                                  (an epoll set of the worker    EVENT / RESULT,
                                    sockets, the zygotes' notify  or EOF; the zygote's
                                    sockets, first worker's pidfd) notice = it exited
 
@@ -24,39 +24,46 @@ own socket, so the pool always knows which attempt runs where and whether it sta
 * killing an attempt (hard timeout, cancel) kills only its worker's process group;
 * the pool heals by starting replacements on demand.
 
-Workers are forks of a *zygote* (:mod:`actionpool._zygote`), one small process per pool
-that has already imported the worker side: a worker starts in about a millisecond
-instead of the ~50 ms of a fresh interpreter, and so does each replacement. The zygote
-is a fork of the parent when the parent runs a single thread at the pool's creation
-(``worker_start="fork"``; workers inherit its modules, as with ``multiprocessing``'s
-fork), else a fresh interpreter (``"fresh"``, like loky's processes: nothing inherited
-but the environment); ``"auto"`` picks the first when it is safe. A thread-holding
-parent is never forked. ``OMP_NUM_THREADS`` & co. are set in the zygote's environment,
-never inherited from the parent (where, e.g., Dask's ``LocalCluster`` sets them to 1),
-and threadpoolctl caps libraries already loaded. Usable cores still come from
-``loky.cpu_count`` (see :mod:`actionpool.sizing`).
+Workers are forks of a *zygote*, so that a worker and each replacement start without
+a fresh interpreter's cost; how the zygote starts (a fork of this process, or a fresh
+interpreter) and how workers are forked and reaped is :mod:`.zygote_client`'s. Usable
+cores still come from ``loky.cpu_count`` (see :mod:`actionpool.sizing`).
 
-States: a worker is STARTING (spawned, no "ready" yet), IDLE, BUSY, or gone; the pool
+States: a worker is STARTING (spawned, no READY yet), IDLE, BUSY, or GONE; the pool
 is open or closed.
+
+Threads and locks:
+
+* any thread calls ``submit``, ``submit_if_idle``, ``kill``, ``forget``, ``pids`` and
+  ``close`` (never the loop's own thread); they change the pool's state under
+  ``_lock`` (an ``RLock``), which guards ``_workers``, ``_pending``, ``_closed``, the
+  startup-failure count, each worker's ``state`` and ``attempt``, and the
+  :class:`~.zygote_client._Spawner` (zygotes, first worker, free start-page slots);
+* the loop (the runner's scheduler loop given to :meth:`ProcessPool.attach`, else a
+  thread of the pool's own) alone registers and unregisters fds (``_watched``,
+  ``_by_fd``, the epoll set) and runs the readers: worker sockets, zygote notices,
+  the first worker's pidfd, and every death;
+* a worker's socket is read only by whoever holds its ``reading`` lock: the loop's
+  reader, or one thread in :meth:`ProcessPool.read_result`, which the loop asks to let
+  go through the worker's ``wake`` eventfd. ``_spinner`` lets one such thread at most
+  spin; it is only tried, never waited for, and nothing is taken under it.
+* Lock order: a worker's ``reading``, then ``_lock``. No thread waits for a
+  ``reading`` while it holds ``_lock`` (the reading thread may need ``_lock`` to let
+  go). An attempt's callbacks (``on_started``, ``on_event``, ``on_result``, its
+  future) run outside ``_lock``: they may call back into the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
-import json
 import math
 import mmap
 import os
 import pickle
 import select
 import signal
-import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -68,11 +75,21 @@ from typing import Any
 
 import loky
 
-from .. import _worker, _zygote
+from .. import _link
 from .._threads import join_thread
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
+from .zygote_client import (
+    WORKER_START_MODES,
+    _end_first,
+    _kill_group,
+    _Spawner,
+    _Zygote,
+    describe_exit,
+    reap_child,
+    resolve_worker_start,
+)
 
 __all__ = [
     "WORKER_START_MODES",
@@ -82,18 +99,7 @@ __all__ = [
     "resolve_worker_start",
 ]
 
-WORKER_START_MODES = ("auto", "fork", "fresh")
-"""How a pool's zygote starts: see :func:`resolve_worker_start`."""
-
-# A fresh zygote starts with this process's sys.path (its last argument), as
-# multiprocessing's spawn and loky do: a module the caller put on the path (and
-# actionpool itself, when it is not installed) must import in the workers too.
-_LAUNCH = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv.pop());"
-    " import actionpool._zygote as z; z.launch()"
-)
 _MAX_STARTUP_FAILURES = 3
-_ZYGOTE_REPLY_S = 30.0  # a fork takes milliseconds; this long means the zygote is stuck
 # Fork a pool's first worker from this process (ProcessPool._start_forked): where
 # pidfds exist (Linux), by which this process watches its exit without the zygote.
 _FORK_FIRST = hasattr(os, "pidfd_open")
@@ -104,54 +110,12 @@ _READ_HERE = hasattr(select, "epoll") and hasattr(os, "eventfd")
 # Spin, then block: read_result polls the socket without sleeping for up to _SPIN_S
 # before it blocks, when the pool's recent actions ran for under _SPIN_IF_UNDER_S
 # (a moving average) and a core is spare for it. A thread that blocks is woken
-# ~100 us later than one that polls here (W2: a no-op's round trip 225 -> 127 us,
-# with the parent's CPU per call unchanged, as the wake-up costs CPU too), and its
-# reply arrives 100-150 us after the call is sent (per-hop trace, docs/performance.md).
-# The same trade as glibc's adaptive mutexes and OpenMP's KMP_BLOCKTIME (200 ms).
+# noticeably later than one that polls, and a short action's reply comes back within
+# about the time such a wake-up takes, so a short spin catches it; the parent's CPU
+# per call does not grow, as the wake-up costs CPU too. The same trade as glibc's
+# adaptive mutexes and OpenMP's KMP_BLOCKTIME.
 _SPIN_S = 200e-6
 _SPIN_IF_UNDER_S = 100e-6
-
-
-def resolve_worker_start(mode: str | None = None) -> str:
-    """``"fork"`` or ``"fresh"``: how a pool created now starts its zygote.
-
-    Args:
-        mode: ``"auto"`` (default; also read from ``ACTIONPOOL_WORKER_START``): fork
-            this process when it runs a single thread (``psutil``: native threads
-            count, e.g. an OpenMP pool), else a fresh interpreter; ``"fork"``: always
-            fork; ``"fresh"``: always a fresh interpreter.
-
-    Raises:
-        ValueError: an unknown mode.
-        RuntimeError: ``"fork"`` asked for while this process runs other threads
-            (a thread holding a lock at the fork would leave it locked for ever in
-            the child), or on a platform without ``fork``.
-    """
-    if mode is None:
-        mode = os.environ.get("ACTIONPOOL_WORKER_START") or "auto"
-    if mode not in WORKER_START_MODES:
-        raise ValueError(f"worker_start must be one of {WORKER_START_MODES}, got {mode!r}")
-    if mode == "fresh":
-        return mode
-    threads = _thread_count()
-    if hasattr(os, "fork") and threads == 1:
-        return "fork"
-    if mode == "auto":
-        return "fresh"
-    raise RuntimeError(
-        f"worker_start='fork': this process runs {threads} threads, and forking it could"
-        " leave a lock one of them holds locked for ever in the workers; create the"
-        " Runner before starting threads, or use worker_start='auto' or 'fresh'"
-    )
-
-
-def _thread_count() -> int:
-    import psutil
-
-    try:
-        return int(psutil.Process().num_threads())
-    except psutil.Error:
-        return 2  # unknown: assume the unsafe case
 
 
 class WorkerState(Enum):
@@ -161,179 +125,6 @@ class WorkerState(Enum):
     IDLE = "idle"
     BUSY = "busy"
     GONE = "gone"
-
-
-def describe_exit(returncode: int | None) -> tuple[str, int | None, int | None]:
-    """``(text, exitcode, signal)`` for a process's return code (negative: a signal)."""
-    if returncode is None:
-        return "stopped answering", None, None
-    if returncode < 0:
-        sig = -returncode
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"was killed by {name} (signal {sig})", None, sig
-    return f"exited with code {returncode}", returncode, None
-
-
-class _Zygote:
-    """The parent's handle of a zygote process (see :mod:`actionpool._zygote`)."""
-
-    def __init__(
-        self,
-        mode: str,
-        env: dict[str, str],
-        blas_threads: int,
-        pools_loaded: bool | None = None,
-        not_inherited: tuple[int, ...] = (),
-    ) -> None:
-        """Start a zygote: a fork of this process (``mode`` "fork"; only while this
-        process runs a single thread) or a fresh interpreter ("fresh").
-
-        Args:
-            mode: "fork" or "fresh".
-            env: environment overrides for the zygote and its workers.
-            blas_threads: the BLAS/OpenMP cap of every worker.
-            pools_loaded: for a fork, :func:`actionpool._worker.native_pools_loaded`
-                if the caller asked it already (else asked here).
-            not_inherited: descriptors of this process that a fork closes at once
-                (the pool's end of its first worker's socket, and its pidfd).
-        """
-        ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc: subprocess.Popen[bytes] | None = None
-        try:
-            if mode == "fork":
-                if pools_loaded is None:
-                    pools_loaded = _worker.native_pools_loaded()  # cheaper here than there
-                self.pid = os.fork()
-                if self.pid == 0:  # the zygote: this process had a single thread
-                    try:
-                        os.setsid()  # a terminal's Ctrl-C reaches only the parent
-                        gc.freeze()  # never finalize the parent's objects in here
-                        ctl.close()
-                        notify.close()
-                        for fd in not_inherited:
-                            os.close(fd)
-                        os.environ.update(env)
-                        _zygote.main(
-                            ctl_child.fileno(), notify_child.fileno(), blas_threads, pools_loaded
-                        )
-                    finally:
-                        os._exit(1)
-            else:
-                args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
-                # str entries only: the import system skips any other (JSON could not carry it)
-                args.append(json.dumps([p for p in sys.path if isinstance(p, str)]))
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCH, *args],
-                    pass_fds=(ctl_child.fileno(), notify_child.fileno()),
-                    env={**os.environ, **env},
-                    start_new_session=True,
-                )
-                self.pid = self.proc.pid
-        except BaseException:
-            ctl.close()
-            notify.close()
-            raise
-        finally:
-            ctl_child.close()
-            notify_child.close()
-        ctl.settimeout(_ZYGOTE_REPLY_S)
-        self.ctl = ctl
-        self.notify = notify
-        self.asked: tuple[socket.socket, int] | None = None  # a request whose reply is unread
-        self.closed = False
-
-    def ask(self, page_fd: int, slot: int) -> None:
-        """Request a worker for start-page slot ``slot``; :meth:`take` reads the reply.
-
-        Sent right after the zygote starts, the request waits in ``ctl`` until the
-        zygote is ready, and the worker is forked while this process goes on.
-
-        Raises:
-            OSError: the zygote is gone.
-        """
-        sock, child = socket.socketpair()
-        try:
-            fds = [child.fileno()] if page_fd < 0 else [child.fileno(), page_fd]
-            socket.send_fds(self.ctl, [_zygote.SPAWN.pack(slot)], fds)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            child.close()
-        self.asked = (sock, slot)
-
-    def take(self) -> tuple[int, socket.socket, int]:
-        """The worker of the request sent: its pid, our end of its socket, its slot.
-
-        Raises:
-            OSError: the zygote is gone or stuck (the request stays, for
-                :meth:`drop_request`).
-        """
-        assert self.asked is not None
-        reply = self.ctl.recv(_zygote.PID.size)
-        if len(reply) != _zygote.PID.size:
-            raise ConnectionError("the zygote process is gone")
-        (sock, slot), self.asked = self.asked, None
-        pid: int = _zygote.PID.unpack(reply)[0]
-        return pid, sock, slot
-
-    def answered(self) -> bool:
-        """Whether the reply to the request sent is in (:meth:`take` will not wait)."""
-        return self.asked is not None and bool(select.select([self.ctl], [], [], 0)[0])
-
-    def drop_request(self) -> int | None:
-        """Forget an unanswered request; the slot it held, or None."""
-        if self.asked is None:
-            return None
-        (sock, slot), self.asked = self.asked, None
-        sock.close()
-        return slot
-
-    def drain(self) -> None:
-        """Tell the zygote that the pool is closing: it forks nothing more and exits
-        after its last worker's exit notice (:data:`actionpool._zygote.DRAIN`)."""
-        with contextlib.suppress(OSError):  # gone already: close() reaps it
-            self.ctl.send(_zygote.DRAIN)
-
-    def close(self) -> None:
-        """Let the zygote go (it kills what workers it still has) and reap it."""
-        if self.closed:
-            return
-        self.closed = True
-        self.drop_request()
-        self.ctl.close()
-        if not _wait_exit(self.pid, self.proc, 10.0):
-            _kill_group(self.pid)
-            _wait_exit(self.pid, self.proc, None)
-        self.notify.close()
-
-
-def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, timeout: float | None) -> bool:
-    """Reap our child ``pid``; False if it is still running after ``timeout`` seconds."""
-    if proc is not None:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-    if timeout is not None and hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        if pidfd >= 0:
-            try:
-                if not select.select([pidfd], [], [], timeout)[0]:
-                    return False
-            finally:
-                os.close(pidfd)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-    return True
 
 
 class _Worker:
@@ -402,8 +193,8 @@ class ProcessAttempt:
         on_result: when set (before the task is sent), the worker's result goes to
             ``on_result(result)``, called by that reader, and ``future`` stays pending
             (it still fails or is cancelled as described): resolving a
-            ``concurrent.futures.Future`` nobody waits on, then reading it back, was
-            ~15% of the parent's CPU for a runner's direct call (W2).
+            ``concurrent.futures.Future`` nobody waits on, then reading it back, was a
+            large share of the parent's CPU for a runner's direct call.
     """
 
     __slots__ = (
@@ -491,21 +282,19 @@ class ProcessPool:
         self._own_loop: threading.Thread | None = None
         self._watched: set[int] = set()  # fds with a reader on the loop
         self._all_gone = threading.Event()  # closed, and every worker's exit handled
-        self._env = worker_env(blas_threads)
-        self._zygotes: list[_Zygote] = []  # the current one last; older ones still reap
-        self._zygote: _Zygote | None = None
         # The start page: one START slot per worker, written by the worker as it starts
         # an attempt, read here only when a worker died or is being killed.
         self._page_fd = -1
         self._page: mmap.mmap | None = None
         if hasattr(os, "memfd_create"):  # Linux; elsewhere every attempt is announced
             self._page_fd = os.memfd_create("actionpool-starts", os.MFD_CLOEXEC)
-            os.ftruncate(self._page_fd, _worker.START.size * size)
-            self._page = mmap.mmap(self._page_fd, _worker.START.size * size)
+            os.ftruncate(self._page_fd, _link.START.size * size)
+            self._page = mmap.mmap(self._page_fd, _link.START.size * size)
         self._free_slots = list(range(size - 1, -1, -1))
-        # the first worker, when this process forked it (see _fork_first): its pid,
-        # our end of its socket, its slot, its pidfd; it joins the pool on first use
-        self._first: tuple[int, socket.socket, int, int] | None = None
+        # its zygotes and the first worker, if this process forks it (zygote_client)
+        self._spawner = _Spawner(
+            worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
+        )
         if self.worker_start == "fork":  # now, while this process has a single thread
             self._start_forked()
         # The worker sockets, from which a waiting thread may take one (read_result):
@@ -514,42 +303,9 @@ class ProcessPool:
         self._by_fd: dict[int, _Worker] = {}
 
     def _start_forked(self) -> None:
-        """Fork the zygote and, where pidfds exist (Linux), the first worker too.
-
-        A zygote's first worker is ready ~4 ms after the zygote's fork here: the
-        zygote's own start (Python's after-fork work alone is ~200 copy-on-write
-        faults at ~4 µs each), its setup, then a second fork of the same size. Forked
-        from this process at the same moment, the first worker is ready ~2 ms sooner,
-        and its exit is seen here at once (its pidfd) rather than relayed by the
-        zygote, whose own exit then overlaps it at shutdown. A cold start with one
-        call (W7) uses no other worker. The zygote forks every later worker.
-        """
-        pools_loaded = _worker.native_pools_loaded()
-        first = None
-        if _FORK_FIRST:
-            slot = self._free_slots.pop()
-            pid, sock = _fork_first(self._page_fd, slot, self._env, self.blas_threads, pools_loaded)
-            try:
-                first = (pid, sock, slot, os.pidfd_open(pid))
-            except OSError:  # not a kernel that has them after all: the zygote's way
-                _end_first(pid, sock, -1)
-                self._free_slots.append(slot)
-        try:  # the zygote closes its copies of the first worker's socket and pidfd
-            self._zygote = _Zygote(
-                "fork",
-                self._env,
-                self.blas_threads,
-                pools_loaded,
-                () if first is None else (first[1].fileno(), first[3]),
-            )
-        except BaseException:
-            if first is not None:
-                _end_first(first[0], first[1], first[3])
-            raise
-        self._zygotes.append(self._zygote)
-        self._first = first
-        if first is None:  # forked by the zygote as soon as it is ready, unasked for
-            self._zygote.ask(self._page_fd, self._free_slots.pop())
+        """Fork the zygote and, where pidfds exist (Linux), the first worker too
+        (:meth:`_Spawner.start_forked`)."""
+        self._spawner.start_forked(_FORK_FIRST)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the workers' sockets on ``loop`` from now on (the runner's scheduler
@@ -650,7 +406,7 @@ class ProcessPool:
 
     def forget(self, prefix: str) -> None:
         """Tell every worker that the run of ``prefix`` is over (drop its mappings)."""
-        data = pickle.dumps(("forget", prefix), protocol=5)
+        data = _link.encode((_link.FORGET, prefix))
         with self._lock:
             for w in self._workers.values():
                 with contextlib.suppress(OSError):
@@ -660,14 +416,20 @@ class ProcessPool:
         """The pids of the live worker processes."""
         with self._lock:
             pids = [w.pid for w in self._workers.values() if w.state is not WorkerState.GONE]
-            if self._first is not None:  # forked at the start, not used yet
-                pids.append(self._first[0])
+            first = self._spawner.first
+            if first is not None:  # forked at the start, not used yet
+                pids.append(first[0])
             return pids
 
     def zygote_pids(self) -> list[int]:
         """The pids of the pool's zygote processes (see :mod:`actionpool._zygote`)."""
         with self._lock:
-            return [z.pid for z in self._zygotes if not z.closed]
+            return self._spawner.pids()
+
+    @property
+    def _zygote(self) -> _Zygote | None:
+        """The zygote that forks the next worker, if started (for tests)."""
+        return self._spawner.zygote
 
     def close(self, cancel: bool = False, *, reap: bool = True) -> None:
         """Stop every worker and wait until each has exited.
@@ -678,8 +440,8 @@ class ProcessPool:
             reap: also wait for the zygote processes to exit. False leaves that to
                 :meth:`reap`, so that the caller can close other things meanwhile:
                 each zygote exits on its own right after its last worker's exit
-                notice, and its exit (the teardown of a fork of this process) takes
-                ~1 ms here.
+                notice, and its exit (the teardown of a fork of this process's address
+                space) is not free.
         """
         with self._lock:
             self._closed = True
@@ -692,13 +454,10 @@ class ProcessPool:
                         w.attempt.killed = w.attempt.killed or "cancel"
                     _kill_worker(w)
                 else:
-                    _send_stop(w)
-            for zygote in self._zygotes:  # each exits after its last worker's notice
-                self._drop_request(zygote)  # its worker, if forked, finds its socket closed
-                zygote.drain()
-            first, self._first = self._first, None  # a first worker never used
-            if first is not None:
-                self._free_slots.append(first[2])
+                    _link.send_stop(w.conn)
+            # each zygote exits after its last worker's notice; a first worker never
+            # used comes back, to be stopped below
+            first = self._spawner.drain()
             # with workers, the last one's exit unwatches the zygotes (on the loop)
             idle = not self._workers
             if idle:
@@ -722,7 +481,7 @@ class ProcessPool:
     def reap(self) -> None:
         """After :meth:`close`: wait until every zygote has exited, then free the rest."""
         with self._lock:
-            zygotes, self._zygotes, self._zygote = self._zygotes, [], None
+            zygotes = self._spawner.take_all()
             loop = self._loop
         for zygote in zygotes:
             zygote.close()
@@ -741,7 +500,7 @@ class ProcessPool:
         """On the loop, once the pool is closed and its workers are gone: nothing more
         is to be heard from the zygotes (their sockets close when they exit), and
         :meth:`reap` closes them from another thread."""
-        for z in self._zygotes:
+        for z in self._spawner.zygotes:
             if not z.closed:
                 self._unwatch(z.notify.fileno())
         if self._sockets is not None and not self._sockets.closed:  # no socket is left in it
@@ -755,16 +514,8 @@ class ProcessPool:
         has answered): it joins the pool now, in the caller's thread, and a task sent
         to it waits in its socket until it is ready. None if there is none, or the
         zygote's answer is not in yet."""
-        if self._first is not None:  # forked by this process: its pid is known
-            try:
-                return self._spawn()
-            except (OSError, WorkerCrashed):
-                return None
-        zygote = self._zygote
-        if zygote is None or zygote.asked is None or len(self._workers) >= self.size:
-            return None
         try:
-            if not zygote.answered():
+            if not self._spawner.prestarted(len(self._workers) >= self.size):
                 return None
             return self._spawn()
         except (OSError, WorkerCrashed):
@@ -800,10 +551,10 @@ class ProcessPool:
         if worker.state is WorkerState.IDLE:
             worker.state = WorkerState.BUSY
         with contextlib.suppress(OSError):  # it just died: its notice requeues it
-            worker.conn.send_bytes(pickle.dumps((att.id, att.task), protocol=5))
+            _link.send(worker.conn, (att.id, att.task))
 
     def _spawn(self) -> _Worker:
-        pid, parent_sock, slot, zygote, pidfd = self._fork_worker()
+        pid, parent_sock, slot, zygote, pidfd = self._spawner.fork_worker()
         worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot, pidfd)
         self._workers[worker.conn] = worker
         if self._loop is None:  # a pool used on its own: a loop thread of its own
@@ -812,7 +563,7 @@ class ProcessPool:
                 target=self._loop.run_forever, name="actionpool-cpu-pool", daemon=True
             )
             self._own_loop.start()
-        zygotes = [z for z in self._zygotes if z.notify.fileno() not in self._watched]
+        zygotes = [z for z in self._spawner.zygotes if z.notify.fileno() not in self._watched]
 
         def watch() -> None:
             for z in zygotes:
@@ -975,15 +726,15 @@ class ProcessPool:
                     with contextlib.suppress(OSError):
                         os.eventfd_read(w.wake)
                     return None  # the loop needs the socket
-            msg = _recv(w)
+            msg = _link.recv(w.conn)
             if msg is None:
                 return None  # its end: the loop sees it too, and its exit follows
             found = self._apply(w, msg)
             if found is None:
                 continue
-            if msg[0] == "result":
+            if msg[0] == _link.RESULT:
                 return found
-            self._notify(*found)  # "started", "event": not sent for such an attempt
+            self._notify(*found)  # STARTED, EVENT: not sent for such an attempt
 
     def _spin_for(self, timeout: float | None) -> float:
         """How long :meth:`_read_until` may spin (seconds): :data:`_SPIN_S` while the
@@ -1003,48 +754,14 @@ class ProcessPool:
             if w.pidfd < 0:
                 return
             self._unwatch(w.pidfd)
-            returncode = None
-            try:
-                # still a zombie, so its pid (its group's id) is not anyone else's yet
-                os.waitid(os.P_PID, w.pid, os.WEXITED | os.WNOWAIT)
-                _kill_group(w.pid)
-                _, status = os.waitpid(w.pid, 0)
-                returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                pass  # reaped by someone else (os.wait() in the user's code)
+            returncode = reap_child(w.pid)
             os.close(w.pidfd)
             w.pidfd = -1  # reaped: never signal its pid again (_kill_worker)
         self._exited(w, returncode)
 
-    def _fork_worker(self) -> tuple[int, socket.socket, int, _Zygote | None, int]:
-        """Have the zygote fork a worker: its pid, our end of its socket, its start-page
-        slot, the zygote. The request may have been sent already (the first worker of a
-        forked zygote). A zygote that is gone or stuck is replaced once (by a fresh
-        interpreter: this process has threads now). The pool's first worker, when this
-        process forked it itself, comes first (zygote None)."""
-        if self._first is not None:
-            pid, sock, slot, pidfd = self._first
-            self._first = None
-            return pid, sock, slot, None, pidfd
-        for _ in range(2):
-            zygote = self._zygote
-            if zygote is None:
-                zygote = self._zygote = _Zygote("fresh", self._env, self.blas_threads)
-                self._zygotes.append(zygote)
-            try:
-                if zygote.asked is None:
-                    zygote.ask(self._page_fd, self._free_slots[-1])
-                    self._free_slots.pop()
-                return (*zygote.take(), zygote, -1)
-            except OSError:
-                self._zygote = None  # its workers are handled when its notify socket closes
-                self._drop_request(zygote)
-                _kill_group(zygote.pid)
-        raise WorkerCrashed("cannot start a worker process: its zygote process keeps failing")
-
     def _read(self, w: _Worker) -> bool:
         """Handle one message from ``w``'s socket (``w.reading`` held); False at its end."""
-        msg = _recv(w)
+        msg = _link.recv(w.conn)
         if msg is None:
             return False
         found = self._apply(w, msg)
@@ -1054,14 +771,11 @@ class ProcessPool:
 
     def _on_notice(self, zygote: _Zygote) -> None:
         """A worker of ``zygote`` exited (or the zygote itself is gone)."""
-        try:
-            data = zygote.notify.recv(_zygote.NOTICE.size)
-        except OSError:
-            data = b""
-        if data:
-            pid, returncode = _zygote.NOTICE.unpack(data)
+        notice = zygote.read_notice()
+        if notice is not None:
+            pid, returncode = notice
             with self._lock:
-                dead = [
+                dead: list[tuple[_Worker, int | None]] = [
                     (w, returncode)
                     for w in self._workers.values()
                     if w.pid == pid and w.zygote is zygote
@@ -1069,11 +783,7 @@ class ProcessPool:
         else:  # the zygote died: its workers are orphans nobody reaps for us
             self._unwatch(zygote.notify.fileno())
             with self._lock:
-                with contextlib.suppress(ValueError):  # the pool is closing: not ours now
-                    self._zygotes.remove(zygote)
-                if self._zygote is zygote:
-                    self._zygote = None
-                self._drop_request(zygote)
+                self._spawner.lost(zygote)
                 dead = [(w, None) for w in self._workers.values() if w.zygote is zygote]
             for w, _ in dead:
                 _kill_group(w.pid)
@@ -1098,20 +808,13 @@ class ProcessPool:
         finally:
             w.reading.release()
 
-    def _drop_request(self, zygote: _Zygote) -> None:
-        slot = zygote.drop_request()
-        if slot is not None:
-            self._free_slots.append(slot)
-
     def _note_start(self, w: _Worker) -> None:
         """Learn from the start page whether ``w``'s attempt started (lock held): for an
         attempt that sent no "started" message, when its worker died or is killed."""
         att = w.attempt
         if att is None or att.started or self._page is None:
             return
-        offset = _worker.START.size * w.slot
-        (attempt_id,) = struct.unpack_from("=q", self._page, offset)  # the id, then
-        (at,) = struct.unpack_from("=d", self._page, offset + 8)  # its time (written first)
+        attempt_id, at = _link.read_started(self._page, _link.START.size * w.slot)
         if attempt_id == att.id:
             att.started, att.started_at, att.worker = True, at, w.pid
 
@@ -1124,14 +827,14 @@ class ProcessPool:
             if self._workers.get(w.conn) is not w:
                 return None
             kind = msg[0]
-            if kind == "ready":
+            if kind == _link.READY:
                 self._startup_failures = 0
                 w.state = WorkerState.BUSY if w.attempt is not None else WorkerState.IDLE
                 return None
             att = w.attempt
             if att is None or att.id != msg[1]:
                 return None
-            if kind == "result":
+            if kind == _link.RESULT:
                 res: Result = msg[2]  # every result counts for read_result's spin
                 self._recent_s += 0.2 * (res.finished_at - res.started_at - self._recent_s)
                 w.attempt = None
@@ -1144,15 +847,15 @@ class ProcessPool:
         """Tell ``att`` what its worker ``w`` sent (:meth:`_apply`), outside the lock:
         its callbacks may call back into the pool."""
         kind = msg[0]
-        if kind == "started":
+        if kind == _link.STARTED:
             att.started_at, att.worker = msg[2], w.pid
             att.started = True
             att.on_started(w.pid, msg[2])
-        elif kind == "event":
+        elif kind == _link.EVENT:
             att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
-        elif kind == "result" and att.on_result is not None:
+        elif kind == _link.RESULT and att.on_result is not None:
             att.on_result(msg[2])  # its owner ends it (the future stays pending)
-        elif kind == "result" and not att.future.done():
+        elif kind == _link.RESULT and not att.future.done():
             # in a reader callback on the runner's loop, with nothing else under way
             att.direct = self._own_loop is None
             att.future.set_result(msg[2])
@@ -1212,16 +915,6 @@ class ProcessPool:
                 att.future.set_exception(exc)
 
 
-def _recv(w: _Worker) -> tuple[Any, ...] | None:
-    """The next message on ``w``'s socket (``w.reading`` held); None at its end."""
-    if w.conn.closed:
-        return None
-    try:
-        return pickle.loads(w.conn.recv_bytes())  # type: ignore[no-any-return]
-    except (EOFError, OSError):
-        return None
-
-
 def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:
     """Poll ``poller`` without sleeping for up to ``seconds``; its events, or []."""
     end = time.perf_counter() + seconds
@@ -1231,70 +924,12 @@ def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:
             return events
 
 
-def _send_stop(w: _Worker) -> None:
-    with contextlib.suppress(OSError):
-        w.conn.send_bytes(b"")
-
-
 def _kill_worker(w: _Worker) -> None:
     """SIGKILL worker ``w`` and its process group (lock held)."""
     _kill_group(w.pid)
     if w.pidfd >= 0:  # our own child, not reaped yet: it may not lead its group yet
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
-
-
-def _fork_first(
-    page_fd: int, slot: int, env: dict[str, str], blas_threads: int, pools_loaded: bool
-) -> tuple[int, socket.socket]:
-    """Fork a pool's first worker from this process, which runs a single thread (as for
-    the zygote): its pid and our end of its socket. It does what the zygote does
-    for itself and its workers, in a session of its own (no terminal: job control
-    never stops it), and runs the worker loop."""
-    sock, child = socket.socketpair()
-    try:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                gc.freeze()  # its collections never walk the parent's objects
-                os.environ.update(env)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                _worker.init_process(blas_threads, pools_loaded)
-                _zygote.child_main(child.fileno(), page_fd, slot, (sock.fileno(),), True)
-            finally:
-                os._exit(1)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        child.close()
-    return pid, sock
-
-
-def _end_first(pid: int, sock: socket.socket, pidfd: int) -> None:
-    """Stop and reap a pool's first worker that never joined the pool (it never ran an
-    action: there is nothing in its process group to kill)."""
-    conn = Connection(sock.detach())
-    with contextlib.suppress(OSError):
-        conn.send_bytes(b"")  # stop
-    conn.close()
-    if not _wait_exit(pid, None, 10.0):
-        with contextlib.suppress(OSError):  # our child, not reaped: its pid is ours
-            os.kill(pid, signal.SIGKILL)
-        _wait_exit(pid, None, None)
-    if pidfd >= 0:
-        os.close(pidfd)
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL the process group led by ``pid`` (the worker and what it started).
-
-    The zygote puts each worker in a group of its own before it tells us its pid, so
-    the group exists from the start; once it is empty there is nothing to kill, and we
-    never fall back to ``kill(pid)``: a reaped pid may already belong to someone else.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _ignore(*args: Any) -> None:
