@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import gc
 import itertools
 import os
@@ -89,48 +90,78 @@ def test_submit_pickles_arguments_at_submit_time(shared: ap.Runner) -> None:
     assert fut.result(timeout=30) == 6
 
 
-def test_a_future_cancelled_before_it_starts_never_runs(tmp_path: object) -> None:
+def test_a_future_cancelled_before_it_starts_never_runs(tmp_path: Path) -> None:
+    # the only io thread is held by a gate until after the cancel: the second call
+    # is certainly still queued then
+    release = tmp_path / "release"
     with ap.Runner(cpu_workers=1, io_workers=1) as r:
-        first = r.submit(h.io_stamp, "a", 0.5)
-        second = r.submit(h.io_stamp, "b", 0.0)
+        first = r.submit(ap.action(h.gate, kind="io"), str(tmp_path / "first"), str(release))
+        second = r.submit(ap.action(fa.write, kind="io"), str(tmp_path / "second"), "ran")
         assert second.cancel()
-        assert first.result(timeout=30)[0] == "a"
+        release.touch()
+        assert first.result(timeout=30) == os.getpid()
         assert second.cancelled()
+    assert not (tmp_path / "second").exists()
 
 
-def _hold_loop(r: ap.Runner, seconds: float) -> float:
-    """Keep the runner's scheduler thread busy for ``seconds`` from now; returns the
-    time.time() before which it is certainly still busy."""
-    busy = threading.Event()
+@contextlib.contextmanager
+def _loop_held(r: ap.Runner) -> Iterator[None]:
+    """Keep the runner's scheduler thread busy until the block ends (at most 60 s)."""
+    busy, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         busy.set()
-        time.sleep(seconds)
+        release.wait(60)
 
     r._loop.call_soon_threadsafe(hold)
-    assert busy.wait(10)
-    return time.time() + seconds - 0.2
+    assert busy.wait(10), "the scheduler's loop never ran the hold"
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def _wait_until_started(marker: Path, what: str) -> None:
     """Wait (up to 30 s) for the action that creates ``marker`` to have started."""
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline, f"{what} never started"
+    h.wait_for_path(marker, f"{what} never started")
+
+
+def _wait_until(done: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``done()`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout:g} s)"
         time.sleep(0.005)
 
 
-def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy() -> None:
+def _start_workers(r: ap.Runner, n: int, tmp_path: Path) -> list[int]:
+    """Have ``n`` cpu workers up and idle: ``n`` calls that each hold a worker until
+    all of them run (so no two share one); returns their pids."""
+    release = tmp_path / "workers-up"
+    marks = [tmp_path / f"worker-{i}" for i in range(n)]
+    futs = [r.submit(h.gate, str(m), str(release)) for m in marks]
+    for m in marks:
+        _wait_until_started(m, "a warm-up call")
+    release.touch()
+    pids = [f.result(timeout=30) for f in futs]
+    assert len(set(pids)) == n, pids
+    return pids
+
+
+def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy(
+    tmp_path: Path,
+) -> None:
     # submit sends a plain cpu call to an idle worker from the caller's thread; the
     # scheduler's thread only does the bookkeeping, when it gets to it (memory_floor=0:
     # no memory check due, which the scheduler's thread would have to make first)
+    marker = tmp_path / "ran"
     with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
         r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
-        held_until = _hold_loop(r, 1.0)
-        fut = r.submit(h.stamp, "fast")
-        tag, started, _ = fut.result(timeout=30)
-        assert tag == "fast" and started < held_until
-        assert not fut.cancel()  # it started: too late to withdraw it
+        with _loop_held(r):
+            fut = r.submit(h.mark_then_sleep, str(marker), 0.0)
+            _wait_until_started(marker, "the call sent while the scheduler's thread was busy")
+            assert not fut.cancel()  # it started: too late to withdraw it
+        assert fut.exception(timeout=30) is None
 
 
 def test_a_thread_waiting_on_a_call_reads_its_result_while_the_loop_is_busy() -> None:
@@ -139,11 +170,10 @@ def test_a_thread_waiting_on_a_call_reads_its_result_while_the_loop_is_busy() ->
     # the call nor to end it, and the slot is given back all the same.
     with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
         r.submit(h.square, 1).result(timeout=30)  # the worker is up and idle
-        held_until = _hold_loop(r, 3.0)
-        assert r.submit(h.square, 3).result(timeout=30) == 9
-        assert r.submit(h.square, 4).exception(timeout=30) is None
-        assert time.time() < held_until  # both ended while the loop was held
-        assert not r._calls.direct and r._sched.free_slots("cpu") == 1
+        with _loop_held(r):  # both end while the loop is held
+            assert r.submit(h.square, 3).result(timeout=30) == 9
+            assert r.submit(h.square, 4).exception(timeout=30) is None
+            assert not r._calls.direct and r._sched.free_slots("cpu") == 1
         assert r.submit(h.square, 5).result(timeout=30) == 25
 
 
@@ -208,7 +238,9 @@ def test_the_loop_does_not_block_on_a_socket_whose_message_another_thread_took()
         assert r.submit(h.square, 3).result(timeout=30) == 9
 
 
-def test_a_waiting_thread_spins_only_after_short_actions_and_with_a_core_to_spare() -> None:
+def test_a_waiting_thread_spins_only_after_short_actions_and_with_a_core_to_spare(
+    tmp_path: Path,
+) -> None:
     # read_result polls the socket without sleeping before it blocks (spin, then
     # block) only while the recent actions were short, and never while every core
     # has a busy worker: a spin would then take CPU from the workers.
@@ -223,16 +255,17 @@ def test_a_waiting_thread_spins_only_after_short_actions_and_with_a_core_to_spar
         assert 0 < pool._spin_for(None) <= 0.001  # no-ops: their replies come at once
         assert pool._spin_for(0.00001) <= 0.00001  # never past the caller's timeout
         pool.cores = 1
-        busy = r.submit(h.sleep_then, 2, 0.3)
+        busy = r.submit(h.gate, str(tmp_path / "busy"), str(tmp_path / "release"))
+        _wait_until_started(tmp_path / "busy", "the busy call")
         assert pool._spin_for(None) == 0  # its worker has the only core
-        assert busy.result(timeout=30) == 2
+        (tmp_path / "release").touch()
+        assert busy.result(timeout=30) in r.worker_pids()
 
 
 def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Path) -> None:
     # memory_floor=0: no memory check that would send a call through the scheduler anyway
     with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
-        warm = [r.submit(h.sleep_then, i, 0.3) for i in range(2)]  # start both workers
-        assert [f.result(timeout=30) for f in warm] == [0, 1]
+        _start_workers(r, 2, tmp_path)
         wide = ap.action(h.mark_then_sleep, threads=2)  # takes both cpu slots, one worker
 
         # 1. the scheduler has given both slots to a wide call: the idle worker is not free
@@ -244,9 +277,9 @@ def test_a_call_waits_for_a_free_cpu_slot_even_with_an_idle_worker(tmp_path: Pat
         assert later.result(timeout=30)[1] >= first_end - 0.01
 
         # 2. the scheduler has not seen the wide call yet: the next call waits behind it
-        _hold_loop(r, 0.5)
-        second = r.submit(wide, str(tmp_path / "second"), 0.5)
-        right_after = r.submit(h.stamp, "right after")
+        with _loop_held(r):
+            second = r.submit(wide, str(tmp_path / "second"), 0.5)
+            right_after = r.submit(h.stamp, "right after")
         _, second_end = second.result(timeout=30)
         assert right_after.result(timeout=30)[1] >= second_end - 0.01
 
@@ -258,8 +291,7 @@ def test_a_call_sent_from_the_callers_thread_holds_its_slot_until_it_ends(
     # record on the scheduler's side; it must still count against the cpu slots: a
     # call needing both slots waits for it, then starts once it ends.
     with ap.Runner(cpu_workers=2, io_workers=1, memory_floor=0) as r:
-        warm = [r.submit(h.sleep_then, i, 0.3) for i in range(2)]  # start both workers
-        assert [f.result(timeout=30) for f in warm] == [0, 1]
+        _start_workers(r, 2, tmp_path)
         marker = tmp_path / "narrow"
         narrow = r.submit(h.mark_then_sleep, str(marker), 0.5)
         _wait_until_started(marker, "the narrow call")
@@ -751,18 +783,19 @@ def test_a_result_that_arrives_after_its_call_was_cancelled_still_ends_it() -> N
     # still give its slot back (its attempt had no death to report it).
     with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=0) as r:
         assert r.submit(h.square, 2).result(timeout=30) == 4  # warm: sent by submit
-        _hold_loop(r, 1.0)
-        fut = r.submit(h.square, 3)
-        time.sleep(0.3)  # the reply is in the socket; the loop has not read it
-        r._loop.call_soon_threadsafe(r._calls.stop_direct, "a test's cancel")
+        (worker,) = list(r._pools["cpu"]._workers.values())
+        with _loop_held(r):
+            fut = r.submit(h.square, 3)
+            # the reply (a plain call announces no start: the only message) is in the
+            # socket; poll() reads nothing, and the held loop cannot read it yet
+            assert worker.conn.poll(30), "the worker never replied"
+            r._loop.call_soon_threadsafe(r._calls.stop_direct, "a test's cancel")
         # not fut.result(), which would read the reply itself (CallFuture), first
         assert fut in cf.wait([fut], timeout=30).done
         with pytest.raises(cf.CancelledError, match="a test's cancel"):
             fut.result(timeout=0)
-        deadline = time.monotonic() + 10
-        while r._calls.direct and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not r._calls.direct and r._sched.free_slots("cpu") == 1
+        _wait_until(lambda: not r._calls.direct, "the cancelled call was never let go")
+        assert r._sched.free_slots("cpu") == 1
         assert r.submit(h.square, 4).result(timeout=30) == 16
 
 
@@ -802,10 +835,10 @@ def test_close_waits_for_a_plan_running_in_another_thread(tmp_path: Path) -> Non
     reports: list[ap.Report] = []
     thread = threading.Thread(target=lambda: reports.append(r.run(plan)))
     thread.start()
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    r.close()  # no call in flight, but a run is
+    try:
+        _wait_until_started(tmp_path / "started", "the plan's node")
+    finally:
+        r.close()  # no call in flight, but a run is
     assert [rep.status for rep in reports] == [ap.RunStatus.SUCCEEDED]
     thread.join(30)
 
