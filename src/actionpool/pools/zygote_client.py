@@ -271,12 +271,14 @@ class _Spawner:
     def __init__(
         self, env: dict[str, str], blas_threads: int, page_fd: int, free_slots: list[int]
     ) -> None:
-        """Args:
-        env: environment overrides for the zygotes and their workers.
-        blas_threads: the BLAS/OpenMP cap of every worker.
-        page_fd: the pool's start page (-1: none), handed to each worker.
-        free_slots: the pool's list of start-page slots no worker holds (shared: a
-            worker's slot goes back to it when the pool handles its death).
+        """No zygote yet: :meth:`start_forked` or the first :meth:`fork_worker` starts one.
+
+        Args:
+            env: environment overrides for the zygotes and their workers.
+            blas_threads: the BLAS/OpenMP cap of every worker.
+            page_fd: the pool's start page (-1: none), handed to each worker.
+            free_slots: the pool's list of start-page slots no worker holds (shared: a
+                worker's slot goes back to it when the pool handles its death).
         """
         self.env = env
         self.blas_threads = blas_threads
