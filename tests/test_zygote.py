@@ -20,7 +20,7 @@ import pytest
 import actionpool as ap
 from actionpool.pools.process import ProcessPool, resolve_worker_start
 from tests import fault_actions as fa
-from tests.helpers import pid
+from tests.helpers import pid, wait_for_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,9 +180,7 @@ def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: 
         assert r.submit(pid).result(timeout=60) > 0
         (zygote,) = r._pools["cpu"].zygote_pids()
         running = r.submit(fa.sleep_long, 30, str(mark))
-        deadline = time.monotonic() + 30
-        while not mark.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_path(mark, "the call to lose with its zygote never started")
         os.kill(zygote, signal.SIGKILL)
         with pytest.raises(ap.WorkerCrashed, match="stopped answering"):
             running.result(timeout=60)
@@ -218,9 +216,9 @@ def test_a_draining_zygote_exits_after_its_last_worker_while_the_pool_holds_it()
         os.kill(worker, signal.SIGKILL)
         proc.wait(30)  # while the pool still holds it open (its loop reaps it)
         deadline = time.monotonic() + 30
-        while pool.pids() and time.monotonic() < deadline:
+        while pool.pids():  # the worker's death was reported before the zygote left
+            assert time.monotonic() < deadline, f"the pool still lists {pool.pids()}"
             time.sleep(0.01)
-        assert pool.pids() == []  # the worker's death was reported before the zygote left
 
 
 def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
@@ -278,6 +276,7 @@ def test_the_runners_own_first_worker_crashes_times_out_and_is_cancelled_as_any_
         import psutil
         import actionpool as ap
         from tests import fault_actions as fa
+        from tests.helpers import wait_for_path
 
         def gone(pid):
             deadline = time.monotonic() + 10
@@ -322,8 +321,9 @@ def test_the_runners_own_first_worker_crashes_times_out_and_is_cancelled_as_any_
 
         r, first = runner()
         with r:
-            fut = r.submit(fa.sleep_long, 30.0)
-            time.sleep(0.2)
+            running = {str(tmp_path / "running")!r}
+            fut = r.submit(fa.sleep_long, 30.0, running)
+            wait_for_path(running, "the call to cancel")
             r.cancel()  # a running call: its worker is killed
             try:
                 fut.result(timeout=60)
@@ -349,19 +349,22 @@ def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
         import actionpool as ap
         import actionpool.pools.process as process
 
+        def first_child(zygote):
+            deadline = time.monotonic() + 60
+            while not psutil.Process(zygote).children():
+                assert time.monotonic() < deadline, "the zygote forked no worker unasked"
+                time.sleep(0.01)
+            (first,) = psutil.Process(zygote).children()
+            return first
+
         process._FORK_FIRST = False  # as where the kernel has no pidfds
         with ap.Runner(cpu_workers=2, worker_start="fork") as r:
             (zygote,) = r._pools["cpu"].zygote_pids()
-            deadline = time.monotonic() + 60
-            while not psutil.Process(zygote).children() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            (first,) = psutil.Process(zygote).children()  # forked before any call
+            first = first_child(zygote)  # forked before any call
             print(r.submit(os.getpid).result(timeout=60) == first.pid)
         with ap.Runner(cpu_workers=2, worker_start="fork") as r:
             (zygote,) = r._pools["cpu"].zygote_pids()
-            while not psutil.Process(zygote).children() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            (first,) = psutil.Process(zygote).children()
+            first = first_child(zygote)
             first.kill()  # dies before it is ever used: its call goes to a new worker
             first.wait(60)
             got = r.submit(os.getpid).result(timeout=60)
@@ -376,10 +379,10 @@ def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(fork_firs
     # The first worker is forked at the start (by this process, or by the zygote
     # unasked); once its pid is known, a call joins it to the pool and starts on it
     # from the caller's thread, without waiting for the scheduler's (held busy here
-    # for 2 s).
+    # until the call has returned).
     out = run_script(
         f"""
-        import threading, time
+        import os, threading, time
         import actionpool as ap
         import actionpool.pools.process as process
 
@@ -387,14 +390,17 @@ def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(fork_firs
         with ap.Runner(cpu_workers=1, worker_start="fork", memory_floor=0) as r:
             zygote = r._pools["cpu"]._zygote
             deadline = time.monotonic() + 60
-            while not {fork_first} and not zygote.answered() and time.monotonic() < deadline:
+            while not {fork_first} and not zygote.answered():
+                assert time.monotonic() < deadline, "the zygote never answered"
                 time.sleep(0.005)
-            busy = threading.Event()
-            r._loop.call_soon_threadsafe(lambda: (busy.set(), time.sleep(2.0)))
+            busy, release = threading.Event(), threading.Event()
+            r._loop.call_soon_threadsafe(lambda: (busy.set(), release.wait(60)))
             assert busy.wait(10)
-            held_until = time.time() + 1.8
-            before = len(r.worker_pids())
-            print(before == {int(fork_first)}, r.submit(time.time).result(timeout=60) < held_until)
+            try:  # held until the call is over: a call that needs the loop times out
+                before = len(r.worker_pids())
+                print(before == {int(fork_first)}, r.submit(os.getpid).result(timeout=30) > 0)
+            finally:
+                release.set()
         """
     )
     assert out.split() == ["True", "True"]
