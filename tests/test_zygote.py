@@ -375,16 +375,21 @@ def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
 
 
 @pytest.mark.parametrize("fork_first", [True, False])
-def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(fork_first: bool) -> None:
+def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(
+    fork_first: bool, tmp_path: Path
+) -> None:
     # The first worker is forked at the start (by this process, or by the zygote
     # unasked); once its pid is known, a call joins it to the pool and starts on it
     # from the caller's thread, without waiting for the scheduler's (held busy here
-    # until the call has returned).
+    # until the call has run).
+    mark = tmp_path / "ran"
     out = run_script(
         f"""
-        import os, threading, time
+        import threading, time
         import actionpool as ap
         import actionpool.pools.process as process
+        from tests import fault_actions as fa
+        from tests.helpers import wait_for_path
 
         process._FORK_FIRST = {fork_first}
         with ap.Runner(cpu_workers=1, worker_start="fork", memory_floor=0) as r:
@@ -396,11 +401,13 @@ def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(fork_firs
             busy, release = threading.Event(), threading.Event()
             r._loop.call_soon_threadsafe(lambda: (busy.set(), release.wait(60)))
             assert busy.wait(10)
-            try:  # held until the call is over: a call that needs the loop times out
+            try:  # held until the call has run: one that waits for the loop never does
                 before = len(r.worker_pids())
-                print(before == {int(fork_first)}, r.submit(os.getpid).result(timeout=30) > 0)
+                call = r.submit(fa.write, {str(mark)!r}, "ran")
+                wait_for_path({str(mark)!r}, "the call sent while the loop was held")
             finally:
                 release.set()
+            print(before == {int(fork_first)}, call.exception(timeout=60) is None)
         """
     )
     assert out.split() == ["True", "True"]
