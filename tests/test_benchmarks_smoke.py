@@ -1,5 +1,5 @@
 """The micro benchmarks run in the normal suite, once each and untimed, so they cannot rot;
-and the suite's verdicts are checked on made-up curves.
+the suite's verdicts are checked on made-up curves; W10/W11 run for real at tiny sizes.
 
 ``benchmarks/test_micro.py`` checks every benchmark's result; with
 ``--benchmark-disable`` pytest-benchmark calls each benchmarked function once.
@@ -8,7 +8,8 @@ and the suite's verdicts are checked on made-up curves.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,22 +44,29 @@ def test_micro_benchmarks_run_and_check_their_results() -> None:
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
-def _suite() -> Any:
-    """benchmarks/suite.py as a module (its helpers are imported from benchmarks/)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def _bench(name: str) -> Any:
+    """A module of benchmarks/ (they import their siblings by name: harness, peers...)."""
+    path = str(ROOT / "benchmarks")
+    sys.path.insert(0, path)
     try:
-        spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "benchmarks/suite.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_suite"] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module(name)
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(path)
+
+
+def _run(script: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_the_w9_verdict_passes_linear_and_concave_curves_and_fails_superlinear_ones() -> None:
-    suite = _suite()
+    w_plans = _bench("w_plans")
     sizes = [2_500, 5_000, 10_000, 20_000, 40_000]  # nodes + edges
 
     def verdict(times: list[float]) -> bool:
@@ -70,11 +78,11 @@ def test_the_w9_verdict_passes_linear_and_concave_curves_and_fails_superlinear_o
         summary = {
             "chain": {
                 "points": points,
-                "fit": suite.linear_fit(sizes, times),
+                "fit": w_plans.linear_fit(sizes, times),
                 "per_ne_spread": max(per) / min(per),
             }
         }
-        (target,) = suite.w9_curve_targets(summary)
+        (target,) = w_plans.w9_curve_targets(summary)
         return bool(target["met"])
 
     assert verdict([0.1 + 50e-6 * n for n in sizes])  # a fixed cost plus linear
@@ -89,8 +97,8 @@ def test_w3_w5_w8_judge_samples_by_their_rounds_reference_and_w3_fits_any_core_c
     """The machine slows 1.6x in round 1 and 1.3x in round 3: the serial reference and
     the pool slow alike, so the pool's efficiency is the same in every round (80%). A
     ratio to the reference's median would read 64-100% instead."""
-    suite = _suite()
-    Entry = suite.Entry
+    suite = _bench("suite")
+    Entry = _bench("harness").Entry
     slow = [1.0, 1.6, 1.0, 1.3, 1.0]
     rounds = list(range(5))
 
@@ -148,8 +156,8 @@ def test_w3_verdict_pairs_each_round_with_the_best_peer_and_runs_twice_the_round
     """The machine's speed swings 1.6x between rounds; in each round the pool is 10%
     slower than the peer (rounds 0, 2) or 10% faster (round 1). Their efficiencies
     overlap across rounds, the paired ratios do not."""
-    suite = _suite()
-    Entry = suite.Entry
+    suite = _bench("suite")
+    Entry = _bench("harness").Entry
     slow = [1.0, 1.6, 1.3]
 
     def entry(kind: str, lib: str, op: str, walls: list[float], kw: Any = None) -> Any:
@@ -171,4 +179,50 @@ def test_w3_verdict_pairs_each_round_with_the_best_peer_and_runs_twice_the_round
     # ours / theirs per round: 0.20/0.22, 0.22/0.20, 0.20/0.22 (efficiency: higher wins)
     assert "same round: median 0.91x, ahead in 1 of 3" in w3["shown"]
     assert w3["value"] == pytest.approx(0.2 / 0.22)
-    assert (suite.w3_rounds(5), suite.w3_rounds(7)) == (11, 15)  # quick, default
+    w3_rounds = _bench("w_scaling").w3_rounds
+    assert (w3_rounds(5), w3_rounds(7)) == (11, 15)  # quick, default
+
+
+def test_w10_is_met_only_when_we_beat_pool_map_at_every_size() -> None:
+    """Per size, ours / Pool.map's tasks/s; a faster third peer does not change the
+    verdict, and one size below 1.0x fails it (the worst size is the value)."""
+    suite, Entry = _bench("suite"), _bench("harness").Entry
+
+    def entry(lib: str, kind: str, n: int, wall: float) -> Any:
+        e = Entry(f"{lib} {n}", lib, "w10", {"n": n}, kind)
+        e.samples, e.rounds = [wall, wall * 1.1, wall * 0.9], [0, 1, 2]
+        return e
+
+    def w10(ours: dict[int, float]) -> dict[str, Any]:
+        res = {"W10": [entry("actionpool", "actionpool", n, t) for n, t in ours.items()]}
+        res["W10"] += [entry("multiprocessing", "peer", n, 0.01 * n / 1000) for n in ours]
+        res["W10"] += [entry("loky", "peer", n, 0.001 * n / 1000) for n in ours]
+        an = suite.analyse(res, argparse.Namespace(workers=2))
+        (target,) = [t for t in an["targets"] if t["workload"] == "W10"]
+        return dict(target)
+
+    ahead = w10({1_000: 0.008, 10_000: 0.09})  # 1.25x and 1.11x Pool.map's speed
+    assert ahead["met"] is True and ahead["value"] == pytest.approx(0.1 / 0.09)
+    assert "1,000: 1.25x, 10,000: 1.11x" in ahead["shown"]
+    behind = w10({1_000: 0.008, 10_000: 0.11})  # 0.91x at 10,000
+    assert behind["met"] is False and behind["value"] == pytest.approx(0.1 / 0.11)
+
+
+@pytest.mark.slow
+def test_the_small_map_workloads_run_at_tiny_sizes(tmp_path: Path) -> None:
+    """W10 and W11 for real: actionpool and Pool.map, two tiny sizes, one round."""
+    proc = _run(
+        "suite.py", "--quick", "--out", str(tmp_path), "--workloads", "W10,W11",
+        "--only", "actionpool,multiprocessing", "--rounds", "1", "--small-sizes", "1000,3000",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    got = {(e["library"], e["kw"]["n"]): e["samples_s"] for e in data["W10"]}
+    assert set(got) == {(lib, n) for lib in ("actionpool", "multiprocessing") for n in (1000, 3000)}
+    assert all(len(samples) == 1 and samples[0] > 0 for samples in got.values())
+    targets = {t["workload"]: t for t in data["analysis"]["targets"]}
+    assert targets["W10"]["value"] > 0 and "1,000: " in targets["W10"]["shown"]
+    w11 = {r["library"]: r for r in data["analysis"]["tables"]["W11"]["rows"]}
+    assert w11["actionpool"]["median"] > 0.2 and w11["multiprocessing"]["median"] > 0.2
+    assert w11["baseline"]["median_s"] > 0  # the serial reference ran
+    assert "## W10 small maps" in (tmp_path / "results.md").read_text()
