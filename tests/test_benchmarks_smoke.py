@@ -1,5 +1,6 @@
 """The micro benchmarks run in the normal suite, once each and untimed, so they cannot rot;
-the suite's verdicts are checked on made-up curves; W10/W11 run for real at tiny sizes.
+the suite's verdicts are checked on made-up curves; W10/W11 and compare.py run for real
+at tiny sizes.
 
 ``benchmarks/test_micro.py`` checks every benchmark's result; with
 ``--benchmark-disable`` pytest-benchmark calls each benchmarked function once.
@@ -226,3 +227,20 @@ def test_the_small_map_workloads_run_at_tiny_sizes(tmp_path: Path) -> None:
     assert w11["actionpool"]["median"] > 0.2 and w11["multiprocessing"]["median"] > 0.2
     assert w11["baseline"]["median_s"] > 0  # the serial reference ran
     assert "## W10 small maps" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_runs_head_against_the_working_tree(tmp_path: Path) -> None:
+    """One round of W1 on each side; each side imported its own copy of actionpool."""
+    out = tmp_path / "compare.json"
+    proc = _run("compare.py", "--baseline", "HEAD", "--workloads", "W1", "--rounds", "1",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| W1 | runner.map of 20,000 tiny calls |" in proc.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert len(row["baseline_samples"]) == len(row["current_samples"]) == 1
+    assert row["ratio"] == pytest.approx(row["current_s"] / row["baseline_s"])
+    base, cur = data["imported"]["ap-baseline"], data["imported"]["ap-current"]
+    assert Path(cur) == ROOT / "src" / "actionpool" / "__init__.py"
+    assert Path(base).parts[-3:] == ("src", "actionpool", "__init__.py") and base != cur
