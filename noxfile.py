@@ -47,7 +47,7 @@ BENCH_PEERS = [
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """actionpool against its peers, W1-W9 and scaling curves, into docs/benchmarks/.
+    """actionpool against its peers, W1-W11 and scaling curves, into docs/benchmarks/.
 
     ``nox -s bench -- --quick``: fewer rounds, smaller sizes (under 3 minutes on 2 cores);
     other arguments go to ``benchmarks/suite.py``. Ray takes part when it is installed.
