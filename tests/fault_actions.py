@@ -227,3 +227,22 @@ class SlowToFree:
 
 def worker_pid(_arg: object) -> int:
     return os.getpid()
+
+
+def _crash_once(path: str) -> str:
+    """Kill this worker the first time (no file at ``path`` yet), else return a value."""
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(11)
+    return "unpickled"
+
+
+class CrashesWhenUnpickledOnce:
+    """An argument whose first unpickling kills the worker; later ones work."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_crash_once, (self.path,))

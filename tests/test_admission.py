@@ -144,10 +144,10 @@ def test_a_call_from_the_callers_thread_is_admitted_on_a_recent_or_a_fresh_memor
         def scheduler(floor: int, available: int | None) -> Scheduler:
             return Scheduler(loop, {"io": pool}, 1.0, 2**30, 1, floor, available)
 
-        assert scheduler(huge, 2**63).admits_at_once("io")  # the sizing's: not read again
-        assert not scheduler(huge, 50).admits_at_once("io")  # below the floor: read again
-        assert not scheduler(huge, None).admits_at_once("io")  # read now: below the floor
-        assert scheduler(100, None).admits_at_once("io")  # read now: above it
+        assert scheduler(huge, 2**63).admission.admits_at_once("io")  # the sizing's: not read again
+        assert not scheduler(huge, 50).admission.admits_at_once("io")  # below the floor: read again
+        assert not scheduler(huge, None).admission.admits_at_once("io")  # read now: below the floor
+        assert scheduler(100, None).admission.admits_at_once("io")  # read now: above it
     finally:
         pool.close()
         loop.close()

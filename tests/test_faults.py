@@ -24,6 +24,7 @@ import pytest
 
 import actionpool as ap
 from actionpool._worker import Task
+from actionpool.pools import NotStarted
 from actionpool.pools.process import ProcessPool
 from actionpool.transfer import dumps_call
 from tests import fault_actions as fa
@@ -259,7 +260,8 @@ def test_pool_heals_after_crashes(shared: ap.Runner) -> None:
     assert len(shared.worker_pids()) <= 2  # dead workers were replaced, not added to
 
 
-def test_an_attempt_that_never_started_is_resubmitted() -> None:
+def test_the_pool_reports_an_attempt_that_never_started_and_does_not_resend_it() -> None:
+    # Whether it runs again is the scheduler's decision, not the pool's.
     pool = ProcessPool(1, 1)
     try:
         call = dumps_call("stamp", fa.stamp, ("x",), {})
@@ -267,11 +269,62 @@ def test_an_attempt_that_never_started_is_resubmitted() -> None:
         att = pool.submit(task)
         (first,) = pool.pids()
         os.killpg(first, signal.SIGKILL)  # before its interpreter could even start
-        result = att.future.result(timeout=30)
-        assert result.ok and result.worker != first
-        assert att.started
+        err = att.future.exception(timeout=30)
+        assert isinstance(err, NotStarted) and err.crash.signal == signal.SIGKILL
+        assert "before it started it" in str(err) and not att.started
     finally:
         pool.close()
+
+
+def test_a_call_whose_worker_dies_before_starting_it_is_sent_again(tmp_path: Path) -> None:
+    # The first attempt's worker dies before the action is called (here: unpickling
+    # its argument kills it, the first time only); nothing of it ran, so it is sent
+    # to a fresh worker and succeeds, as a direct call and as a plan node.
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        first = fa.CrashesWhenUnpickledOnce(str(tmp_path / "direct"))
+        assert r.submit(fa.stamp, first).result(timeout=60)[0] is not None
+        plan = ap.Plan()
+        node = plan.add(fa.stamp, fa.CrashesWhenUnpickledOnce(str(tmp_path / "node")))
+        out = r.run(plan).outcome(node)
+        assert out.status is ap.Status.SUCCEEDED and out.attempts == 1
+
+
+def test_an_action_whose_module_kills_workers_on_import_ends_crashed_quickly(
+    tmp_path: Path,
+) -> None:
+    # Every worker dies while unpickling the call (importing the action's module), so
+    # every attempt would be sent again for ever: the startup guard ends the nodes
+    # CRASHED, saying why, and the runner stays usable.
+    (tmp_path / "dies_on_import.py").write_text(
+        "import os\n"
+        "import actionpool._worker as w\n"
+        "if w._IN_PROCESS:\n"
+        "    os._exit(3)\n"
+        "def work(x):\n"
+        "    return x\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import dies_on_import  # type: ignore[import-not-found]
+
+        with ap.Runner(cpu_workers=2, io_workers=1, worker_start="fresh") as r:
+            started = time.monotonic()
+            plan = ap.Plan()
+            nodes = [plan.add(dies_on_import.work, i) for i in range(6)]
+            report = r.run(plan)
+            direct = r.submit(dies_on_import.work, 1).exception(timeout=60)
+            took = time.monotonic() - started
+            for out in (report.outcome(n) for n in nodes):
+                assert out.status is ap.Status.CRASHED and out.attempts <= 1
+                assert isinstance(out.error, ap.WorkerCrashed) and out.error.exitcode == 3
+                assert "worker processes die before they start it" in str(out.error)
+            assert isinstance(direct, ap.WorkerCrashed)
+            assert "die before they start" in str(direct)
+            assert took < 30, took  # seconds, not a respawn loop
+            assert r.submit(fa.stamp, "after").result(timeout=60)[0] == "after"
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("dies_on_import", None)
 
 
 def test_crash_is_retried_only_when_retry_on_names_worker_crashed(
@@ -683,7 +736,8 @@ def test_a_call_that_kills_every_worker_while_unpickling_ends_crashed(shared: ap
     out = run_one(shared, fa.stamp, fa.CrashesWhenUnpickled())
     assert out.status is ap.Status.CRASHED
     assert isinstance(out.error, ap.WorkerCrashed) and out.error.exitcode == 11
-    assert "before it could start it, 3 times" in str(out.error)
+    assert "worker processes die before they start it" in str(out.error)
+    assert "3 deaths in a row" in str(out.error)
     assert run_one(shared, fa.stamp, "after").status is ap.Status.SUCCEEDED
 
 

@@ -173,7 +173,7 @@ def test_a_thread_waiting_on_a_call_reads_its_result_while_the_loop_is_busy() ->
         with _loop_held(r):  # both end while the loop is held
             assert r.submit(h.square, 3).result(timeout=30) == 9
             assert r.submit(h.square, 4).exception(timeout=30) is None
-            assert not r._calls.direct and r._sched.free_slots("cpu") == 1
+            assert not r._calls.direct and r._sched.admission.free_slots("cpu") == 1
         assert r.submit(h.square, 5).result(timeout=30) == 25
 
 
@@ -795,7 +795,7 @@ def test_a_result_that_arrives_after_its_call_was_cancelled_still_ends_it() -> N
         with pytest.raises(cf.CancelledError, match="a test's cancel"):
             fut.result(timeout=0)
         _wait_until(lambda: not r._calls.direct, "the cancelled call was never let go")
-        assert r._sched.free_slots("cpu") == 1
+        assert r._sched.admission.free_slots("cpu") == 1
         assert r.submit(h.square, 4).result(timeout=30) == 16
 
 

@@ -1,4 +1,5 @@
-"""The scheduler's node state machine: legal moves, retries, validate, fail_fast, events."""
+"""The scheduler with real pools: retries, validate, fail_fast, events (the moves one by
+one: test_lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import actionpool as ap
-from actionpool.scheduler import TERMINAL, TRANSITIONS, NodeState, backoff_delay
+from actionpool.scheduler import backoff_delay
 from tests import helpers as h
 
 
@@ -18,38 +19,6 @@ from tests import helpers as h
 def shared() -> Iterator[ap.Runner]:
     with ap.Runner(cpu_workers=2, io_workers=4) as r:
         yield r
-
-
-def test_transition_table_covers_every_state() -> None:
-    assert set(TRANSITIONS) | TERMINAL == set(NodeState)
-    assert {s.value for s in TERMINAL} == {s.value for s in ap.Status}
-    # PENDING -> SUCCEEDED/FAILED: race and quorum nodes, decided by their inputs
-    assert TRANSITIONS[NodeState.PENDING] == {
-        NodeState.READY,
-        NodeState.SKIPPED,
-        NodeState.CANCELLED,
-        NodeState.SUCCEEDED,
-        NodeState.FAILED,
-    }
-    assert NodeState.READY in TRANSITIONS[NodeState.RUNNING]  # retries
-    for terminal in TERMINAL:
-        assert terminal not in TRANSITIONS  # nothing leaves a terminal state
-
-
-def test_illegal_transition_is_refused(shared: ap.Runner) -> None:
-    from actionpool.scheduler import NodeRecord, PlanRun
-
-    plan = ap.Plan()
-    plan.add(h.square, 1)
-    sched = shared._sched
-    from actionpool.transfer import Arena
-
-    arena = Arena("ap-test-illegal", None)
-    run = PlanRun(sched, plan.graph(), "x", arena, None, None, None, "collect", None, None)
-    arena.close()
-    rec: NodeRecord = run.recs[0]
-    with pytest.raises(AssertionError, match="illegal transition pending -> running"):
-        sched.transition(rec, NodeState.RUNNING)
 
 
 def test_events_arrive_in_order_per_node(shared: ap.Runner) -> None:

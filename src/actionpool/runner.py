@@ -24,28 +24,29 @@ import contextlib
 import itertools
 import os
 import threading
-import time
 import uuid
 import weakref
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
-from functools import cache, partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import psutil
 
 from ._threads import wait_thread_gone
 from .action import ActionSpec, as_spec, wire_bytes, wire_form
-from .errors import PlanError, SerializationError, WorkerCrashed
+from .calls import CallFuture, CallRun
+from .errors import PlanError, SerializationError
 from .events import Event
+from .maps import MAP_MAX_CHUNK, MAP_MIN_CHUNK_S, MAP_TARGET_CHUNK_S, _Batcher, map_calls
 from .outcome import Report
 from .plan import Plan
+from .planrun import PlanRun, check_failure_policy
 from .pools import Pool
-from .pools.process import ProcessAttempt, ProcessPool
+from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
-from .scheduler import CallFuture, CallRun, PlanRun, Scheduler, check_failure_policy
+from .records import NodeRecord
+from .scheduler import Scheduler
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
 from .transfer import (
     DEFAULT_SHM_THRESHOLD,
@@ -54,12 +55,11 @@ from .transfer import (
     Packed,
     SegmentPool,
     dumps_call,
-    dumps_function,
     dumps_state,
     pool_free_limit,
 )
 
-__all__ = ["Runner"]
+__all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "Runner", "_Batcher"]
 
 T = TypeVar("T")
 
@@ -150,9 +150,9 @@ class Runner(Executor):
         self.shm_threshold = shm_threshold
         self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         # The loop before the CPU pool forks this process (its zygote and first
-        # worker, while it runs one thread): made after, each page it writes would
-        # be copied first (~200 copy-on-write faults, ~0.7 ms on the way to the first
-        # result here). The forks inherit its descriptors, unused.
+        # worker, while it runs one thread): made after, each page it writes would be
+        # copied first, on the way to the first result. The forks inherit its
+        # descriptors, unused.
         self._loop = asyncio.new_event_loop()
         io_pool = ThreadPool(self.sizing.io_workers)
         self._pools: dict[str, Pool] = {
@@ -164,8 +164,6 @@ class Runner(Executor):
             ),
             "io": io_pool,
         }
-        cpu = self._pools["cpu"]
-        self._forget = cpu.forget if isinstance(cpu, ProcessPool) else None
         self._segments = SegmentPool(
             pool_free_limit(self.sizing.memory_budget),
             self._forget,
@@ -174,12 +172,12 @@ class Runner(Executor):
         # per-item seconds of earlier maps, by function bytes (see _Batcher); dict
         # operations are atomic, so maps in several threads may share it
         self._map_speeds: dict[bytes, float] = {}
-        if isinstance(cpu, ProcessPool):
-            cpu.attach(self._loop)  # worker results are read on the scheduler's thread
+        for pool in self._pools.values():
+            pool.attach(self._loop)  # e.g. worker results read on the scheduler's thread
         # The scheduler thread. Not a threading.Thread: its start() waits until the new
-        # thread runs, ~1.5 ms here (a tenth of a cold start, W7) while the zygote just
-        # forked has the other core; nothing needs the loop running before a result
-        # comes back. Like a daemon thread, it does not hold up the interpreter's exit.
+        # thread runs, while the zygote just forked has the other core, on a cold
+        # start's critical path; nothing needs the loop running before a result comes
+        # back. Like a daemon thread, it does not hold up the interpreter's exit.
         self._loop_ident: int | None = None  # set by the thread itself
         self._loop_native_id: int | None = None
         self._loop_done = threading.Event()
@@ -311,154 +309,7 @@ class Runner(Executor):
                 size above 1 for an action with per-call options.
             SerializationError: the action itself cannot be pickled.
         """
-        spec = as_spec(fn)
-        size = self._pools[spec.kind].size
-        for opt, val in (("chunksize", chunksize), ("window", window)):
-            if val is None:
-                continue
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"map: {opt} must be an int >= 1, got {val!r}")
-        end = None if timeout is None else time.monotonic() + timeout
-        per_call = spec.timeout is not None or spec.retries > 0 or spec.validate is not None
-        if chunksize is not None and chunksize > 1 and per_call:
-            raise ValueError(
-                f"map: action {spec.name!r} has a timeout, retries or validate, which apply"
-                f" per call; chunksize={chunksize} would run {chunksize} calls as one task"
-            )
-        items: Iterator[Any] = zip(*iterables, strict=False)
-        if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
-            fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
-            calls: Iterator[tuple[Future[Any], Any]] = (
-                (self._submit(spec, a, kwargs, fn_bytes), None) for a in items
-            )
-            return self._map_results(spec, kwargs, calls, window or 2 * size, end, None)
-        total = None
-        if all(hasattr(it, "__len__") for it in iterables):
-            total = min(len(it) for it in iterables)  # type: ignore[arg-type]
-        tasks = 2 * size if window is None else min(2 * size, window)
-        # tasks x chunk size <= window items: a chunk never exceeds window // tasks
-        cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
-        fn_bytes = dumps_function(spec.name, wire_form(spec))
-        batcher = _Batcher(chunksize, size, total, cap, self._map_speeds, fn_bytes)
-        runs_chunk = ActionSpec(
-            _run_chunk, name=spec.name, kind=spec.kind, threads=spec.threads, memory=spec.memory
-        )
-        # Each chunk carries these bytes (a copy, not a pickling), and a worker unpickles
-        # the function once (cached by its bytes).
-        chunk_fn = _run_chunk_bytes()
-        # one iterable: chunks of plain items, not of 1-tuples (a third of the pickling)
-        batcher.single = len(iterables) == 1
-        seq: Sequence[Any] | None = None
-        if batcher.single:
-            items = iter(iterables[0])
-            if type(iterables[0]) in _SLICED:
-                seq = cast("Sequence[Any]", iterables[0])
-        head = (
-            fn_bytes,
-            spec.wants_context,
-            spec.name,
-            batcher.single,
-        )
-        calls = (
-            (self._submit(runs_chunk, (*head, chunk, kwargs), {}, chunk_fn), chunk)
-            for chunk in batcher.chunks(items, seq)
-        )
-        return self._map_results(spec, kwargs, calls, tasks, end, batcher)
-
-    def _map_results(
-        self,
-        spec: ActionSpec,
-        kwargs: dict[str, Any],
-        calls: Iterator[tuple[Future[Any], Any]],
-        window: int,
-        end: float | None,
-        batcher: _Batcher | None,
-    ) -> Iterator[Any]:
-        pending: deque[tuple[Future[Any], Any]] = deque()
-        for call in calls:  # start the first window now, like Executor.map does
-            pending.append(call)
-            if len(pending) >= window:
-                break
-        return _MapIterator(self._drain(spec, kwargs, pending, calls, window, end, batcher))
-
-    def _drain(
-        self,
-        spec: ActionSpec,
-        kwargs: dict[str, Any],
-        pending: deque[tuple[Future[Any], Any]],
-        calls: Iterator[tuple[Future[Any], Any]],
-        window: int,
-        end: float | None,
-        batcher: _Batcher | None,
-    ) -> Generator[Iterable[Any], None, None]:
-        """The map's results, as one iterable per task in input order."""
-        try:
-            while pending:
-                fut, chunk = pending[0]
-                left = None if end is None else max(0.0, end - time.monotonic())
-                try:
-                    value = fut.result(timeout=left)
-                except WorkerCrashed as crash:
-                    if chunk is None or len(chunk) == 1:
-                        raise
-                    pending.popleft()
-                    if batcher is not None and batcher.single:
-                        chunk = [(item,) for item in chunk]
-                    yield self._rerun_chunk(spec, kwargs, chunk, crash)
-                    continue
-                pending.popleft()
-                errors: dict[int, BaseException] = {}
-                if batcher is not None:
-                    elapsed, value, errors = value
-                    batcher.observe(elapsed, len(value))
-                for nxt in calls:  # refill before yielding, to keep workers busy
-                    pending.append(nxt)
-                    if len(pending) >= window:
-                        break
-                if batcher is None:
-                    yield (value,)
-                elif not errors:
-                    yield value
-                else:  # the items before the first failed one, then its error
-                    first = min(errors)
-                    yield value[:first]
-                    raise errors[first]
-        finally:
-            # However the iteration ends early (an action's error, the consumer's
-            # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
-            # stopped, the running ones too: their results have nobody to go to.
-            live = [f for f, _ in pending if not f.done()]
-            if live:
-                self._stop_calls(live, "the map stopped")
-
-    def _rerun_chunk(
-        self,
-        spec: ActionSpec,
-        kwargs: dict[str, Any],
-        chunk: list[tuple[Any, ...]],
-        crash: WorkerCrashed,
-    ) -> Iterator[Any]:
-        """A worker died in the middle of a chunk: find the item, keep the others'.
-
-        Re-running the chunk's items one per task is a re-run nobody asked for, so it
-        happens only for an idempotent action (DESIGN.md, "Crashes and recovery").
-        """
-        if not spec.idempotent:
-            raise WorkerCrashed(
-                f"map of {spec.name!r}: a worker died running a chunk of {len(chunk)}"
-                f" items, which are not re-run one by one because the action is not"
-                f" idempotent ({crash})",
-                crash.exitcode,
-                crash.signal,
-            ) from crash
-        singles = [self.submit(spec, *args, **kwargs) for args in chunk]
-        try:
-            for single in singles:
-                yield single.result()
-        finally:
-            live = [f for f in singles if not f.done()]
-            if live:
-                self._stop_calls(live, "the map stopped")
+        return map_calls(self, fn, iterables, timeout, chunksize, window, kwargs)
 
     def _stop_calls(self, futures: list[Future[Any]], why: str) -> None:
         """Cancel the submitted calls behind ``futures``, killing running cpu ones."""
@@ -470,8 +321,7 @@ class Runner(Executor):
             killed = []
             for rec in list(self._calls.live):
                 if rec.user_future in wanted:
-                    if isinstance(rec.handle, ProcessAttempt):
-                        killed.append(rec.handle.future)
+                    killed += self._killed_by_cancel(rec)
                     self._sched.cancel_node(rec, why)
             return killed + self._calls.stop_direct(why, wanted)
 
@@ -495,16 +345,12 @@ class Runner(Executor):
             self._cancel(None, "the runner was shut down")
         if wait:
             self._wait_idle()
-        cpu = self._pools["cpu"]
-        if isinstance(cpu, ProcessPool):  # its workers gone; its zygote reaped below
-            cpu.close(cancel=not wait, reap=False)
-        else:
-            cpu.close(cancel=not wait)
-        self._pools["io"].close(cancel=not wait)
+        for pool in self._pools.values():  # their workers gone; helpers reaped below
+            pool.close(cancel=not wait, reap=False)
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
-        if isinstance(cpu, ProcessPool):  # its zygote exits while the loop's thread does
-            cpu.reap()
+        for pool in self._pools.values():  # a zygote exits while the loop's thread does
+            pool.reap()
         self._loop_done.wait()
         wait_thread_gone(self._loop_native_id)
         self._loop.close()
@@ -555,8 +401,7 @@ class Runner(Executor):
             killed = []
             for run in targets:
                 for rec in run.live_records():
-                    if isinstance(rec.handle, ProcessAttempt):
-                        killed.append(rec.handle.future)
+                    killed += self._killed_by_cancel(rec)
                 if run is self._calls:
                     killed += self._calls.stop_direct(why)
                 run.cancel(why)
@@ -578,9 +423,22 @@ class Runner(Executor):
         return arena
 
     def worker_pids(self) -> list[int]:
-        """The pids of the CPU pool's live worker processes (empty before first use)."""
-        pool = self._pools["cpu"]
-        return pool.pids() if isinstance(pool, ProcessPool) else []
+        """The pids of the live worker processes of every pool (empty before first use)."""
+        return [pid for pool in self._pools.values() for pid in pool.pids()]
+
+    def _forget(self, prefix: str) -> None:
+        """The arena ``prefix`` closed: no worker needs its shared memory any more."""
+        for pool in self._pools.values():
+            pool.forget(prefix)
+
+    def _killed_by_cancel(self, rec: NodeRecord) -> list[Future[Any]]:
+        """The future that is done once ``rec``'s running attempt is stopped, when its
+        pool stops attempts by killing their workers (else nothing to wait for: a
+        thread is abandoned)."""
+        handle = rec.handle
+        if handle is None or not self._pools[rec.spec.kind].stops_by_kill:
+            return []
+        return [handle.future]
 
     def close(self) -> None:
         """Same as ``shutdown(wait=True)``."""
@@ -796,211 +654,6 @@ def _check_memory_floor(value: Any) -> None:
     """Raise ValueError unless ``value`` is an int number of bytes >= 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"memory_floor must be a number of bytes >= 0, got {value!r}")
-
-
-MAP_TARGET_CHUNK_S = 0.05
-"""Seconds of work an automatic ``map`` chunk aims at at most: long enough that the
-~0.3 ms a task costs is under 1%, short enough to balance workers and stream results."""
-
-MAP_MIN_CHUNK_S = 0.003
-"""Seconds of work below which an automatic ``map`` chunk grows past
-``multiprocessing.Pool``'s size (up to an even share per worker of the items): about
-ten times what a task costs the parent (W2 in ``docs/performance.md``, ~0.2-0.3 ms on
-a 2-core machine), so that tiny calls are not dominated by their tasks."""
-
-MAP_MAX_CHUNK = 100_000
-
-_SPEEDS_KEPT = 256  # per-item times remembered per runner (functions' bytes -> seconds)
-
-
-_SLICED = (list, tuple, range)
-"""The input types whose map chunks are slices (:meth:`_Batcher.chunks`); exact types
-only, since a subclass may slice in its own way."""
-
-
-class _Batcher:
-    """Chunk sizes for :meth:`Runner.map`: fixed, or adapted to measured item time.
-
-    Args:
-        fixed: the caller's ``chunksize``, or ``None`` to adapt.
-        workers: the pool's size.
-        total: the number of items, when known.
-        cap: the largest chunk (the window's share).
-        speeds: the runner's per-item times of earlier maps, by function bytes; this
-            map starts from ``speeds[key]`` and leaves its own measure there (joblib's
-            ``batch_size="auto"`` likewise keeps its batch size across calls).
-        key: this map's function bytes.
-    """
-
-    def __init__(
-        self,
-        fixed: int | None,
-        workers: int,
-        total: int | None,
-        cap: int,
-        speeds: dict[bytes, float] | None = None,
-        key: bytes = b"",
-    ) -> None:
-        self.fixed = fixed if fixed is None else min(fixed, cap)
-        self.cap = cap
-        self.workers = workers
-        self.left = total
-        # multiprocessing.Pool.map's chunksize, ceil(n / (4 x workers)): kept to the end
-        # (a share of what is *left* would shrink chunks into a tail of tiny tasks)
-        self.start = None if total is None else -(-total // (4 * workers))
-        self.share = None if total is None else -(-total // workers)  # an even share
-        self.speeds = speeds
-        self.key = key
-        self.per_item: float | None = None  # seconds, moving average
-        if speeds is not None and key in speeds:
-            self.per_item = speeds[key]
-
-    def next_size(self) -> int:
-        """Items for the next chunk.
-
-        Known length ``n``, per-item time ``p`` (seconds, measured): Pool's
-        ``ceil(n / (4 x workers))`` (four chunks per worker balance uneven items),
-        grown to ``MAP_MIN_CHUNK_S / p`` items if that is more, but never past an even
-        share ``ceil(n / workers)``; then at most ``MAP_TARGET_CHUNK_S / p``. Unknown
-        length: one item until one is measured, then ``MAP_TARGET_CHUNK_S / p``.
-        """
-        if self.fixed is not None:
-            return self.fixed
-        p = self.per_item
-        if self.start is not None:
-            n = self.start
-            if p is not None and self.share is not None:
-                tiny = int(MAP_MIN_CHUNK_S / max(p, 1e-9))
-                n = max(n, min(tiny, self.share))
-                n = min(n, max(1, int(MAP_TARGET_CHUNK_S / max(p, 1e-9))))
-        elif p is None:
-            return 1  # unknown length: measure before batching, as joblib does
-        else:
-            n = int(MAP_TARGET_CHUNK_S / max(p, 1e-9))
-        return max(1, min(n, self.cap))
-
-    def observe(self, elapsed: float, count: int) -> None:
-        """A chunk of ``count`` items took ``elapsed`` seconds in its worker."""
-        if count:
-            per = elapsed / count
-            self.per_item = per if self.per_item is None else 0.5 * (self.per_item + per)
-            if self.speeds is not None:
-                self.speeds[self.key] = self.per_item
-                if len(self.speeds) > _SPEEDS_KEPT:
-                    # the oldest; another thread's map may be at it too
-                    with contextlib.suppress(RuntimeError, KeyError, StopIteration):
-                        del self.speeds[next(iter(self.speeds))]
-
-    single = False  # chunks hold plain items (one iterable), not argument tuples
-
-    def chunks(self, items: Iterator[Any], seq: Sequence[Any] | None = None) -> Iterator[Any]:
-        """The chunks of ``items``, sized by :meth:`next_size` as they are asked for.
-
-        ``seq``: the map's one input when it is a list, tuple or range. Its chunks are
-        then slices of it, read at the same moment the iterator's would be: a slice of
-        10,000 list items took 16 µs here, ``list(islice(...))`` 82 µs, two of them
-        per W1 map. A range's slice is a range, which pickles in a few bytes.
-        """
-        pos = 0
-        while True:
-            if seq is not None:
-                chunk: Any = seq[pos : pos + self.next_size()]
-                pos += len(chunk)
-            else:
-                chunk = list(itertools.islice(items, self.next_size()))
-            if not chunk:
-                return
-            if self.left is not None:
-                self.left -= len(chunk)
-            yield chunk
-
-
-class _MapIterator(Iterator[Any]):
-    """What :meth:`Runner.map` returns: its results in order, and ``close()``.
-
-    The results come one iterable per task (a chunk's list of values) from a generator
-    (``_drain``); ``for`` and ``list()`` iterate a ``chain`` of them, which walks each
-    list in C and resumes the generator once per chunk, not once per item (0.42 vs
-    0.13 ms for 20,000 items here, about a tenth of a W1 map). ``close()`` closes the
-    generator, which stops the map's calls in flight, as closing a generator-based
-    iterator does.
-    """
-
-    __slots__ = ("_chain", "_tasks")
-
-    def __init__(self, tasks: Generator[Iterable[Any], None, None]) -> None:
-        self._tasks = tasks
-        self._chain = itertools.chain.from_iterable(tasks)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._chain  # shares its position with next(self)
-
-    def __next__(self) -> Any:
-        return next(self._chain)
-
-    def close(self) -> None:
-        """Stop the map: its calls in flight are cancelled (running ones killed)."""
-        self._tasks.close()
-
-
-@cache
-def _run_chunk_bytes() -> bytes:
-    """:func:`_run_chunk`, pickled (by reference) once per process: 20-60 µs a map."""
-    return dumps_function("map", _run_chunk)
-
-
-def _run_chunk(
-    fn_bytes: bytes,
-    wants_context: bool,
-    name: str,
-    single: bool,
-    chunk: list[Any],
-    kwargs: dict[str, Any],
-) -> tuple[float, list[Any], dict[int, BaseException]]:
-    """Run an action (its pickled function) over a chunk of argument tuples.
-
-    Returns ``(seconds the chunk took, values, {index: exception})``; a failed item's
-    value is ``None``. The loop is tight (no per-item ``try`` or wrapper: this is what
-    a map of tiny calls spends its time on); after an error it resumes at the next
-    item, so no item ever runs twice.
-    """
-    from ._worker import _function
-
-    start = time.perf_counter()
-    fn: Callable[..., Any] = _function(fn_bytes)
-    if wants_context:  # a fresh Context per call, as a direct call of the action gets
-        fn = partial(_with_context, fn, name)
-    values: list[Any] = []
-    errors: dict[int, BaseException] = {}
-    append = values.append
-    rest = chunk
-    while rest:
-        try:
-            if single and not kwargs:
-                for item in rest:
-                    append(fn(item))
-            elif single:
-                for item in rest:
-                    append(fn(item, **kwargs))
-            elif kwargs:
-                for args in rest:
-                    append(fn(*args, **kwargs))
-            else:
-                for args in rest:
-                    append(fn(*args))
-        except Exception as exc:  # noqa: BLE001 - raised again in the parent at its item
-            errors[len(values)] = exc
-            append(None)
-            rest = chunk[len(values) :]
-        else:
-            break
-    return time.perf_counter() - start, values, errors
-
-
-def _with_context(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
-    from .action import Context
-
-    return fn(Context(state={}, node=name), *args, **kwargs)
 
 
 class _Progress:

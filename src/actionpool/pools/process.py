@@ -68,7 +68,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
@@ -80,6 +80,7 @@ from .._threads import join_thread
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
+from . import NotStarted
 from .zygote_client import (
     WORKER_START_MODES,
     _end_first,
@@ -99,7 +100,6 @@ __all__ = [
     "resolve_worker_start",
 ]
 
-_MAX_STARTUP_FAILURES = 3
 # Fork a pool's first worker from this process (ProcessPool._start_forked): where
 # pidfds exist (Linux), by which this process watches its exit without the zygote.
 _FORK_FIRST = hasattr(os, "pidfd_open")
@@ -209,7 +209,6 @@ class ProcessAttempt:
         "on_result",
         "on_started",
         "released",
-        "resubmits",
         "started",
         "started_at",
         "task",
@@ -232,7 +231,6 @@ class ProcessAttempt:
         self.on_result: Callable[[Result], None] | None = None
         self.future: Future[Result] = Future()
         self.started = False
-        self.resubmits = 0  # times a worker died before it could start this attempt
         self.started_at: float | None = None
         self.worker: int | str | None = None
         self.killed = ""
@@ -244,11 +242,17 @@ class ProcessAttempt:
         """Stop this attempt now: withdraw it, or kill its worker's process group."""
         self._pool.kill(self, reason)
 
+    def wait_here(self, timeout: float | None) -> None:
+        """Read this attempt's result from its worker's socket in this thread
+        (:meth:`ProcessPool.read_result`)."""
+        self._pool.read_result(self, timeout)
+
 
 class ProcessPool:
     """Up to ``size`` worker processes, started on demand and replaced when they die."""
 
     kind = "cpu"
+    stops_by_kill = True  # cancel kills the worker's process group
 
     def __init__(
         self,
@@ -275,7 +279,6 @@ class ProcessPool:
         self._pending: deque[ProcessAttempt] = deque()
         self._ids = itertools.count(1)  # 0: a start-page slot no attempt used yet
         self._closed = False
-        self._startup_failures = 0
         # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
         # the runner's scheduler loop (attach), else a private one started on demand.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -420,6 +423,13 @@ class ProcessPool:
             if first is not None:  # forked at the start, not used yet
                 pids.append(first[0])
             return pids
+
+    def describe(self) -> str:
+        """One line for sizing reports."""
+        start = "forked from this process" if self.worker_start == "fork" else "fresh"
+        return (
+            f"{self.size} worker processes (zygote {start}), BLAS threads {self.blas_threads} each"
+        )
 
     def zygote_pids(self) -> list[int]:
         """The pids of the pool's zygote processes (see :mod:`actionpool._zygote`)."""
@@ -828,7 +838,6 @@ class ProcessPool:
                 return None
             kind = msg[0]
             if kind == _link.READY:
-                self._startup_failures = 0
                 w.state = WorkerState.BUSY if w.attempt is not None else WorkerState.IDLE
                 return None
             att = w.attempt
@@ -876,43 +885,30 @@ class ProcessPool:
         self._unwatch_socket(w)
         w.close()
         text, exitcode, sig = describe_exit(returncode)
-        failed: list[tuple[ProcessAttempt, BaseException]] = []
         with self._lock:
             att = w.attempt
-            if att is not None and not att.started and not att.killed and not self._closed:
-                # The action was never called, so it cannot have had an effect: give it
-                # to a new worker, unless workers keep dying before they can start it
-                # (in the interpreter's start, or unpickling its call: importing its
-                # modules), which would otherwise go on for ever.
-                self._startup_failures += w.state is WorkerState.STARTING
-                att.resubmits += 1
-                if (
-                    att.resubmits < _MAX_STARTUP_FAILURES
-                    and self._startup_failures < _MAX_STARTUP_FAILURES
-                ):
-                    self._pending.appendleft(att)
-                    att = None
-            if att is not None:
-                who = f"node {att.task.node!r}: its worker process (pid {w.pid})"
-                if att.killed:
-                    msg = f"{who} was killed to stop it ({att.killed})"
-                elif att.started:
-                    msg = f"{who} {text} while running it"
-                else:
-                    msg = (
-                        f"{who} {text} before it could start it, {att.resubmits} times"
-                        " (while starting, or unpickling its call and importing its modules)"
-                    )
-                failed.append((att, WorkerCrashed(msg, exitcode, sig)))
-            if self._startup_failures >= _MAX_STARTUP_FAILURES:
-                err = f"worker processes die before they start ({text}); last pid {w.pid}"
-                while self._pending:
-                    failed.append((self._pending.popleft(), WorkerCrashed(err, exitcode, sig)))
             if not self._closed:
                 self._assign()
-        for att, exc in failed:
-            if not att.future.done():
-                att.future.set_exception(exc)
+        if att is None:
+            return
+        # What happened, not what to do about it: whether the attempt runs again is
+        # the scheduler's decision (a death before the start cost nothing).
+        who = f"node {att.task.node!r}: its worker process (pid {w.pid})"
+        exc: Exception
+        if att.killed:
+            exc = WorkerCrashed(f"{who} was killed to stop it ({att.killed})", exitcode, sig)
+        elif att.started:
+            exc = WorkerCrashed(f"{who} {text} while running it", exitcode, sig)
+        else:
+            crash = WorkerCrashed(
+                f"{who} {text} before it started it (while starting, or unpickling its"
+                " call and importing its modules)",
+                exitcode,
+                sig,
+            )
+            exc = NotStarted(crash)
+        with contextlib.suppress(InvalidStateError):
+            att.future.set_exception(exc)
 
 
 def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:

@@ -86,6 +86,9 @@ class ThreadAttempt:
         self.started_at: float | None = None
         self.worker: int | str | None = None
 
+    def wait_here(self, timeout: float | None) -> None:
+        """Nothing to do here: the pool thread that runs it delivers its result."""
+
     def cancel(self, reason: str = "cancel") -> None:
         """Stop waiting for this attempt: flag it, cancel an async task, abandon the thread."""
         self.killed = self.killed or reason
@@ -101,6 +104,7 @@ class ThreadPool:
     """Daemon threads started on demand, ``size`` of them serving at most."""
 
     kind = "io"
+    stops_by_kill = False  # a thread cannot be killed: a cancelled attempt is abandoned
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -262,11 +266,31 @@ class ThreadPool:
                     del self._threads[t]
                     return
 
-    def close(self, cancel: bool = False) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Nothing to attach: threads hand their reports to the scheduler's loop
+        through its callbacks, and ``async def`` actions run on a loop of the pool's
+        own (an action that blocks it must not stall the scheduler)."""
+
+    def forget(self, prefix: str) -> None:
+        """Nothing to forget: the threads share this process's mappings."""
+
+    def pids(self) -> list[int]:
+        """No processes: an empty list."""
+        return []
+
+    def describe(self) -> str:
+        """One line for sizing reports."""
+        return f"{self.size} threads in this process (async def actions on one event loop)"
+
+    def reap(self) -> None:
+        """Nothing to reap: the pool starts no process."""
+
+    def close(self, cancel: bool = False, *, reap: bool = True) -> None:
         """Stop the pool; wait for every serving thread (abandoned ones are not waited for).
 
         Args:
             cancel: cancel (and so abandon) running attempts instead of waiting for them.
+            reap: unused (the pool starts no process).
         """
         with self._lock:
             self._closed = True

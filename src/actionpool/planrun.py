@@ -1,0 +1,235 @@
+"""One execution of a :class:`~actionpool.Plan`: graph bookkeeping, joins, fan-in.
+
+Data flow::
+
+    Runner.run(plan) ─► PlanRun.start ─(nodes without dependencies)─► Scheduler
+    Scheduler ─node_finished(rec)─► PlanRun._propagate ─► dependents: READY (all
+        dependencies succeeded) | SKIPPED (one did not) | CANCELLED (the run was);
+        race/quorum nodes decided; fail_fast cancels the rest
+    last node ended ─► PlanRun._finish ─► outcomes + merged state ─► Report (run.done)
+
+A plan run never changes a node's state itself: it asks the scheduler for each move
+(:meth:`Scheduler.transition <actionpool.scheduler.Scheduler.transition>`), so the
+rules of a node's life stay in :mod:`actionpool.scheduler`. Everything here runs on
+the scheduler's loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ActionFailed, PlanError, SerializationError, StateConflict
+from .events import Event
+from .outcome import Outcome, Report, RunStatus, Status
+from .plan import Graph, Node, resolve
+from .scheduler import TERMINAL, NodeRecord, NodeState, RunBase, Scheduler
+from .state import merge_state
+from .transfer import Arena, Packed
+
+__all__ = ["PlanRun", "check_failure_policy", "run_status"]
+
+
+class PlanRun(RunBase):
+    """One execution of a :class:`~actionpool.Plan`; resolves to a :class:`Report`."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        graph: Graph,
+        run_id: str,
+        arena: Arena,
+        state: Any,
+        state_bytes: Packed | None,
+        state_error: SerializationError | None,
+        failure: str,
+        on_event: Callable[[Event], Any] | None,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None,
+    ) -> None:
+        self.sched = sched
+        self.graph = graph
+        self.seq = sched.next_seq()
+        self.run_id = run_id
+        self.arena = arena
+        self.functions = {}
+        self.initial_state = state
+        self.state_bytes = state_bytes
+        self.state_error = state_error
+        self.failure = failure
+        self.on_event = on_event
+        self.reducers = reducers
+        self.recs = [NodeRecord(self, n.index, n.name, n.action, n) for n in graph.nodes]
+        for rec, deps in zip(self.recs, graph.deps, strict=True):
+            rec.deps_left = len(deps)
+        self.remaining = len(self.recs)
+        self.started_at = time.time()
+        self.failed_fast = False
+        self.done: asyncio.Future[Report] = sched.loop.create_future()
+        self._finished: deque[NodeRecord] = deque()
+        self._draining = False
+
+    def start(self) -> None:
+        """Mark the nodes without dependencies ready (call on the loop thread)."""
+        if not self.recs:
+            self._finish()
+            return
+        for rec in self.recs:
+            if rec.deps_left == 0 and rec.state is NodeState.PENDING:
+                if rec.node is not None and rec.node.join is not None:
+                    self._decide_join(rec)  # a race of nothing
+                else:
+                    self.sched.transition(rec, NodeState.READY)
+
+    def live_records(self) -> list[NodeRecord]:
+        return [r for r in self.recs if r.state not in TERMINAL]
+
+    def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        node = rec.node
+        assert node is not None
+        if not node.deps:
+            return node.args, node.kwargs
+
+        def value_of(n: Node) -> Any:
+            return self.recs[n.index].value
+
+        return resolve(node.args, value_of), resolve(node.kwargs, value_of)
+
+    def node_finished(self, rec: NodeRecord) -> None:
+        # A worklist instead of recursion: a failure at the head of a 10,000-node chain
+        # skips every node after it without growing the stack.
+        self._finished.append(rec)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._finished:
+                self._propagate(self._finished.popleft())
+        finally:
+            self._draining = False
+        if self.remaining == 0 and not self.done.done():
+            self._finish()
+
+    def _propagate(self, rec: NodeRecord) -> None:
+        self.remaining -= 1
+        ok = rec.state is NodeState.SUCCEEDED
+        for j in self.graph.dependents[rec.index]:
+            dep = self.recs[j]
+            if dep.state is not NodeState.PENDING:
+                continue
+            if dep.node is not None and dep.node.join is not None:
+                if ok:
+                    dep.join_wins.append(rec)
+                else:
+                    dep.join_losses += 1
+                self._decide_join(dep)
+            elif ok:
+                dep.deps_left -= 1
+                if dep.deps_left == 0:
+                    self.sched.transition(dep, NodeState.READY)
+            elif self.cancelled:  # a cancelled run's nodes end CANCELLED, not SKIPPED
+                self.sched.cancel_node(dep, self.cancel_reason)
+            else:
+                why = f"upstream node {rec.name!r} {rec.state.value}"
+                if rec.error is not None and rec.state is not NodeState.SKIPPED:
+                    why += f" ({type(rec.error).__name__}: {rec.error})"
+                err = ActionFailed(f"node {dep.name!r} skipped: {why}")
+                self.sched.transition(dep, NodeState.SKIPPED, error=err, traceback=why)
+        failed = rec.state in (NodeState.FAILED, NodeState.TIMED_OUT, NodeState.CRASHED)
+        if failed and self.failure == "fail_fast" and not self.failed_fast:
+            self.failed_fast = True
+            for other in self.live_records():
+                self.sched.cancel_node(
+                    other, f"fail_fast after node {rec.name!r} {rec.state.value}"
+                )
+
+    def _decide_join(self, rec: NodeRecord) -> None:
+        """Settle a race/quorum node once enough inputs succeeded or too many did not."""
+        assert rec.node is not None and rec.node.join is not None
+        kind, k = rec.node.join
+        inputs = self.graph.deps[rec.index]
+        wins = rec.join_wins
+        if len(wins) >= k:
+            rec.value = wins[0].value if kind == "race" else [w.value for w in wins[:k]]
+            rec.started_at = time.time()
+            self.sched.transition(rec, NodeState.SUCCEEDED)
+            winners = ", ".join(repr(w.name) for w in wins[:k])
+            for i in inputs:
+                other = self.recs[i]
+                if other.state not in TERMINAL:
+                    other.lost = True
+                    self.sched.cancel_node(other, f"{kind} {rec.name!r} was decided by {winners}")
+        elif len(inputs) - rec.join_losses < k:
+            need = "a success" if kind == "race" else f"{k} successes"
+            err = ActionFailed(
+                f"{kind} {rec.name!r} needed {need} but only {len(wins)} of its"
+                f" {len(inputs)} inputs succeeded"
+            )
+            self.sched.transition(rec, NodeState.FAILED, error=err)
+
+    def _finish(self) -> None:
+        self.arena.close_when_idle()  # report values keep the segments they use mapped
+        outcomes = [_outcome(rec) for rec in self.recs]
+        deltas = [
+            (i, self.recs[i].name, self.recs[i].deltas)
+            for i in self.graph.order
+            if self.recs[i].deltas and self.recs[i].state is NodeState.SUCCEEDED
+        ]
+        counted = [o for o, rec in zip(outcomes, self.recs, strict=True) if not rec.lost]
+        status = run_status(counted, self.failed_fast, self.cancelled)
+        try:
+            state = merge_state(self.initial_state, deltas, self.graph.ancestors, self.reducers)  # type: ignore[arg-type]
+        except (StateConflict, TypeError) as exc:
+            report = Report(
+                outcomes, self.initial_state, status, self.run_id, self.started_at, time.time()
+            )
+            setattr(exc, "report", report)  # noqa: B010 - no result is lost
+            self.done.set_exception(exc)
+            return
+        self.done.set_result(
+            Report(outcomes, state, status, self.run_id, self.started_at, time.time())
+        )
+
+
+def _outcome(rec: NodeRecord) -> Outcome:
+    assert rec.node is not None
+    status = Status(rec.state.value)
+    duration = None
+    if rec.started_at is not None and rec.finished_at is not None:
+        duration = max(0.0, rec.finished_at - rec.started_at)
+    return Outcome(
+        node=rec.node,
+        name=rec.name,
+        status=status,
+        value=rec.value if status is Status.SUCCEEDED else None,
+        error=rec.error,
+        traceback=rec.traceback,
+        attempts=rec.attempts,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at,
+        duration_s=duration,
+        pool=rec.pool,
+        worker=rec.worker,
+    )
+
+
+def run_status(
+    outcomes: list[Outcome], failed_fast: bool = False, cancelled: bool = False
+) -> RunStatus:
+    """The :class:`RunStatus` of a run from its outcomes."""
+    if cancelled:
+        return RunStatus.CANCELLED
+    ok = sum(o.status is Status.SUCCEEDED for o in outcomes)
+    if ok == len(outcomes):
+        return RunStatus.SUCCEEDED
+    if failed_fast or ok == 0:
+        return RunStatus.FAILED
+    return RunStatus.PARTIAL
+
+
+def check_failure_policy(failure: str) -> None:
+    """Raise :class:`PlanError` unless ``failure`` is ``"collect"`` or ``"fail_fast"``."""
+    if failure not in ("collect", "fail_fast"):
+        raise PlanError(f"failure must be 'collect' or 'fail_fast', got {failure!r}")
