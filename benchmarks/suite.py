@@ -118,7 +118,7 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
         f" --out {a['out']}` in {data['duration_s']:.0f} s"
         f" ({'quick mode: fewer rounds, smaller sizes' if a['quick'] else 'default sizes'},"
         f" {a['rounds']} interleaved rounds, W3 {w3_rounds(a['rounds'])},"
-        f" W5 and W10 {max(1, a['rounds'] - 2)},"
+        f" W5{' and W10' if data.get('W10') else ''} {max(1, a['rounds'] - 2)},"
         f" W7 {a['cold_rounds']} fresh processes each).",
         "",
         f"**Machine:** {m['cpu']}, {m['physical_cores']} physical cores"
@@ -293,9 +293,12 @@ def render(out: Path) -> int:
     judged as this version judges them."""
     data = json.loads((out / "results.json").read_text())
     an = data["analysis"]
-    an["targets"] = [
-        t for t in an["targets"] if not t["target"].startswith(("chain:", "lattice:"))
-    ] + w_plans.w9_curve_targets(data.get("W9_curve", {}).get("summary", {}))
+    old = [i for i, t in enumerate(an["targets"]) if t["workload"] == "W9"]
+    at = old[-1] + 1 if old else len(an["targets"])  # where W9's verdicts end
+    new = w_plans.w9_curve_targets(data.get("W9_curve", {}).get("summary", {}))
+    an["targets"][:at] = [
+        t for t in an["targets"][:at] if not t["target"].startswith(("chain:", "lattice:"))
+    ] + new
     write_markdown(out / "results.md", data, make_plots(out, data))
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
     return 0
