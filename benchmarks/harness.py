@@ -64,8 +64,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def timed_median(fn: Callable[[], Any], k: int = 5, budget_s: float = 0.05) -> tuple[float, Any]:
     """Median of up to ``k`` timings of ``fn`` and its last output; fewer once
     ``budget_s`` is spent (at least one). A map of a few milliseconds timed once per
-    round is one scheduling hiccup of a shared VM away from a sample half or twice as
-    fast as its neighbours."""
+    round is one scheduling hiccup of a shared VM away from an outlier sample."""
     ts: list[float] = []
     out: Any = None
     end = time.perf_counter() + budget_s

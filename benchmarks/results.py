@@ -63,8 +63,8 @@ def round_refs(ctx: Context, wid: str, e: Entry, key: str) -> list[float | None]
 
     A metric that divides by a reference measured in every round (a serial time, a
     memcpy) is judged against its own round's: the machine's drift between rounds
-    then cancels out (on a shared 2-core VM the same serial work varied by more than
-    half within one run)."""
+    then cancels out (on a shared VM the same serial work takes visibly longer in some
+    rounds than in others)."""
     rounds = e.rounds if len(e.rounds) == len(e.samples) else [-1] * len(e.samples)
     by_round: dict[int, float] = ctx.get("ref_rounds", {}).get(wid, {})
     return [by_round.get(r, ctx.get(key)) for r in rounds]

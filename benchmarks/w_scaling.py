@@ -174,9 +174,9 @@ def mp_trim(d: Any, keep: list[int]) -> dict[str, Any]:
 
 
 def w3_rounds(rounds: int) -> int:
-    """W3's rounds: ``2 x rounds + 1`` (11 quick, 15 by default). On a shared 2-core VM
-    one sample's efficiency moved by a factor of almost three within a run, while two
-    pools in the same round stayed a few percent apart: a median of 5 was no verdict."""
+    """W3's rounds: ``2 x rounds + 1`` (11 quick, 15 by default). On a shared VM one
+    pool's efficiency swings widely from round to round while two pools in the same
+    round stay close: a median of a handful of rounds is no verdict."""
     return 2 * rounds + 1
 
 
