@@ -135,3 +135,46 @@ def gate(mark: str, release: str) -> int:
     Path(mark).write_text(str(os.getpid()))
     wait_for_path(release, "the gate's release")
     return os.getpid()
+
+
+def task_for(
+    fn: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    node: str = "node",
+    state: Any = None,
+    timeout: float | None = None,
+    attempt: int = 1,
+) -> Any:
+    """A :class:`~actionpool._worker.Task` of one call of ``fn`` (a function or an
+    ``ap.action``), built as the scheduler builds one: the call pickled by
+    ``dumps_call``, the state by ``dumps_state`` when the action takes a Context, no
+    shared memory (every buffer stays in the pickle)."""
+    from actionpool._worker import Task
+    from actionpool.transfer import dumps_call, dumps_state
+
+    spec = fn if isinstance(fn, ap.ActionSpec) else ap.action(fn, kind="io")
+    wants = spec.wants_context
+    return Task(
+        run_id="test-run",
+        node=node,
+        attempt=attempt,
+        timeout=timeout,
+        wants_state=wants,
+        state=dumps_state({} if state is None else state) if wants else None,
+        call=dumps_call(node, spec.fn, args, kwargs or {}),
+        shm_prefix=f"aptest-{os.getpid()}",
+        shm_threshold=None,
+        blas_threads=1,
+    )
+
+
+def result_value(result: Any) -> Any:
+    """The value a successful :class:`~actionpool._worker.Result` carries (in the pickle)."""
+    import pickle
+
+    assert result.ok, (result.error_type, result.error_message, result.traceback)
+    data, buffers = result.value
+    assert buffers == ()  # task_for sends no buffer through shared memory
+    return pickle.loads(data)
