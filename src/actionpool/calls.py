@@ -20,11 +20,16 @@ Concurrency contract:
 * a direct call's result arrives on the loop (the reader of a cpu worker's socket), in
   the thread waiting in its future's ``result()`` (which reads the reply itself), or in
   the io thread that ran it; its death or withdrawal on the loop;
-* ``direct`` (attempt -> call) is the one place that says a direct call is in flight:
-  popping its entry is what makes a thread the one that ends the call (dict
-  operations are atomic under the GIL); ``ended`` is counted under ``_ended_lock``.
+* ``direct`` (attempt -> call) says which direct calls are in flight, each with its
+  :class:`CallState`; every move of a state is made under ``_moves``, so that of a
+  result, a death and a cancel racing from three threads exactly one ends the call
+  (:meth:`CallRun._end_direct`, the one place that does); ``ended`` is counted under
+  ``_ended_lock``.
+
 Locks, in the order they may be taken: the runner's lock, then a pool's lock (inside
-``submit_if_idle``), then ``Admission.direct_lock`` / ``_ended_lock`` (leaves).
+``submit_if_idle``), then ``_moves`` (in ``before_send``); ``Admission.direct_lock``
+and ``_ended_lock`` are leaves. No lock is held while a future is set or a pool is
+asked to cancel.
 """
 
 from __future__ import annotations
@@ -70,6 +75,14 @@ class CallFuture(Future[Any]):
         super().__init__()
         # a weak reference to the direct call's attempt: set before it is sent
         self._attempt: weakref.ref[Any] | None = None
+
+    def notify_if_cancelled(self) -> None:
+        """Tell waiters (``concurrent.futures.wait``, ``as_completed``) about a cancel by
+        the caller that no dispatch has reported: an executor must, or they wait for
+        ever (``Future.set_running_or_notify_cancel``)."""
+        with self._condition:
+            if self._state == "CANCELLED":  # not yet CANCELLED_AND_NOTIFIED
+                self.set_running_or_notify_cancel()
 
     def result(self, timeout: float | None = None) -> Any:
         if self._attempt is not None:
@@ -196,10 +209,9 @@ class CallRun(RunBase):
         the loop, so calls never overtake each other.
 
         The call then costs the parent less CPU than a record does (no record, no
-        hop to the loop: docs/performance.md): whoever gets
-        the result (the loop's reader of a cpu worker's socket, the io thread) sets
-        ``future`` and frees the slot (:meth:`_direct_result`); a cancel stops it
-        (:meth:`stop_direct`).
+        hop to the loop): whoever gets the result (the loop's reader of a cpu
+        worker's socket, the io thread) sets ``future`` and frees the slot
+        (:meth:`_direct_result`); a cancel stops it (:meth:`stop_direct`).
         """
         sched = self.sched
         if (
@@ -419,14 +431,17 @@ class CallRun(RunBase):
         rec.arena.close_when_idle()
         fut = rec.user_future
         assert fut is not None
-        if fut.done():  # cancelled before it started
-            return
-        if rec.state is NodeState.SUCCEEDED:
-            fut.set_result(rec.value)
-        elif rec.state is NodeState.CANCELLED and not fut.running():
-            fut.cancel()
-            fut.set_running_or_notify_cancel()
-        elif rec.state is NodeState.CANCELLED:
-            fut.set_exception(CancelledError(str(rec.error)))
-        else:
-            fut.set_exception(rec.error or ActionFailed(f"call {rec.name!r} {rec.state.value}"))
+        # Its caller may cancel it from another thread until it runs: whoever comes
+        # second finds it done, and the caller's cancel must still reach the waiters.
+        with contextlib.suppress(InvalidStateError):
+            if rec.state is NodeState.SUCCEEDED:
+                if not rec.early:  # else its value went to it already
+                    fut.set_result(rec.value)
+            elif rec.state is NodeState.CANCELLED and not fut.running():
+                fut.cancel()
+            elif rec.state is NodeState.CANCELLED:
+                fut.set_exception(CancelledError(str(rec.error)))
+            else:
+                fut.set_exception(rec.error or ActionFailed(f"call {rec.name!r} {rec.state.value}"))
+        if isinstance(fut, CallFuture):
+            fut.notify_if_cancelled()

@@ -201,14 +201,15 @@ def _rerun_chunk(
 
 
 MAP_TARGET_CHUNK_S = 0.05
-"""Seconds of work an automatic ``map`` chunk aims at at most: long enough that the
-~0.3 ms a task costs is under 1%, short enough to balance workers and stream results."""
+"""Seconds of work an automatic ``map`` chunk aims at at most: long enough that what a
+task costs the parent is a small fraction of it, short enough to balance workers and
+stream results (docs/performance.md, "map")."""
 
 MAP_MIN_CHUNK_S = 0.003
 """Seconds of work below which an automatic ``map`` chunk grows past
 ``multiprocessing.Pool``'s size (up to an even share per worker of the items): about
-ten times what a task costs the parent (W2 in ``docs/performance.md``, ~0.2-0.3 ms on
-a 2-core machine), so that tiny calls are not dominated by their tasks."""
+ten times what a task costs the parent (docs/performance.md), so that tiny calls are
+not dominated by their tasks."""
 
 MAP_MAX_CHUNK = 100_000
 
@@ -299,9 +300,9 @@ class _Batcher:
         """The chunks of ``items``, sized by :meth:`next_size` as they are asked for.
 
         ``seq``: the map's one input when it is a list, tuple or range. Its chunks are
-        then slices of it, read at the same moment the iterator's would be: a slice of
-        10,000 list items took 16 µs here, ``list(islice(...))`` 82 µs, two of them
-        per W1 map. A range's slice is a range, which pickles in a few bytes.
+        then slices of it, read at the same moment the iterator's would be: slicing
+        copies pointers in C, where ``list(islice(...))`` steps an iterator item by
+        item. A range's slice is a range, which pickles in a few bytes.
         """
         pos = 0
         while True:
@@ -322,8 +323,8 @@ class _MapIterator(Iterator[Any]):
 
     The results come one iterable per task (a chunk's list of values) from a generator
     (``_drain``); ``for`` and ``list()`` iterate a ``chain`` of them, which walks each
-    list in C and resumes the generator once per chunk, not once per item (0.42 vs
-    0.13 ms for 20,000 items here, about a tenth of a W1 map). ``close()`` closes the
+    list in C and resumes the generator once per chunk, not once per item (a map of
+    tiny calls spends a visible share of its time here). ``close()`` closes the
     generator, which stops the map's calls in flight, as closing a generator-based
     iterator does.
     """
@@ -347,7 +348,7 @@ class _MapIterator(Iterator[Any]):
 
 @cache
 def _run_chunk_bytes() -> bytes:
-    """:func:`_run_chunk`, pickled (by reference) once per process: 20-60 µs a map."""
+    """:func:`_run_chunk`, pickled (by reference) once per process, not once per map."""
     return dumps_function("map", _run_chunk)
 
 

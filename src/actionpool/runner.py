@@ -13,6 +13,15 @@ Sync calls block on a ``concurrent.futures.Future`` of the loop; async calls awa
 so a runner works the same from scripts, threads and a notebook's running loop.
 States: *open* -> *closed* (``close()``/``shutdown()``/leaving ``with``); a closed
 runner refuses new work, and every worker process it started has exited.
+
+Concurrency contract. Caller threads (any number) run ``submit``/``map``/``run``/
+``cancel``/``shutdown``; the scheduler thread runs the loop (every ``PlanRun``/
+``CallRun`` method but the submitting ones, and ``on_event``). ``_closed`` changes
+only under ``_lock``, which also orders submitted calls (:mod:`actionpool.calls`);
+``_runs`` is added to by callers under ``_lock`` and discarded from on the loop (set
+operations are atomic); ``_map_speeds`` is shared by maps in any thread (dict
+operations are atomic). Lock order: ``_lock``, then a pool's lock, then the locks of
+:mod:`actionpool.calls`. Nothing waits for the loop while holding ``_lock``.
 """
 
 from __future__ import annotations
@@ -99,9 +108,9 @@ class Runner(Executor):
             ``MEMORY_FLOOR_FRACTION`` of total memory; 0 turns it off. Settable later
             as ``runner.memory_floor``.
         worker_start: how CPU workers start. Every worker is forked from a *zygote*
-            process that already imported actionpool's worker side (about 1 ms per
-            worker instead of ~50 ms for a fresh interpreter, and so is each
-            replacement after a crash). ``"fork"``: the zygote is a fork of this
+            process that already imported actionpool's worker side, far faster than
+            starting a fresh interpreter for each (docs/performance.md), and so is
+            each replacement after a crash. ``"fork"``: the zygote is a fork of this
             process, made now (workers inherit its imported modules and memory,
             copy-on-write, as with multiprocessing's fork start method; not its
             threads, and NumPy's global random state is reseeded in each worker);
