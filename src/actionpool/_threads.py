@@ -14,10 +14,10 @@ def join_thread(thread: threading.Thread, timeout: float = 1.0) -> None:
     """Join ``thread``, then wait (at most ``timeout`` seconds) until the OS has ended it.
 
     ``Thread.join`` returns once the thread's Python part is over; the OS thread may
-    run its exit path a little longer (measured: 1 join in ~100 on 2 cores, gone
-    within 0.4 ms). A pool created right after a runner closed counts the threads of
-    this process to decide whether it may fork (``resolve_worker_start``), and must
-    not see ours. Linux only (``/proc/self/task``); elsewhere a plain join.
+    run its exit path a little longer (rarely, and briefly: docs/performance.md). A
+    pool created right after a runner closed counts the threads of this process to
+    decide whether it may fork (``resolve_worker_start``), and must not see ours. Linux
+    only (``/proc/self/task``); elsewhere a plain join.
     """
     thread.join()
     wait_thread_gone(thread.native_id, timeout)

@@ -1,12 +1,12 @@
 """The zygote: one small single-threaded process that forks every CPU worker.
 
-Starting a worker as a fresh interpreter costs ~40-50 ms of CPU (the interpreter, then
-importing actionpool's worker side); forking a process that already did both costs
-about a millisecond. So the CPU pool starts one *zygote* per runner, and every worker,
-each replacement after a crash or a hard timeout included, is a fork of it, but one:
-where the kernel has pidfds (Linux), the pool's first worker is forked by the parent
-itself, at the same moment as the zygote, and the parent watches and reaps it
-(``ProcessPool._start_forked``)::
+Starting a worker as a fresh interpreter pays for the interpreter's start, then for
+importing actionpool's worker side; forking a process that already did both is far
+cheaper (figures: docs/performance.md, "Workers forked from a zygote"). So the CPU
+pool starts one *zygote* per runner, and every worker, each replacement after a crash
+or a hard timeout included, is a fork of it, but one: where the kernel has pidfds
+(Linux), the pool's first worker is forked by the parent itself, at the same moment as
+the zygote, and the parent watches and reaps it (``ProcessPool._start_forked``)::
 
     parent (ProcessPool)                      zygote (this module)             worker
     --------------------                      --------------------             ------
@@ -36,7 +36,7 @@ cannot be reused. When the parent's end of ``ctl`` closes (the pool closed, or t
 parent died), the zygote kills every worker's group, reaps them and exits. When the
 pool closes, it sends :data:`DRAIN` with the stop requests to its workers: the zygote
 then forks nothing more and exits as soon as its last worker is reaped and reported,
-so its own exit (~1 ms of address-space teardown here) overlaps the parent's handling
+so its own exit (the teardown of its address space) overlaps the parent's handling
 of those notices instead of following it.
 """
 

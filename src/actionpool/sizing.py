@@ -11,7 +11,8 @@ Formulas (each number's origin is repeated in :attr:`Sizing.reason`):
   upper bound in practice); only when that estimate would make memory the binding
   limit is a worker really measured: the unique memory (USS) of a freshly started
   Python process that has imported the worker's modules, once per interpreter
-  (``worker_footprint()``, ~0.1 s). Most machines never pay for the probe.
+  (``worker_footprint()``: a whole interpreter start and import, hence the free
+  estimate first). Most machines never pay for the probe.
 * ``cpu_workers = max(1, min(physical_cores, memory_budget // worker_footprint))``.
 * ``blas_threads = max(1, usable_cores // cpu_workers)``: BLAS/OpenMP threads per
   worker, so that workers x threads <= usable cores (no oversubscription).

@@ -54,7 +54,7 @@ loads = pickle.loads
 
 # Types that pickle the same with the C pickler as with cloudpickle (never by value,
 # never out of band): a call or value made only of them skips cloudpickle's Python
-# Pickler, 2.0 vs 0.3 µs for a call with no arguments.
+# Pickler, several times slower than the C one on a small call (docs/performance.md).
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _SHORT = 16  # items of a container worth checking one by one (cheaper than cloudpickle)
 
@@ -311,8 +311,9 @@ class Arena:
         try:
             os.ftruncate(fd, max(size, 1))
             # The one copy. pwrite, not a store through a fresh mapping: the kernel
-            # fills the pages without a page fault per 4 KiB (measured 83 vs 150 ms
-            # for 200 MB), and the writer never needs the pages mapped.
+            # fills the pages without the page fault per 4 KiB that a store through a
+            # fresh mapping pays on top of the copy (docs/performance.md), and the
+            # writer never needs the pages mapped.
             data = view.cast("B")
             done = 0
             while done < size:
@@ -431,9 +432,9 @@ def arena_for(prefix: str, threshold: int | None) -> Arena:
     threads), else this worker's arena for that run, else a new one that this worker
     keeps only if it maps something (:func:`keep_mappings`).
 
-    A worker keeps a run's mappings from one attempt to the next (mapping a 200 MB
-    segment costs ~15 ms of page faults each time) until the parent says the run is
-    over (:func:`forget`)."""
+    A worker keeps a run's mappings from one attempt to the next (a fresh mapping of a
+    large segment pays a page fault per page on each attempt) until the parent says the
+    run is over (:func:`forget`)."""
     with _ARENAS_LOCK:
         arena = _ARENAS.get(prefix) or _WORKER_ARENAS.get(prefix)
     return arena if arena is not None else Arena(prefix, threshold, owner=False)
@@ -491,8 +492,9 @@ def _map(name: str, populate: bool, write: bool = False) -> mmap.mmap:
 
 def _pool_mapping(name: str) -> _Segment:
     """A worker's mapping of the pool segment ``name``, made once and kept until the
-    parent unlinks the segment (:func:`forget`). Populated at once: one MAP_POPULATE of
-    50 MB takes ~3.6 ms, a fault per 4 KiB page while reading it ~5 ms more."""
+    parent unlinks the segment (:func:`forget`). Populated at once: one MAP_POPULATE
+    maps every page in a single call, far cheaper than a fault per 4 KiB page while
+    the action reads it (docs/performance.md)."""
     with _ARENAS_LOCK:
         seg = _POOL_MAPPINGS.get(name)
     if seg is None:
@@ -522,11 +524,12 @@ def _unlink(name: str, tracked: bool) -> None:
 
 # ---- reusable segments ---------------------------------------------------------------------
 #
-# Copying 50 MB into a *fresh* tmpfs file costs ~24 ms (page allocation and zeroing),
-# into pages that are already there and mapped ~4 ms (a memcpy); a worker's first read
-# through a fresh mapping costs ~5 ms of page faults, through one it kept ~0. So each
-# Runner keeps the segments of finished runs (a SegmentPool) and workers keep their
-# mappings of them (_POOL_MAPPINGS) until the parent unlinks one.
+# Copying into a *fresh* tmpfs file pays for allocating and zeroing every page, several
+# times the cost of a plain memcpy into pages that are already there and mapped; a
+# worker's first read through a fresh mapping pays a page fault per page, through one
+# it kept none (figures: docs/performance.md, "Shared-memory arrays"). So each Runner
+# keeps the segments of finished runs (a SegmentPool) and workers keep their mappings
+# of them (_POOL_MAPPINGS) until the parent unlinks one.
 
 _PAGE = mmap.PAGESIZE
 _MAP_POPULATE: int = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map every page at once
@@ -576,8 +579,8 @@ def pool_free_limit(memory_budget: int, shm_dir: Path = Path("/dev/shm")) -> int
 
 
 COPY_CHUNK = 8 << 20
-"""Bytes that one copying thread gets at least (a thread starts in ~50 us; 8 MiB take
-~0.8 ms to copy)."""
+"""Bytes that one copying thread gets at least: enough that the copy takes far longer
+than starting the thread does (docs/performance.md)."""
 
 MAX_COPY_THREADS = 8
 """Threads that copy one buffer at most: memory bandwidth, not cores, bounds a copy."""
@@ -619,8 +622,8 @@ class SegmentPool:
     Copies of at least ``2 x COPY_CHUNK`` bytes are cut across up to ``copy_threads``
     threads (started per copy, so none lingers): one core cannot saturate memory
     bandwidth, as Ray's object store also finds (its ``parallel_memcopy``,
-    ``src/ray/util/memory.h``). Measured on 2 cores, 50 MB into a kept mapping: 4.8 ms
-    with one thread, 3.7 ms with two.
+    ``src/ray/util/memory.h``); docs/performance.md has the figures for one thread
+    against two.
 
     Args:
         max_free: bytes of free segments to keep (see :func:`pool_free_limit`).
@@ -720,7 +723,8 @@ class SegmentPool:
         try:
             os.ftruncate(fd, seg.capacity)
             # pwrite, not a store through a fresh mapping: the kernel fills new pages
-            # without a fault per 4 KiB (measured 26 vs 44 ms for 50 MB)
+            # without the fault per 4 KiB that such a store pays on top of the copy
+            # (docs/performance.md)
 
             def write(start: int, stop: int) -> None:
                 while start < stop:

@@ -49,7 +49,8 @@ class ThreadAttempt:
         future: resolves to the :class:`~actionpool._worker.Result` (cancelled when an
             ``async def`` action was cancelled, or withdrawn before a thread took it).
         cancel_event: what ``ctx.cancelled()`` reads; None for an action that takes
-            no Context (nothing could read it, and an ``Event`` costs ~2 µs a call).
+            no Context (nothing could read it, and an ``Event`` made per call would be
+            pure overhead on every io call).
         killed: why it was asked to stop (``"timeout"``, ``"cancel"``), or "".
         direct: always False (see :class:`~actionpool.pools.Attempt`).
         on_result: when set (before the task is queued), the result goes to
