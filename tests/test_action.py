@@ -5,9 +5,11 @@ need both real annotation objects and string annotations.
 """
 
 import asyncio
+import gc
 import math
 import pickle
 import re
+import weakref
 
 import cloudpickle
 import pytest
@@ -523,3 +525,64 @@ def test_wire_bytes_are_cached_only_for_functions_pickled_by_reference():
         return x
 
     assert wire_bytes(as_spec(local)) is None  # by value: pickled once per run instead
+
+
+# ---- the spec cache of plain callables --------------------------------------------------
+
+
+def test_as_spec_builds_a_module_level_function_spec_once_and_keeps_it():
+    # kept although nobody holds it: the function lives as long as its module anyway,
+    # and its spec caches the function's pickled bytes for every later submit
+    for fn in (plain, pow):  # pow: a builtin's module keeps it alive too
+        spec_ref = weakref.ref(as_spec(fn))
+        gc.collect()
+        assert spec_ref() is not None and as_spec(fn) is spec_ref()
+
+
+def test_as_spec_shares_a_closure_spec_only_while_something_holds_it():
+    def local(x):
+        return x
+
+    first = as_spec(local)
+    assert as_spec(local) is first  # a hot submit loop of one closure builds it once
+    spec_ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert spec_ref() is None  # the cache itself does not hold it
+    assert as_spec(local).fn is local
+
+
+def test_as_spec_of_an_unhashable_callable_is_built_each_time():
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, x):
+            return x
+
+    fn = Unhashable()
+    assert as_spec(fn).fn is fn and as_spec(fn) is not as_spec(fn)
+
+
+def test_submitted_closure_and_bound_method_are_collected_after_the_runner_shuts_down():
+    # The spec cache used to hold every plain callable submitted (up to 4,096), so a
+    # closure, and a bound method's object (CPython's test_no_stale_references), stayed
+    # alive for the life of the process, with whatever they referenced.
+    class Holder:
+        def method(self):
+            return "method"
+
+    holder = Holder()
+    payload = bytearray(1000)
+
+    def closure(x):
+        return x + len(payload)
+
+    with ap.Runner(cpu_workers=1, io_workers=1) as runner:
+        assert runner.submit(closure, 1).result(timeout=30) == 1001
+        assert runner.submit(holder.method).result(timeout=30) == "method"
+        assert runner.submit(ap.action(closure, kind="io"), 2).result(timeout=30) == 1002
+    refs = {"closure": weakref.ref(closure), "holder": weakref.ref(holder)}
+    del closure, holder
+    gc.collect()
+    assert {name: ref() for name, ref in refs.items()} == {"closure": None, "holder": None}
+    assert runner is not None  # the closed runner itself is still referenced here

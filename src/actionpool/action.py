@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -314,13 +315,35 @@ def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
 
 _DEFAULT_SPECS: dict[Any, ActionSpec] = {}
+"""Specs of plain callables that travel by reference (module-level functions, builtins,
+classes): their module keeps them alive anyway, so holding them here leaks nothing."""
 _DEFAULT_SPECS_MAX = 4096
+
+_LIVE_SPECS: weakref.WeakValueDictionary[Any, ActionSpec] = weakref.WeakValueDictionary()
+"""Specs of every other plain callable (closures, lambdas, bound methods, partials),
+only for as long as something else holds the spec (a call in flight, a map). A spec
+holds its callable, so a strong cache would keep a closure, or a bound method's
+object, alive for ever after the runner that ran it was shut down."""
+
+
+def _is_static(fn: Any) -> bool:
+    """Whether ``fn`` is what its module and qualified name lead to (a module-level
+    function, a builtin, a class): alive as long as its module is."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<locals>" in qualname:
+        return False
+    try:
+        return _lookup(module, qualname) is fn
+    except Exception:  # noqa: BLE001 - not found under its name: not static
+        return False
 
 
 def as_spec(fn: Any) -> ActionSpec:
     """The :class:`ActionSpec` for ``fn``: itself when declared, defaults otherwise.
 
-    Specs of plain callables are cached (a hot ``submit`` loop builds one once).
+    Specs of plain callables are cached (a hot ``submit`` loop builds one once), never
+    keeping the callable alive longer than its own module or its caller would.
 
     Raises:
         TypeError: ``fn`` is not callable.
@@ -328,16 +351,21 @@ def as_spec(fn: Any) -> ActionSpec:
     if isinstance(fn, ActionSpec):
         return fn
     try:
-        return _DEFAULT_SPECS[fn]
-    except (KeyError, TypeError):  # new, or unhashable
-        pass
+        spec = _DEFAULT_SPECS.get(fn) or _LIVE_SPECS.get(fn)
+    except TypeError:  # unhashable: built every time
+        spec = None
+    if spec is not None:
+        return spec
     if not callable(fn):
         raise TypeError(f"an action must be callable, got {fn!r}")
     spec = ActionSpec(fn=fn)
     try:
-        if len(_DEFAULT_SPECS) >= _DEFAULT_SPECS_MAX:
-            _DEFAULT_SPECS.clear()
-        _DEFAULT_SPECS[fn] = spec
+        if _is_static(fn):
+            if len(_DEFAULT_SPECS) >= _DEFAULT_SPECS_MAX:
+                _DEFAULT_SPECS.clear()
+            _DEFAULT_SPECS[fn] = spec
+        else:
+            _LIVE_SPECS[fn] = spec
     except TypeError:
         pass
     return spec
