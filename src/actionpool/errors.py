@@ -3,10 +3,18 @@
 Every error actionpool raises on its own behalf derives from :class:`ActionpoolError`.
 Errors raised *by user actions* are never wrapped: a failed node keeps its original
 exception (type, message, remote traceback) in :attr:`actionpool.Outcome.error`.
+
+A :class:`~actionpool.Runner` is a ``concurrent.futures.Executor``, so two of these are
+also the standard library's: :class:`WorkerCrashed` is a
+``concurrent.futures.process.BrokenProcessPool`` (hence a ``BrokenExecutor`` and a
+``RuntimeError``) and :class:`SerializationError` is a ``pickle.PicklingError``: code
+written for ``ProcessPoolExecutor`` catches them as it catches that executor's.
 """
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,8 +64,12 @@ class ActionTimeout(ActionpoolError, TimeoutError):
     """
 
 
-class WorkerCrashed(ActionpoolError):
+class WorkerCrashed(ActionpoolError, BrokenProcessPool):
     """The worker process running a node died (segfault, ``os._exit``, OOM kill).
+
+    Also a ``concurrent.futures.process.BrokenProcessPool``, what
+    ``ProcessPoolExecutor`` raises for a call whose worker died (unlike that pool, the
+    runner heals: only the calls that were running in the dead worker fail).
 
     Attributes:
         exitcode: the worker's exit code, or ``None`` when unknown.
@@ -84,10 +96,11 @@ class StateConflict(ActionpoolError):
         self.nodes = nodes
 
 
-class SerializationError(ActionpoolError):
+class SerializationError(ActionpoolError, pickle.PicklingError):
     """Something a node needs to send or return could not be pickled.
 
     The message names the node and which argument, state key or return value failed.
+    Also a ``pickle.PicklingError``, what ``ProcessPoolExecutor`` raises there.
     """
 
 
