@@ -1,6 +1,7 @@
 """The CPU pool: worker processes, each with its own socket, read on an asyncio loop.
 
-Data flow (messages: :mod:`actionpool._link`; processes: :mod:`.zygote_client`)::
+Data flow (messages: :mod:`actionpool._link`; processes: :mod:`.zygote_client`; the
+loop reader and a waiting thread's read: :mod:`.readers`)::
 
     scheduler ─submit(Task)─► pending ─► idle worker ─socket─► worker main thread
                                               ▲                     │
@@ -10,8 +11,9 @@ Data flow (messages: :mod:`actionpool._link`; processes: :mod:`.zygote_client`):
                                    sockets, first worker's pidfd) notice = it exited
 
 A thread blocked in a direct call's ``result()`` reads that call's reply itself
-(:meth:`ProcessPool.read_result`): it takes the worker's socket out of the loop's epoll
-set while it waits, so the reply wakes one thread, not the loop and then the caller.
+(:meth:`ProcessPool.read_result`, the reader's): it takes the worker's socket out of the
+loop's epoll set while it waits, so the reply wakes one thread, not the loop and then
+the caller.
 
 Why not ``loky.ProcessPoolExecutor`` (or ``concurrent.futures``): there, one dead
 worker marks the whole executor broken and fails every pending future, and killing
@@ -29,10 +31,15 @@ a fresh interpreter's cost; how the zygote starts (a fork of this process, or a 
 interpreter) and how workers are forked and reaped is :mod:`.zygote_client`'s. Usable
 cores still come from ``loky.cpu_count`` (see :mod:`actionpool.sizing`).
 
+The pool keeps its workers and their attempts (submit, assign, kill, close, deaths);
+reading the workers' sockets is its :class:`~.readers.WorkerReader`'s job, which hands
+each message back to :meth:`ProcessPool._apply` and each drained worker's end to
+:meth:`ProcessPool._on_death`.
+
 States: a worker is STARTING (spawned, no READY yet), IDLE, BUSY, or GONE; the pool
 is open or closed.
 
-Threads and locks:
+Threads and locks (the reader's side: :mod:`.readers`):
 
 * any thread calls ``submit``, ``submit_if_idle``, ``kill``, ``forget``, ``pids`` and
   ``close`` (never the loop's own thread); they change the pool's state under
@@ -40,13 +47,8 @@ Threads and locks:
   startup-failure count, each worker's ``state`` and ``attempt``, and the
   :class:`~.zygote_client._Spawner` (zygotes, first worker, free start-page slots);
 * the loop (the runner's scheduler loop given to :meth:`ProcessPool.attach`, else a
-  thread of the pool's own) alone registers and unregisters fds (``_watched``,
-  ``_by_fd``, the epoll set) and runs the readers: worker sockets, zygote notices,
-  the first worker's pidfd, and every death;
-* a worker's socket is read only by whoever holds its ``reading`` lock: the loop's
-  reader, or one thread in :meth:`ProcessPool.read_result`, which the loop asks to let
-  go through the worker's ``wake`` eventfd. ``_spinner`` lets one such thread at most
-  spin; it is only tried, never waited for, and nothing is taken under it.
+  thread of the reader's own) runs the readers: worker sockets, zygote notices, the
+  first worker's pidfd, and every death;
 * Lock order: a worker's ``reading``, then ``_lock``. No thread waits for a
   ``reading`` while it holds ``_lock`` (the reading thread may need ``_lock`` to let
   go). An attempt's callbacks (``on_started``, ``on_event``, ``on_result``, its
@@ -58,14 +60,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import mmap
 import os
-import pickle
 import select
 import signal
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -76,11 +75,11 @@ from typing import Any
 import loky
 
 from .. import _link
-from .._threads import join_thread
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
 from . import NotStarted
+from .readers import _READ_HERE, Found, WorkerReader
 from .zygote_client import (
     WORKER_START_MODES,
     _end_first,
@@ -103,19 +102,6 @@ __all__ = [
 # Fork a pool's first worker from this process (ProcessPool._start_forked): where
 # pidfds exist (Linux), by which this process watches its exit without the zygote.
 _FORK_FIRST = hasattr(os, "pidfd_open")
-# A thread waiting for a direct call's result reads it from the worker's socket
-# itself (ProcessPool.read_result): the worker sockets are then watched through an
-# epoll set of the pool's own, from which any thread can take one out (Linux).
-_READ_HERE = hasattr(select, "epoll") and hasattr(os, "eventfd")
-# Spin, then block: read_result polls the socket without sleeping for up to _SPIN_S
-# before it blocks, when the pool's recent actions ran for under _SPIN_IF_UNDER_S
-# (a moving average) and a core is spare for it. A thread that blocks is woken
-# noticeably later than one that polls, and a short action's reply comes back within
-# about the time such a wake-up takes, so a short spin catches it; the parent's CPU
-# per call does not grow, as the wake-up costs CPU too. The same trade as glibc's
-# adaptive mutexes and OpenMP's KMP_BLOCKTIME.
-_SPIN_S = 200e-6
-_SPIN_IF_UNDER_S = 100e-6
 
 
 class WorkerState(Enum):
@@ -253,6 +239,11 @@ class ProcessPool:
 
     kind = "cpu"
     stops_by_kill = True  # cancel kills the worker's process group
+    # The reader's, bound in __init__: a waiting thread (ProcessAttempt.wait_here) goes
+    # straight to it. _on_readable and _spin_for are there for the tests.
+    read_result: Callable[[ProcessAttempt, float | None], None]
+    _on_readable: Callable[[_Worker], None]
+    _spin_for: Callable[[float | None], float]
 
     def __init__(
         self,
@@ -267,11 +258,6 @@ class ProcessPool:
         ``loky.cpu_count()``), which bounds when a waiting thread may spin
         (:meth:`read_result`)."""
         self.size = size
-        self.cores = cores if cores is not None else max(1, loky.cpu_count())
-        # read_result's spin: the recent actions' mean run time (seconds, a moving
-        # average of 1 in 5), and who spins now (one thread at most)
-        self._recent_s = 0.0
-        self._spinner = threading.Lock()
         self.blas_threads = blas_threads
         self.worker_start = resolve_worker_start(worker_start)
         self._lock = threading.RLock()
@@ -279,11 +265,6 @@ class ProcessPool:
         self._pending: deque[ProcessAttempt] = deque()
         self._ids = itertools.count(1)  # 0: a start-page slot no attempt used yet
         self._closed = False
-        # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
-        # the runner's scheduler loop (attach), else a private one started on demand.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._own_loop: threading.Thread | None = None
-        self._watched: set[int] = set()  # fds with a reader on the loop
         self._all_gone = threading.Event()  # closed, and every worker's exit handled
         # The start page: one START slot per worker, written by the worker as it starts
         # an attempt, read here only when a worker died or is being killed.
@@ -300,10 +281,27 @@ class ProcessPool:
         )
         if self.worker_start == "fork":  # now, while this process has a single thread
             self._start_forked()
-        # The worker sockets, from which a waiting thread may take one (read_result):
-        # an epoll set that the loop watches (made after the forks: theirs to ignore).
-        self._sockets: select.epoll | None = select.epoll() if _READ_HERE else None
-        self._by_fd: dict[int, _Worker] = {}
+        # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
+        # the runner's scheduler loop (attach), else a private one started on demand.
+        # Made after the forks: its epoll set is theirs to ignore.
+        self._reader = WorkerReader(
+            self._workers,
+            self._apply,
+            self._on_death,
+            cores if cores is not None else max(1, loky.cpu_count()),
+        )
+        self.read_result = self._reader.read_result
+        self._on_readable = self._reader.on_readable
+        self._spin_for = self._reader.spin_for
+
+    @property
+    def cores(self) -> int:
+        """The logical CPUs this process may use (bounds a waiting thread's spin)."""
+        return self._reader.cores
+
+    @cores.setter
+    def cores(self, cores: int) -> None:
+        self._reader.cores = cores
 
     def _start_forked(self) -> None:
         """Fork the zygote and, where pidfds exist (Linux), the first worker too
@@ -316,9 +314,9 @@ class ProcessPool:
         thread of its own until :meth:`close` returns. Call it before the first submit;
         a pool never attached runs a loop thread of its own."""
         with self._lock:
-            if self._loop is not None:
+            if self._reader.loop is not None:
                 raise RuntimeError("the cpu pool already reads its workers on a loop")
-            self._loop = loop
+            self._reader.loop = loop
 
     # ---- submitting and stopping -------------------------------------------------------
 
@@ -472,8 +470,8 @@ class ProcessPool:
             idle = not self._workers
             if idle:
                 self._all_gone.set()
-            loop = self._loop
-        if loop is not None and self._on_loop():
+            loop = self._reader.loop
+        if loop is not None and self._reader.on_loop():
             raise RuntimeError("the cpu pool cannot be closed from its own loop's thread")
         if first is not None:
             _end_first(first[0], first[1], first[3])
@@ -484,7 +482,7 @@ class ProcessPool:
             self._all_gone.wait()
         if idle and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
-                self._in_loop(self._unwatch_zygotes).result()
+                self._reader.in_loop(self._unwatch_zygotes).result()
         if reap:
             self.reap()
 
@@ -492,19 +490,13 @@ class ProcessPool:
         """After :meth:`close`: wait until every zygote has exited, then free the rest."""
         with self._lock:
             zygotes = self._spawner.take_all()
-            loop = self._loop
         for zygote in zygotes:
             zygote.close()
-        if self._own_loop is not None and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-            join_thread(self._own_loop)
-            loop.close()
+        self._reader.close()  # its loop stops before the page goes (deaths read it)
         if self._page is not None:
             self._page.close()
             os.close(self._page_fd)
             self._page = None
-        if self._sockets is not None:
-            self._sockets.close()
 
     def _unwatch_zygotes(self) -> None:
         """On the loop, once the pool is closed and its workers are gone: nothing more
@@ -512,9 +504,8 @@ class ProcessPool:
         :meth:`reap` closes them from another thread."""
         for z in self._spawner.zygotes:
             if not z.closed:
-                self._unwatch(z.notify.fileno())
-        if self._sockets is not None and not self._sockets.closed:  # no socket is left in it
-            self._unwatch(self._sockets.fileno())
+                self._reader.unwatch(z.notify.fileno())
+        self._reader.unwatch_set()  # no socket is left in it
 
     # ---- internals (lock held unless said otherwise) ------------------------------------
 
@@ -567,194 +558,21 @@ class ProcessPool:
         pid, parent_sock, slot, zygote, pidfd = self._spawner.fork_worker()
         worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot, pidfd)
         self._workers[worker.conn] = worker
-        if self._loop is None:  # a pool used on its own: a loop thread of its own
-            self._loop = asyncio.new_event_loop()
-            self._own_loop = threading.Thread(
-                target=self._loop.run_forever, name="actionpool-cpu-pool", daemon=True
-            )
-            self._own_loop.start()
-        zygotes = [z for z in self._spawner.zygotes if z.notify.fileno() not in self._watched]
+        reader = self._reader
+        reader.ensure_loop()
+        zygotes = [z for z in self._spawner.zygotes if not reader.watches(z.notify.fileno())]
 
         def watch() -> None:
             for z in zygotes:
-                self._watch(z.notify.fileno(), self._on_notice, z)
-            self._watch_socket(worker)
+                reader.watch(z.notify.fileno(), self._on_notice, z)
+            reader.watch_socket(worker)
             if worker.pidfd >= 0:
-                self._watch(worker.pidfd, self._on_exit, worker)
+                reader.watch(worker.pidfd, self._on_exit, worker)
 
-        self._in_loop(watch)
+        reader.in_loop(watch)
         return worker
 
-    # ---- the loop side: readers of worker sockets and zygote notices ---------------------
-
-    def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
-
-    def _in_loop(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the loop: now if this is its thread, else soon; its future."""
-        done: Future[Any] = Future()
-        if self._on_loop():
-            done.set_result(fn())
-            return done
-        assert self._loop is not None
-
-        def run() -> None:
-            try:
-                done.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                done.set_exception(exc)
-
-        self._loop.call_soon_threadsafe(run)
-        return done
-
-    def _watch(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
-        """On the loop: call ``callback(*args)`` whenever ``fd`` is readable."""
-        assert self._loop is not None
-        if fd not in self._watched and fd >= 0:
-            self._watched.add(fd)
-            self._loop.add_reader(fd, callback, *args)
-
-    def _unwatch(self, fd: int) -> None:
-        """On the loop: stop watching ``fd`` (before it is closed)."""
-        if fd in self._watched:
-            self._watched.discard(fd)
-            assert self._loop is not None
-            self._loop.remove_reader(fd)
-
-    def _watch_socket(self, w: _Worker) -> None:
-        """On the loop: read ``w``'s socket from now on."""
-        fd = w.conn.fileno()
-        if self._sockets is None:
-            self._watch(fd, self._on_readable, w)
-            return
-        self._watch(self._sockets.fileno(), self._on_sockets)
-        self._by_fd[fd] = w
-        self._sockets.register(fd, select.EPOLLIN)
-
-    def _unwatch_socket(self, w: _Worker) -> None:
-        """On the loop: stop reading ``w``'s socket (before it is closed)."""
-        if w.conn.closed:
-            return
-        fd = w.conn.fileno()
-        if self._sockets is None:
-            self._unwatch(fd)
-        elif self._by_fd.get(fd) is w:
-            del self._by_fd[fd]
-            with contextlib.suppress(OSError):
-                self._sockets.unregister(fd)
-
-    def _on_sockets(self) -> None:
-        """On the loop: some worker sockets have data (the epoll set is readable)."""
-        assert self._sockets is not None
-        for fd, _ in self._sockets.poll(0):
-            w = self._by_fd.get(fd)
-            if w is not None:
-                self._on_readable(w)
-
-    def _on_readable(self, w: _Worker) -> None:
-        """A worker's socket has data: one message, or its end (the exit notice follows).
-        Nothing, if a thread waiting for its attempt's result reads it."""
-        if not w.reading.acquire(blocking=False):
-            return  # read_result has it, and took it out of the epoll set
-        try:
-            # The epoll set said readable, but a thread in read_result may have taken
-            # that message since (while this loop handled another socket's result):
-            # a read now would block this loop until the worker's next message.
-            if w.poller is not None and not w.conn.closed:
-                fd = w.conn.fileno()
-                if not any(f == fd for f, _ in w.poller.poll(0)):
-                    return
-            if self._read(w):
-                return
-            self._unwatch_socket(w)
-            w.eof = True
-        finally:
-            w.reading.release()
-
-    def read_result(self, att: ProcessAttempt, timeout: float | None) -> None:
-        """Wait for ``att``'s result in this thread, reading its worker's socket here:
-        a thread that would wait for a result anyway gets it with one wake-up instead
-        of two (the loop's, then its own), and the loop is not woken at all.
-
-        Returns once the result was handed to ``att.on_result`` (in this thread), or
-        without it, leaving the rest to the loop's reader as usual, when: another
-        thread reads that socket, ``timeout`` seconds passed (None: no limit), the
-        worker's socket ended (it died: its exit is handled on the loop), or the loop
-        needs the socket back (:meth:`_exited`). Never raises for the attempt's sake.
-        Only an attempt whose ``on_result`` is set (its future stays pending) can be
-        read so.
-        """
-        w = att.holder
-        if self._sockets is None or w is None or att.on_result is None:
-            return
-        if not w.reading.acquire(blocking=False):
-            return  # the loop's reader (or another thread) has it
-        found = None
-        try:
-            if w.attempt is not att or w.conn.closed or self._by_fd.get(w.conn.fileno()) is not w:
-                return
-            fd = w.conn.fileno()
-            try:
-                self._sockets.modify(fd, 0)  # the loop stops watching it
-            except OSError:
-                return
-            try:
-                found = self._read_until(w, att, timeout)
-            finally:
-                with contextlib.suppress(OSError):
-                    self._sockets.modify(fd, select.EPOLLIN)
-        finally:
-            w.reading.release()
-        if found is not None:  # its result: handed over with the socket given back
-            self._notify(*found)
-
-    def _read_until(
-        self, w: _Worker, att: ProcessAttempt, timeout: float | None
-    ) -> tuple[ProcessAttempt, _Worker, tuple[Any, ...]] | None:
-        """:meth:`read_result`'s wait (``w.reading`` held): ``att``'s result, applied to
-        the pool, for :meth:`_notify`; None when it gave up."""
-        end = None if timeout is None else time.monotonic() + timeout
-        spin = self._spin_for(timeout)
-        while True:
-            events = None
-            if spin > 0 and self._spinner.acquire(blocking=False):
-                try:
-                    events = _spin(w.poller, spin)
-                finally:
-                    self._spinner.release()
-            spin = 0.0
-            if not events:
-                left = None if end is None else max(0.0, end - time.monotonic())
-                events = w.poller.poll(None if left is None else math.ceil(left * 1000))
-            if not events:
-                return None  # timed out
-            for fd, _ in events:
-                if fd == w.wake:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_read(w.wake)
-                    return None  # the loop needs the socket
-            msg = _link.recv(w.conn)
-            if msg is None:
-                return None  # its end: the loop sees it too, and its exit follows
-            found = self._apply(w, msg)
-            if found is None:
-                continue
-            if msg[0] == _link.RESULT:
-                return found
-            self._notify(*found)  # STARTED, EVENT: not sent for such an attempt
-
-    def _spin_for(self, timeout: float | None) -> float:
-        """How long :meth:`_read_until` may spin (seconds): :data:`_SPIN_S` while the
-        recent actions are short and a core is left after the busy workers, else 0."""
-        if self._recent_s >= _SPIN_IF_UNDER_S:
-            return 0.0
-        busy = sum(1 for w in list(self._workers.values()) if w.attempt is not None)
-        if busy >= self.cores:
-            return 0.0
-        return _SPIN_S if timeout is None else min(_SPIN_S, timeout)
+    # ---- deaths, and what the reader hands back (on the loop, or in read_result) --------
 
     def _on_exit(self, w: _Worker) -> None:
         """On the loop: the pool's first worker, a child of this process, exited (its
@@ -763,21 +581,11 @@ class ProcessPool:
         with self._lock:
             if w.pidfd < 0:
                 return
-            self._unwatch(w.pidfd)
+            self._reader.unwatch(w.pidfd)
             returncode = reap_child(w.pid)
             os.close(w.pidfd)
             w.pidfd = -1  # reaped: never signal its pid again (_kill_worker)
-        self._exited(w, returncode)
-
-    def _read(self, w: _Worker) -> bool:
-        """Handle one message from ``w``'s socket (``w.reading`` held); False at its end."""
-        msg = _link.recv(w.conn)
-        if msg is None:
-            return False
-        found = self._apply(w, msg)
-        if found is not None:
-            self._notify(*found)
-        return True
+        self._reader.exited(w, returncode)
 
     def _on_notice(self, zygote: _Zygote) -> None:
         """A worker of ``zygote`` exited (or the zygote itself is gone)."""
@@ -791,7 +599,7 @@ class ProcessPool:
                     if w.pid == pid and w.zygote is zygote
                 ]
         else:  # the zygote died: its workers are orphans nobody reaps for us
-            self._unwatch(zygote.notify.fileno())
+            self._reader.unwatch(zygote.notify.fileno())
             with self._lock:
                 self._spawner.lost(zygote)
                 dead = [(w, None) for w in self._workers.values() if w.zygote is zygote]
@@ -799,24 +607,7 @@ class ProcessPool:
                 _kill_group(w.pid)
             zygote.close()
         for w, code in dead:
-            self._exited(w, code)
-
-    def _exited(self, w: _Worker, returncode: int | None) -> None:
-        """On the loop: worker ``w`` exited and was reaped. What it sent before it died
-        is still in its socket, and its results count: read them, then handle its
-        death."""
-        if not w.reading.acquire(blocking=False):
-            # A thread reads it for its attempt's result (read_result): ask it to let
-            # go, which it does at once (nothing it holds meanwhile waits for the loop).
-            if w.wake >= 0:
-                os.eventfd_write(w.wake, 1)
-            w.reading.acquire()
-        try:
-            while not w.eof and w.conn.poll(0):
-                w.eof = not self._read(w)
-            self._on_death(w, returncode)
-        finally:
-            w.reading.release()
+            self._reader.exited(w, code)
 
     def _note_start(self, w: _Worker) -> None:
         """Learn from the start page whether ``w``'s attempt started (lock held): for an
@@ -828,11 +619,10 @@ class ProcessPool:
         if attempt_id == att.id:
             att.started, att.started_at, att.worker = True, at, w.pid
 
-    def _apply(
-        self, w: _Worker, msg: tuple[Any, ...]
-    ) -> tuple[ProcessAttempt, _Worker, tuple[Any, ...]] | None:
+    def _apply(self, w: _Worker, msg: tuple[Any, ...]) -> Found | None:
         """Record a message of ``w`` in the pool's state (``w.reading`` held); what
-        :meth:`_notify` must then tell its attempt, if anything."""
+        the reader must then tell its attempt (:meth:`.WorkerReader.notify`), if
+        anything."""
         with self._lock:
             if self._workers.get(w.conn) is not w:
                 return None
@@ -845,29 +635,13 @@ class ProcessPool:
                 return None
             if kind == _link.RESULT:
                 res: Result = msg[2]  # every result counts for read_result's spin
-                self._recent_s += 0.2 * (res.finished_at - res.started_at - self._recent_s)
+                reader = self._reader
+                reader.recent_s += 0.2 * (res.finished_at - res.started_at - reader.recent_s)
                 w.attempt = None
                 w.state = WorkerState.IDLE
                 if not self._closed:
                     self._assign()
         return att, w, msg
-
-    def _notify(self, att: ProcessAttempt, w: _Worker, msg: tuple[Any, ...]) -> None:
-        """Tell ``att`` what its worker ``w`` sent (:meth:`_apply`), outside the lock:
-        its callbacks may call back into the pool."""
-        kind = msg[0]
-        if kind == _link.STARTED:
-            att.started_at, att.worker = msg[2], w.pid
-            att.started = True
-            att.on_started(w.pid, msg[2])
-        elif kind == _link.EVENT:
-            att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
-        elif kind == _link.RESULT and att.on_result is not None:
-            att.on_result(msg[2])  # its owner ends it (the future stays pending)
-        elif kind == _link.RESULT and not att.future.done():
-            # in a reader callback on the runner's loop, with nothing else under way
-            att.direct = self._own_loop is None
-            att.future.set_result(msg[2])
 
     def _on_death(self, w: _Worker, returncode: int | None) -> None:
         """Worker ``w`` exited with ``returncode`` (its zygote killed its group and
@@ -882,7 +656,7 @@ class ProcessPool:
             if self._closed and not self._workers:
                 self._unwatch_zygotes()
                 self._all_gone.set()
-        self._unwatch_socket(w)
+        self._reader.unwatch_socket(w)
         w.close()
         text, exitcode, sig = describe_exit(returncode)
         with self._lock:
@@ -909,15 +683,6 @@ class ProcessPool:
             exc = NotStarted(crash)
         with contextlib.suppress(InvalidStateError):
             att.future.set_exception(exc)
-
-
-def _spin(poller: Any, seconds: float) -> list[tuple[int, int]]:
-    """Poll ``poller`` without sleeping for up to ``seconds``; its events, or []."""
-    end = time.perf_counter() + seconds
-    while True:
-        events: list[tuple[int, int]] = poller.poll(0)
-        if events or time.perf_counter() >= end:
-            return events
 
 
 def _kill_worker(w: _Worker) -> None:
