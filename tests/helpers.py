@@ -178,3 +178,14 @@ def result_value(result: Any) -> Any:
     data, buffers = result.value
     assert buffers == ()  # task_for sends no buffer through shared memory
     return pickle.loads(data)
+
+
+def start_child_then_sleep(mark: str, seconds: float) -> None:
+    """Start a ``sleep`` child process (in this worker's process group), write
+    ``"<this pid> <child pid>"`` to ``mark``, then sleep ``seconds``."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(int(seconds) + 30)])
+    Path(mark + ".part").write_text(f"{os.getpid()} {child.pid}")
+    os.replace(mark + ".part", mark)  # whoever sees the file sees both pids
+    time.sleep(seconds)
