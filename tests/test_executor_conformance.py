@@ -18,8 +18,6 @@ on how workers start run again with workers from a fresh interpreter (``RunnerFr
 * :data:`ADAPTED` holds the tests rewritten here: CPython's steps and assertions, less
   what names ``ProcessPoolExecutor`` or its private attributes (each docstring says
   what changed). :data:`ADDED` holds one test of our own in the same spirit.
-* :data:`ISOLATED` tests are known to hang a runner: each runs in a child interpreter,
-  killed if it does not end.
 * :data:`KNOWN_BREAKS` marks the tests that fail today, with the reason and the
   exception they fail with: ``xfail(strict=True, raises=...)``, so the day one passes
   the suite fails, and its entry must then go.
@@ -33,10 +31,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import multiprocessing
-import os
 import pickle
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +39,6 @@ import time
 import unittest
 from concurrent.futures import BrokenExecutor, CancelledError
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from pickle import PicklingError
 from typing import Any
 
@@ -78,18 +72,12 @@ pytestmark = pytest.mark.filterwarnings(
 # Each CPython test gets this many seconds (pytest-timeout's signal method: a timer
 # thread would make this process multi-threaded, which worker_start="fork" refuses).
 TEST_TIMEOUT_S = 60
-# Set in the child interpreter that runs an ISOLATED test (see _run_isolated).
-_CHILD_ENV = "ACTIONPOOL_CONFORMANCE_CHILD"
-_IN_CHILD = bool(os.environ.get(_CHILD_ENV))
 # A runner's shutdown gets this long in tearDown before the test is failed as hung and
-# the processes it started are killed (a dead scheduler thread makes it wait for ever).
-SHUTDOWN_TIMEOUT_S = 2.0 if _IN_CHILD else 20.0
+# the processes it started are killed (a dead scheduler thread made it wait for ever).
+SHUTDOWN_TIMEOUT_S = 20.0
 # _check_crash waits this long for a crashed call's future before it calls the pool
-# deadlocked (CPython waits support.LONG_TIMEOUT, five minutes). An isolated test is
-# one known to hang there: its child waits less, so that the suite stays quick.
-DEADLOCK_TIMEOUT_S = 2.0 if _IN_CHILD else 20.0
-ISOLATED_TIMEOUT_S = 45.0
-ROOT = Path(__file__).resolve().parents[1]
+# deadlocked (CPython waits support.LONG_TIMEOUT, five minutes).
+DEADLOCK_TIMEOUT_S = 20.0
 
 _opened: list[ap.Runner] = []  # every runner the current test made, in order
 
@@ -155,8 +143,8 @@ class _RunnerMixin:
         if self.worker_start == "fork" and threads > 1:
             # not ours: tearDown fails a test of this module that leaves a thread
             raise unittest.SkipTest(
-                f"this process runs {threads} threads, left by earlier tests of another"
-                " module, and a runner cannot fork it: run this module alone"
+                f"this process runs {threads} threads, left by an earlier test, and a"
+                " runner cannot fork it: run this module alone"
             )
         super().setUp()  # type: ignore[misc]
 
@@ -426,19 +414,10 @@ EXCLUDED: dict[str | tuple[str, str], str] = {
     # ExecutorDeadlockTest
     "test_gh105829_should_not_deadlock_if_wakeup_pipe_full": "patches ProcessPoolExecutor's"
     " private _ExecutorManagerThread and _ThreadWakeup, which a runner does not use",
-    ("Fresh", "test_exit_during_result_unpickle_in_result_handler"): "isolated (see"
-    " ISOLATED), so slow: it runs once, with forked workers (it hangs in the parent)",
     ("Fresh", "test_map_timeout"): "map's timeout does not depend on how workers start,"
     " and the test sleeps for its 5 s timeout: it runs once, with forked workers",
 }
 
-# Tests known to hang a runner for ever (its shutdown too): each runs in a child
-# interpreter that is killed if it does not end, so that nothing here hangs.
-ISOLATED: dict[str, str] = {
-    "test_exit_during_result_unpickle_in_result_handler": "a SystemExit raised while the"
-    " scheduler's thread unpickles a result ends that thread: the future never completes"
-    " and shutdown() waits for ever",
-}
 _EXIT_KILLS = (
     "at interpreter exit a runner kills its pending and running calls (its atexit hook"
     " shuts it down with wait=False, cancel_futures=True) instead of running them"
@@ -448,9 +427,9 @@ _NO_WAIT_KILLS = (
     " the contract lets them all run"
 )
 _UNPICKLE = (
-    "divergence: an error unpickling a call (in its worker) or a result (here) fails that"
-    " call with SerializationError and the pool goes on; ProcessPoolExecutor's pool is"
-    " broken (BrokenProcessPool)"
+    "divergence: an error (even SystemExit) unpickling a result here, or an error"
+    " unpickling a call in its worker, fails that call with SerializationError and the"
+    " pool goes on; ProcessPoolExecutor's pool is broken (BrokenProcessPool)"
 )
 # (variant, or None for both; test) -> (why it fails today, what it raises then).
 # xfail(strict=True, raises=...): a test that starts passing fails the suite, and its
@@ -475,10 +454,9 @@ KNOWN_BREAKS: dict[tuple[str | None, str], tuple[str, type[BaseException]]] = {
         "the map iterator keeps the last result it yielded alive (CPython issue 14406)",
         AssertionError,
     ),
-    ("Fork", "test_exit_during_result_unpickle_in_result_handler"): (
-        ISOLATED["test_exit_during_result_unpickle_in_result_handler"]
-        + " (ProcessPoolExecutor: BrokenProcessPool)",
-        AssertionError,  # from the child interpreter: its test failed or hung
+    (None, "test_exit_during_result_unpickle_in_result_handler"): (
+        _UNPICKLE,
+        ap.SerializationError,
     ),
     ("Fresh", "test_ressources_gced_in_workers"): (
         "workers started from a fresh interpreter lack the parent's multiprocessing"
@@ -506,47 +484,12 @@ KNOWN_BREAKS: dict[tuple[str | None, str], tuple[str, type[BaseException]]] = {
 }
 
 
-def _run_isolated(self: unittest.TestCase, test: Any) -> None:
-    """Run this test case in a child interpreter (this module, unittest's runner)."""
-    if _IN_CHILD:
-        test(self)
-        return
-    cls, name = type(self).__name__, self._testMethodName
-    script = (
-        "import sys, unittest\n"
-        "import tests.test_executor_conformance as m\n"
-        f"case = m.{cls}({name!r})\n"
-        "result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(case)\n"
-        "sys.exit(0 if result.wasSuccessful() else 1)\n"
-    )
-    env = {**os.environ, _CHILD_ENV: "1"}
-    with subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: killed with its workers
-    ) as child:
-        try:
-            out, _ = child.communicate(timeout=ISOLATED_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            out, _ = child.communicate()
-            self.fail(f"hung for {ISOLATED_TIMEOUT_S:g} s:\n{out.decode(errors='replace')[-4000:]}")
-    if child.returncode != 0:
-        self.fail(f"failed in a child interpreter:\n{out.decode(errors='replace')[-4000:]}")
-
-
-def _relay(name: str, test: Any, isolated: bool) -> Any:
+def _relay(name: str, test: Any) -> Any:
     """A function of its own for ``test`` (CPython's functions are shared by every
     variant: marks set on them would apply to all)."""
 
     def relayed(self: unittest.TestCase) -> None:
-        if isolated:
-            _run_isolated(self, test)
-        else:
-            test(self)
+        test(self)
 
     relayed.__name__ = name
     relayed.__qualname__ = name
@@ -566,7 +509,7 @@ def _build(variant: str, mixin: type, suite_name: str, suite: type) -> type:
         if name in EXCLUDED or (variant, name) in EXCLUDED:
             body[name] = None  # not callable: unittest (and so pytest) does not collect it
             continue
-        relayed = _relay(name, ADAPTED.get(name, test), name in ISOLATED)
+        relayed = _relay(name, ADAPTED.get(name, test))
         relayed = pytest.mark.timeout(TEST_TIMEOUT_S, method="signal")(relayed)
         known = KNOWN_BREAKS.get((variant, name)) or KNOWN_BREAKS.get((None, name))
         if known:
