@@ -334,8 +334,11 @@ class CallRun(RunBase):
         keep dying so, the call becomes a record that the scheduler sends again (its
         arena and counts go with it); else it ends ``CRASHED`` as a record would."""
         entry = self._move(handle, CallState.RUNNING, CallState.ENDED)
-        if entry is None:
-            return  # a cancel came first
+        if entry is None:  # a cancel came first: its future says so; it ends here
+            entry = self._move(handle, CallState.STOPPING, CallState.ENDED)
+            if entry is not None:
+                self._end_direct(handle, entry, True)
+            return
         if self.sched.note_not_started(entry.spec.kind) >= MAX_STARTUP_DEATHS:
             self._end_direct(handle, entry, True)
             _end_future(entry.future, None, self.sched.startup_crash(entry.spec.name, error, 1))

@@ -110,6 +110,7 @@ class WorkerState(Enum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
+    KILLED = "killed"  # SIGKILL sent, its exit not seen yet: it takes no attempt
     GONE = "gone"
 
 
@@ -397,7 +398,7 @@ class ProcessPool:
             att.killed = att.killed or reason
             if att in self._pending:
                 self._pending.remove(att)
-                att.future.cancel()
+                _withdraw(att)
                 return
             for w in self._workers.values():
                 if w.attempt is att:
@@ -454,7 +455,7 @@ class ProcessPool:
         with self._lock:
             self._closed = True
             for att in self._pending:
-                att.future.cancel()
+                _withdraw(att)
             self._pending.clear()
             for w in self._workers.values():
                 if cancel or w.attempt is not None:
@@ -525,7 +526,9 @@ class ProcessPool:
     def _idle_worker(self) -> _Worker | None:
         """A live worker with no attempt (lock held), or None."""
         for w in self._workers.values():
-            if w.attempt is None and w.state is not WorkerState.GONE:
+            # Not a killed one: a result it sent before the kill frees it, and an
+            # attempt sent to it then would die with it, never started.
+            if w.attempt is None and w.state not in (WorkerState.GONE, WorkerState.KILLED):
                 return w
         return None
 
@@ -628,7 +631,8 @@ class ProcessPool:
                 return None
             kind = msg[0]
             if kind == _link.READY:
-                w.state = WorkerState.BUSY if w.attempt is not None else WorkerState.IDLE
+                if w.state is WorkerState.STARTING:
+                    w.state = WorkerState.BUSY if w.attempt is not None else WorkerState.IDLE
                 return None
             att = w.attempt
             if att is None or att.id != msg[1]:
@@ -638,7 +642,8 @@ class ProcessPool:
                 reader = self._reader
                 reader.recent_s += 0.2 * (res.finished_at - res.started_at - reader.recent_s)
                 w.attempt = None
-                w.state = WorkerState.IDLE
+                if w.state is not WorkerState.KILLED:
+                    w.state = WorkerState.IDLE
                 if not self._closed:
                     self._assign()
         return att, w, msg
@@ -687,10 +692,19 @@ class ProcessPool:
 
 def _kill_worker(w: _Worker) -> None:
     """SIGKILL worker ``w`` and its process group (lock held)."""
+    w.state = WorkerState.KILLED
     _kill_group(w.pid)
     if w.pidfd >= 0:  # our own child, not reaped yet: it may not lead its group yet
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
+
+
+def _withdraw(att: ProcessAttempt) -> None:
+    """Cancel a queued attempt's future and tell its waiters: a future cancelled without
+    ``set_running_or_notify_cancel`` is never seen done by ``concurrent.futures.wait``
+    (what a cancel that kills workers waits on)."""
+    if att.future.cancel():
+        att.future.set_running_or_notify_cancel()
 
 
 def _ignore(*args: Any) -> None:
