@@ -251,11 +251,6 @@ def test_cancelling_a_queued_attempt_withdraws_it(pool: ThreadPool, tmp_path: Pa
     _withdraw_behind_a_blocked_loop(pool, tmp_path, [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the async run() wrapper calls on_started and the action before the cancel"
-    " reaches its task (asyncio chains a cancel to the loop's next turn)",
-)
 def test_a_withdrawn_async_attempt_never_starts(pool: ThreadPool, tmp_path: Path) -> None:
     started: list[str] = []
     _withdraw_behind_a_blocked_loop(pool, tmp_path, started)

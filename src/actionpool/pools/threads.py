@@ -102,7 +102,11 @@ class ThreadAttempt:
 
 
 class ThreadPool:
-    """Daemon threads started on demand, ``size`` of them serving at most."""
+    """Daemon threads started on demand: one whenever an attempt finds none idle.
+
+    ``size`` is the pool's capacity in slots: the scheduler (and a direct call's
+    admission) keep the attempts in flight within it; the pool itself does not refuse
+    an attempt past it."""
 
     kind = "io"
     stops_by_kill = False  # a thread cannot be killed: a cancelled attempt is abandoned
@@ -132,13 +136,18 @@ class ThreadPool:
         """
         att = ThreadAttempt(self, task.wants_state)
         if is_async:
+            loop = self._async_loop()  # raises before a coroutine is made for nothing
 
             async def run() -> Result:
+                # asyncio passes a cancel of the returned future on to this task only on
+                # a later turn of the loop: one withdrawn before it began must not start
+                if att.future.cancelled():
+                    raise asyncio.CancelledError
                 if on_started is not None:
                     on_started(threading.current_thread().name, time.time())
                 return await execute_async(task, on_event, att.cancel_event)
 
-            att.future = asyncio.run_coroutine_threadsafe(run(), self._async_loop())
+            att.future = asyncio.run_coroutine_threadsafe(run(), loop)
             return att
         with self._lock:
             if self._closed:
