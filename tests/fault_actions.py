@@ -246,3 +246,20 @@ class CrashesWhenUnpickledOnce:
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_crash_once, (self.path,))
+
+
+def _exit_now() -> None:
+    raise SystemExit(3)
+
+
+class ExitsWhenUnpickled:
+    """An argument whose unpickling raises SystemExit in the worker."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_exit_now, ())
+
+
+def append_to(proxy: Any, item: Any) -> int:
+    """Append ``item`` to a ``multiprocessing.Manager`` list proxy; its new length."""
+    proxy.append(item)
+    return len(proxy)

@@ -13,14 +13,14 @@ Every suite runs with forked workers (``RunnerFork*``); those whose outcome may 
 on how workers start run again with workers from a fresh interpreter (``RunnerFresh*``).
 
 * :data:`EXCLUDED` lists every test that is not run, with the reason: those that read
-  ``ProcessPoolExecutor``'s private attributes, test its own options, or patch its
-  internals.
+  ``ProcessPoolExecutor``'s private attributes, test its own options, patch its
+  internals, or expect its whole pool to break where a runner fails one call by design.
 * :data:`ADAPTED` holds the tests rewritten here: CPython's steps and assertions, less
   what names ``ProcessPoolExecutor`` or its private attributes (each docstring says
   what changed). :data:`ADDED` holds one test of our own in the same spirit.
-* :data:`KNOWN_BREAKS` marks the tests that fail today, with the reason and the
-  exception they fail with: ``xfail(strict=True, raises=...)``, so the day one passes
-  the suite fails, and its entry must then go.
+* :data:`KNOWN_BREAKS` marks the tests that fail today (none, now), with the reason
+  and the exception they fail with: ``xfail(strict=True, raises=...)``, so the day
+  one passes the suite fails, and its entry must then go.
 
 Run it alone (``python -m pytest tests/test_executor_conformance.py``): the fork
 variant needs a process that runs no other thread when a runner starts.
@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import unittest
-from concurrent.futures import BrokenExecutor, CancelledError
+from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pickle import PicklingError
 from typing import Any
@@ -392,6 +392,10 @@ del test_submit_after_interpreter_shutdown, test_hang_gh83386, test_shutdown_dea
 del test_shutdown_after_unconsumed_map_of_many_items  # not pytest functions of this module
 
 _PRIVATE = "reads ProcessPoolExecutor's private attributes"
+_ONE_CALL_FAILS = (
+    "by design, a call that cannot be unpickled fails alone (SerializationError) and the"
+    " pool goes on; ProcessPoolExecutor breaks its whole pool (BrokenProcessPool)"
+)
 EXCLUDED: dict[str | tuple[str, str], str] = {
     # ExecutorTest, as test_process_pool extends it
     "test_max_workers_too_large": "Windows only; creates a futures.ProcessPoolExecutor itself",
@@ -416,72 +420,20 @@ EXCLUDED: dict[str | tuple[str, str], str] = {
     " private _ExecutorManagerThread and _ThreadWakeup, which a runner does not use",
     ("Fresh", "test_map_timeout"): "map's timeout does not depend on how workers start,"
     " and the test sleeps for its 5 s timeout: it runs once, with forked workers",
+    # By design (DESIGN.md, "Crashes and recovery"; tests/test_faults.py covers ours): a
+    # call whose call or result cannot be unpickled, even with SystemExit, fails alone
+    # with SerializationError (a pickle.PicklingError) and the pool goes on, where
+    # ProcessPoolExecutor marks its whole pool broken (BrokenProcessPool).
+    "test_error_at_task_unpickle": _ONE_CALL_FAILS,
+    "test_exit_at_task_unpickle": _ONE_CALL_FAILS,
+    "test_error_during_result_unpickle_in_result_handler": _ONE_CALL_FAILS,
+    "test_exit_during_result_unpickle_in_result_handler": _ONE_CALL_FAILS,
 }
 
-_EXIT_KILLS = (
-    "at interpreter exit a runner kills its pending and running calls (its atexit hook"
-    " shuts it down with wait=False, cancel_futures=True) instead of running them"
-)
-_NO_WAIT_KILLS = (
-    "shutdown(wait=False) kills the calls already running and cancels those queued;"
-    " the contract lets them all run"
-)
-_UNPICKLE = (
-    "divergence: an error (even SystemExit) unpickling a result here, or an error"
-    " unpickling a call in its worker, fails that call with SerializationError and the"
-    " pool goes on; ProcessPoolExecutor's pool is broken (BrokenProcessPool)"
-)
 # (variant, or None for both; test) -> (why it fails today, what it raises then).
 # xfail(strict=True, raises=...): a test that starts passing fails the suite, and its
 # entry here must go; one that fails otherwise than noted here fails it too.
-KNOWN_BREAKS: dict[tuple[str | None, str], tuple[str, type[BaseException]]] = {
-    (None, "test_cancel_futures"): (
-        "shutdown(cancel_futures=True) kills the calls already running (their futures"
-        " raise CancelledError while cancelled() is False); the contract lets running"
-        " calls finish",
-        AssertionError,
-    ),
-    (None, "test_shutdown_no_wait"): (_NO_WAIT_KILLS, CancelledError),
-    (None, "test_hang_gh83386"): (_NO_WAIT_KILLS, AssertionError),
-    (None, "test_interpreter_shutdown"): (_EXIT_KILLS, AssertionError),
-    (None, "test_shutdown_after_unconsumed_map_of_many_items"): (
-        "a map() not iterated yet has submitted only its first window; after"
-        " shutdown(wait=True) the rest can never run (RuntimeError: closed), where"
-        " ProcessPoolExecutor.map submits every item at once",
-        RuntimeError,
-    ),
-    (None, "test_free_reference"): (
-        "the map iterator keeps the last result it yielded alive (CPython issue 14406)",
-        AssertionError,
-    ),
-    (None, "test_exit_during_result_unpickle_in_result_handler"): (
-        _UNPICKLE,
-        ap.SerializationError,
-    ),
-    ("Fresh", "test_ressources_gced_in_workers"): (
-        "workers started from a fresh interpreter lack the parent's multiprocessing"
-        " authkey: a Manager proxy argument cannot be unpickled there"
-        " (AuthenticationError)",
-        ap.SerializationError,
-    ),
-    (None, "test_error_at_task_unpickle"): (_UNPICKLE, ap.SerializationError),
-    (None, "test_error_during_result_unpickle_in_result_handler"): (
-        _UNPICKLE,
-        ap.SerializationError,
-    ),
-    (None, "test_exit_at_task_unpickle"): (
-        "a SystemExit raised while the worker unpickles the call is raised by result() as"
-        " the call's own exception; ProcessPoolExecutor's worker exits and its pool is"
-        " broken (BrokenProcessPool)",
-        SystemExit,
-    ),
-    (None, "test_exit_during_result_pickle_on_worker"): (
-        "a SystemExit raised while the worker pickles the result ends the worker"
-        " (WorkerCrashed); ProcessPoolExecutor's worker catches it and sends it back"
-        " (SystemExit out of result())",
-        ap.WorkerCrashed,
-    ),
-}
+KNOWN_BREAKS: dict[tuple[str | None, str], tuple[str, type[BaseException]]] = {}
 
 
 def _relay(name: str, test: Any) -> Any:

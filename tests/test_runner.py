@@ -910,3 +910,90 @@ def test_progress_true_draws_a_tqdm_bar_to_the_end(
 def test_backend_other_than_local_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="backend must be 'local'"):
         ap.Runner(backend="dask")
+
+
+# ---- shutdown, as concurrent.futures.Executor has it ----------------------------------
+
+
+def test_shutdown_cancel_futures_lets_running_calls_finish_and_cancels_queued_ones(
+    tmp_path: Path,
+) -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    mark, release = tmp_path / "running", tmp_path / "release"
+    running = r.submit(h.gate, str(mark), str(release))
+    h.wait_for_path(mark, "the running call")
+    queued = [r.submit(h.square, i) for i in range(5)]
+    releaser = threading.Timer(0.2, release.write_text, args=("go",))
+    releaser.start()
+    r.shutdown(wait=True, cancel_futures=True)
+    releaser.join()
+    assert running.result(timeout=0) > 0  # it ran to its end
+    assert all(f.cancelled() for f in queued)
+    assert cf.wait(queued, timeout=0).done == set(queued)  # waiters were told
+
+
+def test_shutdown_without_waiting_returns_at_once_and_the_calls_still_run(
+    tmp_path: Path,
+) -> None:
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    mark, release = tmp_path / "running", tmp_path / "release"
+    running = r.submit(h.gate, str(mark), str(release))
+    h.wait_for_path(mark, "the running call")
+    later = r.submit(h.square, 7)  # queued behind it
+    r.shutdown(wait=False)  # must not wait for the gate, which only this thread opens
+    assert not running.done()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.submit(h.square, 1)
+    release.write_text("go")
+    assert running.result(timeout=30) > 0 and later.result(timeout=30) == 49
+    r.shutdown(wait=True)  # waits for the first shutdown's end: every worker gone
+    assert r.worker_pids() == []
+
+
+def test_shutdown_runs_every_item_of_a_map_never_iterated() -> None:
+    r = ap.Runner(cpu_workers=2, io_workers=1)
+    results = r.map(h.square, range(100))  # only a window is in flight
+    io_results = r.map(ap.action(h.square, kind="io"), range(40), window=4)
+    r.shutdown(wait=True)
+    assert list(results) == [i * i for i in range(100)]
+    assert list(io_results) == [i * i for i in range(40)]
+
+
+class _Payload:
+    pass
+
+
+def _make_payload(_: int) -> _Payload:
+    return _Payload()
+
+
+@pytest.mark.parametrize("chunksize", [None, 1])
+def test_map_keeps_no_reference_to_a_result_it_yielded(
+    shared: ap.Runner, chunksize: int | None
+) -> None:
+    # CPython issue 14406: a consumer that lets go of a result frees it.
+    import weakref
+
+    for obj in shared.map(_make_payload, range(10), chunksize=chunksize):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None
+
+
+def test_a_system_exit_while_unpickling_a_call_fails_that_call_only(shared: ap.Runner) -> None:
+    err = shared.submit(h.square, fa.ExitsWhenUnpickled()).exception(timeout=30)
+    assert isinstance(err, ap.SerializationError) and "SystemExit" in str(err)
+    assert shared.submit(h.square, 3).result(timeout=30) == 9
+
+
+def test_fresh_workers_share_the_parents_multiprocessing_authkey() -> None:
+    import multiprocessing
+
+    with (
+        multiprocessing.Manager() as manager,
+        ap.Runner(cpu_workers=1, io_workers=1, worker_start="fresh") as r,
+    ):
+        box = manager.list()
+        assert r.submit(fa.append_to, box, "from a worker").result(timeout=60) == 1
+        assert list(box) == ["from a worker"]

@@ -290,7 +290,7 @@ def _prepare(
     try:
         fn_bytes, args, kwargs = arena.loads(task.call)
         fn = _function(fn_bytes)
-    except Exception as exc:
+    except BaseException as exc:  # even SystemExit: the call failed, not the caller
         raise SerializationError(
             f"node {task.node!r}: its call could not be unpickled in the worker"
             f" ({type(exc).__name__}: {exc})"
@@ -301,7 +301,7 @@ def _prepare(
         if task.state is not None:
             try:
                 state = arena.loads(task.state)
-            except Exception as exc:
+            except BaseException as exc:  # even SystemExit: see above
                 raise SerializationError(
                     f"node {task.node!r}: the state could not be unpickled in the worker"
                     f" ({type(exc).__name__}: {exc})"
@@ -313,7 +313,9 @@ def _prepare(
 def _success(task: Task, value: Any, ctx: Context | None, started: float, arena: Arena) -> Result:
     try:
         value_bytes = arena.dumps(value)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - even SystemExit: the worker lives on
+        if not isinstance(exc, Exception):  # sent back as it is, as concurrent.futures does
+            return _failure(task, exc, started)
         err = SerializationError(
             f"node {task.node!r}: the return value of type {type(value).__name__}"
             f" cannot be pickled ({type(exc).__name__}: {exc})"

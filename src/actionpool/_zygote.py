@@ -242,5 +242,14 @@ def _noop(signum: int, frame: object) -> None:
 
 
 def launch() -> NoReturn:
-    """Entry point of a fresh-interpreter zygote: ``python -c ... <ctl> <notify> <blas>``."""
+    """Entry point of a fresh-interpreter zygote:
+    ``python -c ... <ctl> <notify> <blas> <authkey pipe>``; the parent's
+    multiprocessing authkey is read from the pipe, so the workers share it."""
+    import multiprocessing
+
+    key = b""
+    with os.fdopen(int(sys.argv[4]), "rb") as pipe:
+        key = pipe.read()
+    if key:
+        multiprocessing.current_process().authkey = key
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

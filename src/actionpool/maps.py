@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from functools import cache, partial
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, cast
 
 from .action import ActionSpec, as_spec, wire_form
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from .runner import Runner
 
-__all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "map_calls"]
+__all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "MapState", "map_calls"]
 
 
 def map_calls(
@@ -62,15 +64,16 @@ def map_calls(
             f" per call; chunksize={chunksize} would run {chunksize} calls as one task"
         )
     items: Iterator[Any] = zip(*iterables, strict=False)
+    total = None
+    if all(hasattr(it, "__len__") for it in iterables):
+        total = min(len(it) for it in iterables)  # type: ignore[arg-type]
     if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
         fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
         calls: Iterator[tuple[Future[Any], Any]] = (
             (runner._submit(spec, a, kwargs, fn_bytes), None) for a in items
         )
-        return _map_results(runner, spec, kwargs, calls, window or 2 * size, end, None)
-    total = None
-    if all(hasattr(it, "__len__") for it in iterables):
-        total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+        state = MapState(calls, window or 2 * size, total is not None)
+        return _map_results(runner, spec, kwargs, state, end, None)
     tasks = 2 * size if window is None else min(2 * size, window)
     # tasks x chunk size <= window items: a chunk never exceeds window // tasks
     cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
@@ -99,37 +102,77 @@ def map_calls(
         (runner._submit(runs_chunk, (*head, chunk, kwargs), {}, chunk_fn), chunk)
         for chunk in batcher.chunks(items, seq)
     )
-    return _map_results(runner, spec, kwargs, calls, tasks, end, batcher)
+    return _map_results(
+        runner, spec, kwargs, MapState(calls, tasks, total is not None), end, batcher
+    )
+
+
+class MapState:
+    """A map's calls in flight, in input order, and the rest of its input.
+
+    The thread that iterates the map refills ``pending`` as results are consumed;
+    :meth:`Runner.shutdown <actionpool.Runner.shutdown>` may :meth:`flush` it from
+    another thread; ``lock`` orders the two (a generator cannot be stepped from two
+    threads at once).
+    """
+
+    __slots__ = ("__weakref__", "calls", "lock", "pending", "sized", "window")
+
+    def __init__(self, calls: Iterator[tuple[Future[Any], Any]], window: int, sized: bool) -> None:
+        self.calls = calls
+        self.window = window
+        self.sized = sized  # the input's length is known: flush ends
+        self.pending: deque[tuple[Future[Any], Any]] = deque()
+        self.lock = threading.Lock()
+
+    def refill(self) -> None:
+        """Submit calls until ``window`` are in flight (or the input ends)."""
+        with self.lock:
+            pending, window = self.pending, self.window
+            for call in self.calls:
+                pending.append(call)
+                if len(pending) >= window:
+                    break
+
+    def flush(self) -> None:
+        """Submit every call left, when the input's length is known (an endless one
+        would never end): the runner is shutting down and waits for them."""
+        if self.sized:
+            with self.lock:
+                self.pending.extend(self.calls)
 
 
 def _map_results(
     runner: Runner,
     spec: ActionSpec,
     kwargs: dict[str, Any],
-    calls: Iterator[tuple[Future[Any], Any]],
-    window: int,
+    state: MapState,
     end: float | None,
     batcher: _Batcher | None,
 ) -> Iterator[Any]:
-    pending: deque[tuple[Future[Any], Any]] = deque()
-    for call in calls:  # start the first window now, like Executor.map does
-        pending.append(call)
-        if len(pending) >= window:
-            break
-    return _MapIterator(_drain(runner, spec, kwargs, pending, calls, window, end, batcher))
+    state.refill()  # start the first window now, like Executor.map does
+    runner._maps.add(state)
+    return _MapIterator(_drain(runner, spec, kwargs, state, end, batcher))
+
+
+def _popping(values: list[Any]) -> Iterator[Any]:
+    """The items of ``values`` in order, each taken out of the list as it is yielded,
+    so that nothing here keeps a result alive once the consumer has let it go
+    (CPython issue 14406); the iteration stays in C."""
+    values.reverse()
+    return map(list.pop, repeat(values, len(values)))
 
 
 def _drain(
     runner: Runner,
     spec: ActionSpec,
     kwargs: dict[str, Any],
-    pending: deque[tuple[Future[Any], Any]],
-    calls: Iterator[tuple[Future[Any], Any]],
-    window: int,
+    state: MapState,
     end: float | None,
     batcher: _Batcher | None,
 ) -> Generator[Iterable[Any], None, None]:
     """The map's results, as one iterable per task in input order."""
+    pending = state.pending
     try:
         while pending:
             fut, chunk = pending[0]
@@ -145,26 +188,28 @@ def _drain(
                 yield _rerun_chunk(runner, spec, kwargs, chunk, crash)
                 continue
             pending.popleft()
-            errors: dict[int, BaseException] = {}
-            if batcher is not None:
-                elapsed, value, errors = value
-                batcher.observe(elapsed, len(value))
-            for nxt in calls:  # refill before yielding, to keep workers busy
-                pending.append(nxt)
-                if len(pending) >= window:
-                    break
+            del fut  # it holds the value: only the list below may, while it is yielded
+            state.refill()  # before yielding, to keep workers busy
             if batcher is None:
-                yield (value,)
-            elif not errors:
-                yield value
+                values = [value]
+                del value
+                yield _popping(values)
+                continue
+            elapsed, values, errors = value
+            del value
+            batcher.observe(elapsed, len(values))
+            if not errors:
+                yield _popping(values)
             else:  # the items before the first failed one, then its error
                 first = min(errors)
-                yield value[:first]
+                del values[first:]
+                yield _popping(values)
                 raise errors[first]
     finally:
         # However the iteration ends early (an action's error, the consumer's
         # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
         # stopped, the running ones too: their results have nobody to go to.
+        runner._maps.discard(state)
         live = [f for f, _ in pending if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")

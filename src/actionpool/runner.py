@@ -47,14 +47,21 @@ from .action import ActionSpec, as_spec, wire_bytes, wire_form
 from .calls import CallFuture, CallRun
 from .errors import PlanError, SerializationError
 from .events import Event
-from .maps import MAP_MAX_CHUNK, MAP_MIN_CHUNK_S, MAP_TARGET_CHUNK_S, _Batcher, map_calls
+from .maps import (
+    MAP_MAX_CHUNK,
+    MAP_MIN_CHUNK_S,
+    MAP_TARGET_CHUNK_S,
+    MapState,
+    _Batcher,
+    map_calls,
+)
 from .outcome import Report
 from .plan import Plan
 from .planrun import PlanRun, check_failure_policy
 from .pools import Pool
 from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
-from .records import NodeRecord
+from .records import NodeRecord, NodeState
 from .scheduler import Scheduler
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
 from .transfer import (
@@ -78,9 +85,10 @@ _LIVE: weakref.WeakSet[Runner] = weakref.WeakSet()
 
 @atexit.register
 def _close_all() -> None:
+    # As concurrent.futures does at exit: what was submitted runs to its end.
     for runner in list(_LIVE):
         with contextlib.suppress(Exception):
-            runner.shutdown(wait=False, cancel_futures=True)
+            runner.shutdown(wait=True)
 
 
 class Runner(Executor):
@@ -207,6 +215,8 @@ class Runner(Executor):
         self._call_ids = itertools.count()
         self._runs: set[PlanRun] = set()
         self._closed = False
+        self._closer: threading.Thread | None = None  # shutdown(wait=False)'s thread
+        self._maps: weakref.WeakSet[MapState] = weakref.WeakSet()  # maps in progress
         self._lock = threading.Lock()
         _LIVE.add(self)
 
@@ -338,24 +348,50 @@ class Runner(Executor):
             wait_futures(self._on_loop(stop), timeout=10)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Close the runner: refuse new work, then stop the pools.
+        """Close the runner, as ``concurrent.futures.Executor.shutdown`` does: refuse
+        new work; the calls and runs already submitted run to their end (use
+        :meth:`cancel` to stop running work), then every worker process exits.
+
+        A ``map`` that was not consumed to its end has only a window of its items in
+        flight: with ``wait=True`` the rest of a map over an input of known length is
+        submitted first, so that every item runs, as with ``Executor.map`` (which
+        submits every item at once); a map over an input of unknown length (a
+        generator) keeps its window only.
 
         Args:
-            wait: wait for submitted calls and runs to finish and for every worker
-                process to exit.
-            cancel_futures: cancel the calls that have not started.
+            wait: block until every submitted call and run has ended and every worker
+                process has exited. False returns at once and leaves that to a thread
+                of the runner's, which the interpreter waits for at exit (as it does
+                for ``ProcessPoolExecutor``'s).
+            cancel_futures: cancel the submitted calls that have not started (their
+                futures end cancelled); calls that run go on.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        _LIVE.discard(self)
-        if cancel_futures or not wait:
-            self._cancel(None, "the runner was shut down")
         if wait:
-            self._wait_idle()
+            self._flush_maps()
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+        if not first:  # a second call waits for the first one's end, if asked to
+            closer = self._closer
+            if wait and closer is not None and closer is not threading.current_thread():
+                closer.join()
+            return
+        _LIVE.discard(self)
+        if cancel_futures:
+            self._cancel_queued("the runner was shut down")
+        if wait:
+            self._close_now()
+            return
+        # Not a daemon: the interpreter joins it at exit, so what was submitted runs.
+        self._closer = threading.Thread(target=self._close_now, name="actionpool-shutdown")
+        self._closer.start()
+
+    def _close_now(self) -> None:
+        """The end of :meth:`shutdown`: wait for what was submitted, then stop the pools
+        (every worker process gone), the segments and the loop's thread."""
+        self._wait_idle()
         for pool in self._pools.values():  # their workers gone; helpers reaped below
-            pool.close(cancel=not wait, reap=False)
+            pool.close(reap=False)
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
         for pool in self._pools.values():  # a zygote exits while the loop's thread does
@@ -363,6 +399,32 @@ class Runner(Executor):
         self._loop_done.wait()
         wait_thread_gone(self._loop_native_id)
         self._loop.close()
+
+    def _cancel_queued(self, why: str) -> None:
+        """Cancel the submitted calls that have not started (``cancel_futures``): on
+        the loop, after every call handed to it so far, so none slips through."""
+
+        def cancel_on_loop() -> None:
+            for rec in list(self._calls.live):
+                if rec.state is not NodeState.RUNNING:
+                    self._sched.cancel_node(rec, why)
+
+        if not self._loop.is_closed():
+            done: Future[None] = Future()
+
+            def run() -> None:
+                try:
+                    cancel_on_loop()
+                finally:
+                    done.set_result(None)
+
+            self._sched.from_thread(run)
+            done.result()
+
+    def _flush_maps(self) -> None:
+        """Submit the rest of every unconsumed map of known length (:meth:`shutdown`)."""
+        for state in list(self._maps):
+            state.flush()
 
     @property
     def memory_floor(self) -> int:
@@ -457,13 +519,16 @@ class Runner(Executor):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # Leaving the block on an error or Ctrl-C must not wait for queued work.
-        self.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+        # Leaving the block on an error or Ctrl-C stops what runs (a scope: nothing
+        # started inside it outlives it), rather than wait for it.
+        if exc_type is not None:
+            self._cancel(None, f"the with block was left on {exc_type.__name__}")
+        self.shutdown(wait=True)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             with contextlib.suppress(Exception):  # best effort at interpreter exit
-                self.shutdown(wait=False, cancel_futures=True)
+                self.shutdown(wait=False)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

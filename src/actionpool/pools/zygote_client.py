@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import select
 import signal
@@ -146,6 +147,7 @@ class _Zygote:
             if mode == "fork":
                 if pools_loaded is None:
                     pools_loaded = _worker.native_pools_loaded()  # cheaper here than there
+                _flush_std_streams()
                 self.pid = os.fork()
                 if self.pid == 0:  # the zygote: this process had a single thread
                     try:
@@ -162,15 +164,28 @@ class _Zygote:
                     finally:
                         os._exit(1)
             else:
+                # This process's multiprocessing authkey, through a pipe (never argv
+                # or the environment, which other users may read), as multiprocessing's
+                # spawn passes it: without it a Manager's proxies cannot be used in
+                # the workers.
+                key_r, key_w = os.pipe()
+                try:
+                    os.write(key_w, bytes(multiprocessing.current_process().authkey))
+                finally:
+                    os.close(key_w)
                 args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
+                args.append(str(key_r))
                 # str entries only: the import system skips any other (JSON could not carry it)
                 args.append(json.dumps([p for p in sys.path if isinstance(p, str)]))
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-c", _LAUNCH, *args],
-                    pass_fds=(ctl_child.fileno(), notify_child.fileno()),
-                    env={**os.environ, **env},
-                    start_new_session=True,
-                )
+                try:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-c", _LAUNCH, *args],
+                        pass_fds=(ctl_child.fileno(), notify_child.fileno(), key_r),
+                        env={**os.environ, **env},
+                        start_new_session=True,
+                    )
+                finally:
+                    os.close(key_r)
                 self.pid = self.proc.pid
         except BaseException:
             ctl.close()
@@ -436,6 +451,7 @@ def _fork_first(
     never stops it), and runs the worker loop."""
     sock, child = socket.socketpair()
     try:
+        _flush_std_streams()
         pid = os.fork()
         if pid == 0:
             try:
@@ -491,3 +507,13 @@ def _kill_group(pid: int) -> None:
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _flush_std_streams() -> None:
+    """Flush this process's standard streams before a fork, as multiprocessing does:
+    text still in their buffers would otherwise be written again by every child that
+    flushes its copy (a worker does, when it exits)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, replaced by None, ...
+            if stream is not None:
+                stream.flush()
