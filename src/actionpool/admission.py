@@ -20,7 +20,7 @@ Concurrency contract. Everything here is owned by the scheduler's loop thread, e
   because the pool itself refuses a call when no worker is idle;
 * ``direct_started[kind]`` is written by submitting threads under the runner's lock;
 * ``direct_ended[kind]`` is written by any thread that ends a direct call, under
-  ``direct_lock`` (a leaf lock: nothing else is taken while it is held);
+  ``CallRun``'s lock (:mod:`actionpool.calls`), its only writer;
 * ``wants_slot[kind]`` is raised by the loop *before* it reads the slot counts, and an
   io thread that ends a direct call counts its slot *before* it reads the flag, so
   either the loop sees the slot or the thread sees the flag and wakes the loop.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -96,7 +95,6 @@ class Admission:
         self.free: dict[str, int] = dict(sizes)
         self.direct_started: dict[str, int] = dict.fromkeys(sizes, 0)
         self.direct_ended: dict[str, int] = dict.fromkeys(sizes, 0)
-        self.direct_lock = threading.Lock()
         self.wants_slot: dict[str, bool] = dict.fromkeys(sizes, False)
 
     def push(self, rec: NodeRecord) -> None:
@@ -124,11 +122,6 @@ class Admission:
         """An attempt of ``spec`` no longer holds its slots and memory."""
         self.free[spec.kind] += spec.threads
         self.mem_free += spec.memory or 0
-
-    def direct_ended_one(self, kind: str) -> None:
-        """A direct call of ``kind`` gave its slot back (any thread)."""
-        with self.direct_lock:
-            self.direct_ended[kind] += 1
 
     def memory_stale(self) -> bool:
         """Whether available memory should be read again before admitting more."""
@@ -174,10 +167,10 @@ class Admission:
     # ---- the dispatch loop (loop thread, except direct_ended_at) ----------------------
 
     def direct_ended_at(self, kind: str) -> None:
-        """A direct call of ``kind`` gave its slot back (from any thread). The loop is
-        woken only when it must act: a node may wait for that slot, or available
-        memory needs a fresh reading (:meth:`slot_freed`)."""
-        self.direct_ended_one(kind)
+        """A direct call of ``kind`` gave its slot back (from any thread; its caller
+        counted it in ``direct_ended``). The loop is woken only when it must act: a
+        node may wait for that slot, or available memory needs a fresh reading
+        (:meth:`slot_freed`)."""
         if asyncio._get_running_loop() is self.loop:
             self.slot_freed()
         elif self.wants_slot[kind] or self.memory_stale():

@@ -23,13 +23,12 @@ Concurrency contract:
 * ``direct`` (attempt -> call) says which direct calls are in flight, each with its
   :class:`CallState`; every move of a state is made under ``_moves``, so that of a
   result, a death and a cancel racing from three threads exactly one ends the call
-  (:meth:`CallRun._end_direct`, the one place that does); ``ended`` is counted under
-  ``_ended_lock``.
+  (:meth:`CallRun._end_direct`, the one place that does); ``ended`` and the
+  admission's ``direct_ended`` are counted under ``_moves`` too.
 
 Locks, in the order they may be taken: the runner's lock, then a pool's lock (inside
-``submit_if_idle``), then ``_moves`` (in ``before_send``); ``Admission.direct_lock``
-and ``_ended_lock`` are leaves. No lock is held while a future is set or a pool is
-asked to cancel.
+``submit_if_idle``), then ``_moves`` (in ``before_send``), a leaf otherwise. No lock
+is held while a future is set or a pool is asked to cancel.
 """
 
 from __future__ import annotations
@@ -185,11 +184,10 @@ class CallRun(RunBase):
         self.via_loop = 0
         self.taken = 0
         # Calls handed over (submitting threads, under the runner's lock) and ended
-        # (the loop, and io threads ending direct calls, under _ended_lock): equal
+        # (the loop, and io threads ending direct calls, under _moves): equal
         # when none is in flight, readable from any thread.
         self.handed = 0
         self.ended = 0
-        self._ended_lock = threading.Lock()
         # Direct calls in flight, by attempt: added by submitting threads (under the
         # runner's lock and a pool's), moved and removed under _moves (CallState).
         self.direct: dict[Attempt, _Direct] = {}
@@ -265,13 +263,16 @@ class CallRun(RunBase):
         its arena closes (unless a record takes it over), it counts as ended, its slot
         is given back (waking the loop only if a node waits for it), and only then it
         leaves :attr:`direct`, so that whoever sees it gone sees all of that done."""
+        kind = entry.spec.kind
         if close:
             if orphans:  # it may have made segments, then died
                 entry.arena.orphans_possible = True
             entry.arena.close()
-            with self._ended_lock:
-                self.ended += 1
-        self.sched.admission.direct_ended_at(entry.spec.kind)
+        admission = self.sched.admission
+        with self._moves:
+            self.ended += close
+            admission.direct_ended[kind] += 1
+        admission.direct_ended_at(kind)
         with self._moves:
             del self.direct[handle]
 
@@ -426,7 +427,7 @@ class CallRun(RunBase):
         try:
             self._end(rec)
         finally:
-            with self._ended_lock:
+            with self._moves:
                 self.ended += 1
 
     def _end(self, rec: NodeRecord) -> None:

@@ -54,7 +54,7 @@ Failure rules (DESIGN.md, "Failure", "Timeouts", "Crashes and recovery"):
   ones included.
 
 Concurrency contract: every method runs on the loop thread, except
-:meth:`Scheduler.from_thread` (any thread; ``_inbox_lock`` is a leaf lock),
+:meth:`Scheduler.from_thread` (any thread, without a lock: see there),
 :meth:`Scheduler.task` (pure) and what
 :class:`~actionpool.admission.Admission` says of its own fields.
 """
@@ -65,7 +65,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import threading
 import time
 import warnings
 import weakref
@@ -157,8 +156,7 @@ class Scheduler:
         self._seq = itertools.count(1)
         # Work handed over by other threads (from_thread): one loop wake-up per burst.
         self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._inbox_lock = threading.Lock()
-        self._inbox_woken = False
+        self._inbox_woken = False  # a drain is scheduled or running
 
     @property
     def memory_floor(self) -> int:
@@ -179,26 +177,30 @@ class Scheduler:
         Raises:
             RuntimeError: the loop is closed (the runner is gone).
         """
-        with self._inbox_lock:
-            self._inbox.append((fn, args))
-            if self._inbox_woken:
-                return  # a drain is on its way and takes this too
+        # No lock: a handing thread appends, then reads the flag; the drain clears the
+        # flag, then looks at the inbox once more. Whatever the interleaving, an item
+        # is seen by a drain that is running or by one its thread schedules; at worst
+        # a drain finds nothing to do.
+        self._inbox.append((fn, args))
+        if not self._inbox_woken:
             self._inbox_woken = True
-        self.loop.call_soon_threadsafe(self._drain_inbox)
+            self.loop.call_soon_threadsafe(self._drain_inbox)
 
     def _drain_inbox(self) -> None:
+        inbox = self._inbox
         while True:
-            with self._inbox_lock:
-                if not self._inbox:
-                    self._inbox_woken = False
-                    return
-                fn, args = self._inbox.popleft()
-            try:
-                fn(*args)
-            except Exception as exc:  # noqa: BLE001 - as a failing loop callback would be
-                self.loop.call_exception_handler(
-                    {"message": f"exception in {fn!r}", "exception": exc}
-                )
+            while inbox:
+                fn, args = inbox.popleft()
+                try:
+                    fn(*args)
+                except Exception as exc:  # noqa: BLE001 - as a failing loop callback would be
+                    self.loop.call_exception_handler(
+                        {"message": f"exception in {fn!r}", "exception": exc}
+                    )
+            self._inbox_woken = False
+            if not inbox:
+                return
+            self._inbox_woken = True
 
     def next_seq(self) -> int:
         """A sequence number for a new run (earlier runs dispatch first)."""
