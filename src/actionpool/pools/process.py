@@ -444,8 +444,9 @@ class ProcessPool:
         """Stop every worker and wait until each has exited.
 
         Args:
-            cancel: kill running attempts (their futures fail) instead of letting idle
-                workers finish; queued attempts are withdrawn either way.
+            cancel: kill running attempts (their futures fail with
+                :class:`~actionpool.WorkerCrashed`) instead of waiting for them to
+                finish; queued attempts are withdrawn either way.
             reap: also wait for the zygote processes to exit. False leaves that to
                 :meth:`reap`, so that the caller can close other things meanwhile:
                 each zygote exits on its own right after its last worker's exit
@@ -458,11 +459,11 @@ class ProcessPool:
                 _withdraw(att)
             self._pending.clear()
             for w in self._workers.values():
-                if cancel or w.attempt is not None:
+                if cancel:
                     if w.attempt is not None:
                         w.attempt.killed = w.attempt.killed or "cancel"
                     _kill_worker(w)
-                else:
+                else:  # a busy worker reads its stop after sending its result
                     _link.send_stop(w.conn)
             # each zygote exits after its last worker's notice; a first worker never
             # used comes back, to be stopped below
@@ -476,11 +477,13 @@ class ProcessPool:
             raise RuntimeError("the cpu pool cannot be closed from its own loop's thread")
         if first is not None:
             _end_first(first[0], first[1], first[3])
-        if not self._all_gone.wait(10):  # a worker ignored its stop: end it
+        # An idle worker exits at its stop at once; one that is still there 10 s on
+        # ignored it and is killed. A running attempt is waited for, however long.
+        while not self._all_gone.wait(10):
             with self._lock:
                 for w in self._workers.values():
-                    _kill_worker(w)
-            self._all_gone.wait()
+                    if w.attempt is None and w.state is not WorkerState.KILLED:
+                        _kill_worker(w)
         if idle and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing watches
                 self._reader.in_loop(self._unwatch_zygotes).result()
