@@ -189,3 +189,19 @@ def start_child_then_sleep(mark: str, seconds: float) -> None:
     Path(mark + ".part").write_text(f"{os.getpid()} {child.pid}")
     os.replace(mark + ".part", mark)  # whoever sees the file sees both pids
     time.sleep(seconds)
+
+
+def slow_from(i: int, first_slow: int, seconds: float) -> tuple[int, int]:
+    """``(i, this process's pid)``, after sleeping ``seconds`` when ``i >= first_slow``:
+    a map whose work is all in its second half."""
+    if i >= first_slow:
+        time.sleep(seconds)
+    return i, os.getpid()
+
+
+def touch_item(folder: str, i: int, seconds: float = 0.0) -> int:
+    """Sleep ``seconds``, then create ``folder/<i>``: a map whose side effects show
+    which items ran."""
+    time.sleep(seconds)
+    (Path(folder) / str(i)).touch()
+    return i

@@ -543,19 +543,28 @@ def test_map_of_a_list_tuple_or_range_sends_slices_with_the_same_results(
     seq = make(xs)
     it = shared.map(h.square, seq, chunksize=5)
     assert next(it) == 0
-    in_flight = [chunk for _, chunk in it._tasks.gi_frame.f_locals["pending"]]
+    in_flight = [chunk for _, chunk, _ in it._tasks.gi_frame.f_locals["pending"]]
     sliced = type(seq) in (list, tuple, range)
     assert in_flight and {type(c) for c in in_flight} == ({type(seq)} if sliced else {list})
     assert list(it) == [i * i for i in xs[1:]]
 
 
 def _sizes(b: _Batcher, n: int) -> list[int]:
-    return [len(c) for c in b.chunks(iter(range(n)))]
+    return [len(c) for c, _ in b.chunks(iter(range(n)))]
 
 
-def test_map_chunks_start_at_pools_size_and_grow_only_for_tiny_items() -> None:
-    # nothing measured yet: multiprocessing.Pool.map's ceil(n / (4 x workers)), to the end
-    assert _sizes(_Batcher(None, 2, 20_000, 100_000), 20_000) == [2500] * 8
+def test_map_chunks_start_at_an_even_share_with_a_budget_then_follow_the_measure() -> None:
+    # nothing measured yet: an even share per worker, each with a time budget
+    cold = _Batcher(None, 2, 20_000, 100_000)
+    assert [(len(c), b) for c, b in cold.chunks(iter(range(20_000)))] == [
+        (10_000, MAP_TARGET_CHUNK_S)
+    ] * 2
+    # measured (here: 1 ms an item): multiprocessing.Pool.map's ceil(n / (4 x workers))
+    # at most, cut to MAP_TARGET_CHUNK_S of work, with no budget; the rest of a
+    # budgeted chunk is cut the same way
+    cold.observe(elapsed=1e-3, count=1)
+    assert cold.budget() is None and cold.next_size() == int(MAP_TARGET_CHUNK_S / 1e-3)
+    assert [len(c) for c in cold.cut(range(120))] == [50, 50, 20]
     # tiny items (0.1 us): chunks grow to an even share per worker, not one item more
     tiny = {b"f": 1e-7}
     assert _sizes(_Batcher(None, 2, 20_000, 100_000, tiny, b"f"), 20_000) == [10_000] * 2

@@ -69,8 +69,8 @@ def map_calls(
         total = min(len(it) for it in iterables)  # type: ignore[arg-type]
     if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
         fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
-        calls: Iterator[tuple[Future[Any], Any]] = (
-            (runner._submit(spec, a, kwargs, fn_bytes), None) for a in items
+        calls: Iterator[_Call] = (
+            (runner._submit(spec, a, kwargs, fn_bytes), None, None) for a in items
         )
         state = MapState(calls, window or 2 * size, total is not None)
         return _map_results(runner, spec, kwargs, state, end, None)
@@ -98,13 +98,79 @@ def map_calls(
         spec.name,
         batcher.single,
     )
-    calls = (
-        (runner._submit(runs_chunk, (*head, chunk, kwargs), {}, chunk_fn), chunk)
-        for chunk in batcher.chunks(items, seq)
-    )
-    return _map_results(
-        runner, spec, kwargs, MapState(calls, tasks, total is not None), end, batcher
-    )
+    state = MapState(iter(()), tasks, total is not None)
+
+    def send(chunk: Any, budget: float | None, rest: bool = False) -> _Call:
+        """Submit one chunk; a chunk with a time ``budget`` may come back with only
+        its first items run, and :func:`_send_rest` then sends the others."""
+        fut = runner._submit(
+            runs_chunk, (*head, chunk, kwargs, budget), {}, chunk_fn, closing_ok=rest
+        )
+        hold = None
+        if budget is not None:
+            hold = _Rest()
+            state.holds.append(hold)
+            fut.add_done_callback(partial(_send_rest, state, batcher, send, chunk, hold))
+        return fut, chunk, hold
+
+    state.calls = (send(chunk, budget) for chunk, budget in batcher.chunks(items, seq))
+    return _map_results(runner, spec, kwargs, state, end, batcher)
+
+
+class _Rest:
+    """What became of the items a budgeted chunk did not run (:func:`_send_rest`).
+
+    ``ready`` is set once the chunk's future is done and its rest, if any, was sent:
+    ``rest`` then holds those calls, in input order, or ``error`` why they could not
+    be sent; ``rest`` stays None when the map was stopped first.
+    """
+
+    __slots__ = ("error", "ready", "rest")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.rest: list[_Call] | None = None
+        self.error: BaseException | None = None
+
+
+# A call of a map in flight: its future, its chunk of items (None for a map of
+# single calls), and for a budgeted chunk what became of the items it did not run.
+_Call = tuple["Future[Any]", Any, "_Rest | None"]
+
+
+def _send_rest(
+    state: MapState,
+    batcher: _Batcher,
+    send: Callable[[Any, float | None, bool], _Call],
+    chunk: Any,
+    hold: _Rest,
+    fut: Future[Any],
+) -> None:
+    """Done-callback of a budgeted chunk: send the items it did not run.
+
+    It runs in whichever thread ends the chunk's future (the scheduler's loop, or
+    the thread that waits for it), at once, so the rest runs whether or not anyone
+    iterates the map (``shutdown(wait=True)`` waits for it: the rest is submitted
+    before the chunk's call counts as ended); the thread that iterates the map puts
+    those calls after the chunk (:func:`_drain`).
+    """
+    try:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        elapsed, values, _errors = fut.result()
+        done = len(values)
+        if done >= len(chunk):
+            return
+        batcher.observe(elapsed, done)
+        with state.lock:
+            if state.stopped:
+                return
+            hold.rest = [send(piece, None, True) for piece in batcher.cut(chunk[done:])]
+            state.spawned.extend(call[0] for call in hold.rest)
+    except BaseException as exc:  # noqa: BLE001 - a done-callback's error would be lost
+        hold.error = exc
+    finally:
+        hold.ready.set()
 
 
 class MapState:
@@ -116,14 +182,35 @@ class MapState:
     threads at once).
     """
 
-    __slots__ = ("__weakref__", "calls", "lock", "pending", "sized", "window")
+    __slots__ = (
+        "__weakref__",
+        "calls",
+        "holds",
+        "lock",
+        "pending",
+        "sized",
+        "spawned",
+        "stopped",
+        "window",
+    )
 
-    def __init__(self, calls: Iterator[tuple[Future[Any], Any]], window: int, sized: bool) -> None:
+    def __init__(self, calls: Iterator[_Call], window: int, sized: bool) -> None:
         self.calls = calls
         self.window = window
         self.sized = sized  # the input's length is known: flush ends
-        self.pending: deque[tuple[Future[Any], Any]] = deque()
-        self.lock = threading.Lock()
+        self.pending: deque[_Call] = deque()
+        # Reentrant: a chunk whose future is already done when it is submitted runs
+        # its done-callback (_send_rest, which takes the lock) inside refill.
+        self.lock = threading.RLock()
+        self.stopped = False  # the map is over: no rest of a chunk is sent any more
+        self.spawned: list[Future[Any]] = []  # the rests' calls (stopped with the map)
+        self.holds: list[_Rest] = []  # one per budgeted chunk (the first ones only)
+
+    def sending(self) -> list[threading.Event]:
+        """The budgeted chunks whose rest may still have to be sent: a chunk's call
+        ends before its done-callback sends the rest, so :meth:`Runner.shutdown
+        <actionpool.Runner.shutdown>` waits for these, then for the calls again."""
+        return [h.ready for h in self.holds if not h.ready.is_set()]
 
     def refill(self) -> None:
         """Submit calls until ``window`` are in flight (or the input ends)."""
@@ -175,7 +262,7 @@ def _drain(
     pending = state.pending
     try:
         while pending:
-            fut, chunk = pending[0]
+            fut, chunk, hold = pending[0]
             left = None if end is None else max(0.0, end - time.monotonic())
             try:
                 value = fut.result(timeout=left)
@@ -189,15 +276,31 @@ def _drain(
                 continue
             pending.popleft()
             del fut  # it holds the value: only the list below may, while it is yielded
-            state.refill()  # before yielding, to keep workers busy
             if batcher is None:
+                state.refill()  # before yielding, to keep workers busy
                 values = [value]
                 del value
                 yield _popping(values)
                 continue
             elapsed, values, errors = value
             del value
-            batcher.observe(elapsed, len(values))
+            if hold is not None and len(values) < len(chunk):
+                # A budgeted chunk ran out of time: _send_rest sent the rest (and
+                # measured it), as calls that come next, before any later chunk.
+                left = None if end is None else max(0.0, end - time.monotonic())
+                if not hold.ready.wait(left):
+                    raise TimeoutError(f"map of {spec.name!r}: timed out")
+                if hold.error is not None:
+                    raise hold.error
+                if hold.rest is None and not errors:
+                    raise RuntimeError(
+                        f"map of {spec.name!r}: the rest of a chunk was not sent"
+                        " (the map was stopped)"
+                    )
+                pending.extendleft(reversed(hold.rest or ()))
+            else:
+                batcher.observe(elapsed, len(values))
+            state.refill()  # before yielding, to keep workers busy
             if not errors:
                 yield _popping(values)
             else:  # the items before the first failed one, then its error
@@ -209,8 +312,11 @@ def _drain(
         # However the iteration ends early (an action's error, the consumer's
         # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
         # stopped, the running ones too: their results have nobody to go to.
+        with state.lock:
+            state.stopped = True
         runner._maps.discard(state)
-        live = [f for f, _ in pending if not f.done()]
+        live = [f for f, _, _ in pending if not f.done()]
+        live += [f for f in state.spawned if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")
 
@@ -306,18 +412,26 @@ class _Batcher:
     def next_size(self) -> int:
         """Items for the next chunk.
 
-        Known length ``n``, per-item time ``p`` (seconds, measured): Pool's
-        ``ceil(n / (4 x workers))`` (four chunks per worker balance uneven items),
-        grown to ``MAP_MIN_CHUNK_S / p`` items if that is more, but never past an even
-        share ``ceil(n / workers)``; then at most ``MAP_TARGET_CHUNK_S / p``. Unknown
-        length: one item until one is measured, then ``MAP_TARGET_CHUNK_S / p``.
+        Known length ``n``, nothing measured yet: an even share ``ceil(n /
+        workers)``, sent with a time budget (:meth:`budget`), so that tiny items
+        need one task per worker and slow ones come back after
+        ``MAP_TARGET_CHUNK_S`` to be cut finer; but one item per task where Pool's
+        size below is 1 (at most four items per worker: little to save, and each
+        result comes as soon as its item is done). Known length, per-item time ``p``
+        (seconds, measured): Pool's ``ceil(n / (4 x workers))`` (four chunks per
+        worker balance uneven items), grown to ``MAP_MIN_CHUNK_S / p`` items if that
+        is more, but never past an even share; then at most ``MAP_TARGET_CHUNK_S /
+        p``. Unknown length: one item until one is measured, then
+        ``MAP_TARGET_CHUNK_S / p``.
         """
         if self.fixed is not None:
             return self.fixed
         p = self.per_item
         if self.start is not None:
             n = self.start
-            if p is not None and self.share is not None:
+            if p is None and self.share is not None and n > 1:
+                n = self.share
+            elif p is not None and self.share is not None:
                 tiny = int(MAP_MIN_CHUNK_S / max(p, 1e-9))
                 n = max(n, min(tiny, self.share))
                 n = min(n, max(1, int(MAP_TARGET_CHUNK_S / max(p, 1e-9))))
@@ -339,10 +453,30 @@ class _Batcher:
                     with contextlib.suppress(RuntimeError, KeyError, StopIteration):
                         del self.speeds[next(iter(self.speeds))]
 
+    def budget(self) -> float | None:
+        """Seconds the next chunk may run before its worker hands the rest back, or
+        None (run it whole): a chunk of a known-length input sized before any item
+        was measured (:meth:`next_size`) gets ``MAP_TARGET_CHUNK_S``."""
+        start = self.start
+        if self.fixed is None and self.per_item is None and start is not None and start > 1:
+            return MAP_TARGET_CHUNK_S
+        return None
+
+    def cut(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        """``items`` (the rest of a chunk) as slices sized by :meth:`next_size`."""
+        pos = 0
+        while pos < len(items):
+            size = self.next_size()
+            yield items[pos : pos + size]
+            pos += size
+
     single = False  # chunks hold plain items (one iterable), not argument tuples
 
-    def chunks(self, items: Iterator[Any], seq: Sequence[Any] | None = None) -> Iterator[Any]:
-        """The chunks of ``items``, sized by :meth:`next_size` as they are asked for.
+    def chunks(
+        self, items: Iterator[Any], seq: Sequence[Any] | None = None
+    ) -> Iterator[tuple[Any, float | None]]:
+        """The chunks of ``items``, sized by :meth:`next_size` as they are asked for,
+        each with its :meth:`budget`.
 
         ``seq``: the map's one input when it is a list, tuple or range. Its chunks are
         then slices of it, read at the same moment the iterator's would be: slicing
@@ -351,6 +485,7 @@ class _Batcher:
         """
         pos = 0
         while True:
+            budget = self.budget()
             if seq is not None:
                 chunk: Any = seq[pos : pos + self.next_size()]
                 pos += len(chunk)
@@ -360,7 +495,7 @@ class _Batcher:
                 return
             if self.left is not None:
                 self.left -= len(chunk)
-            yield chunk
+            yield chunk, budget
 
 
 class _MapIterator(Iterator[Any]):
@@ -402,15 +537,18 @@ def _run_chunk(
     wants_context: bool,
     name: str,
     single: bool,
-    chunk: list[Any],
+    chunk: Sequence[Any],
     kwargs: dict[str, Any],
+    budget: float | None = None,
 ) -> tuple[float, list[Any], dict[int, BaseException]]:
-    """Run an action (its pickled function) over a chunk of argument tuples.
+    """Run an action (its pickled function) over a chunk of items or argument tuples.
 
     Returns ``(seconds the chunk took, values, {index: exception})``; a failed item's
-    value is ``None``. The loop is tight (no per-item ``try`` or wrapper: this is what
-    a map of tiny calls spends its time on); after an error it resumes at the next
-    item, so no item ever runs twice.
+    value is ``None``. With a ``budget`` (seconds), the items run in runs of 1, 2, 4,
+    ... and the chunk stops after the first run that ends past the budget: ``values``
+    then covers only the first items, and the parent sends the others again
+    (:func:`_send_rest`). After an error it resumes at the next item, so no item ever
+    runs twice.
     """
     from ._worker import _function
 
@@ -420,9 +558,36 @@ def _run_chunk(
         fn = partial(_with_context, fn, name)
     values: list[Any] = []
     errors: dict[int, BaseException] = {}
+    if budget is None:
+        _run_items(fn, single, kwargs, chunk, values, errors)
+    else:
+        end = start + budget
+        pos, step = 0, 1
+        while pos < len(chunk):
+            _run_items(fn, single, kwargs, chunk[pos : pos + step], values, errors)
+            pos += step
+            if time.perf_counter() >= end:
+                break
+            step *= 2
+    return time.perf_counter() - start, values, errors
+
+
+def _run_items(
+    fn: Callable[..., Any],
+    single: bool,
+    kwargs: dict[str, Any],
+    items: Sequence[Any],
+    values: list[Any],
+    errors: dict[int, BaseException],
+) -> None:
+    """Append ``fn``'s value for each of ``items`` to ``values`` (``None`` and an entry
+    in ``errors``, by index in ``values``, for one that raised). The loops are tight
+    (no per-item ``try`` or wrapper): this is what a map of tiny calls spends its time
+    on."""
     append = values.append
-    rest = chunk
+    rest = items
     while rest:
+        first = len(values)
         try:
             if single and not kwargs:
                 for item in rest:
@@ -439,10 +604,9 @@ def _run_chunk(
         except Exception as exc:  # noqa: BLE001 - raised again in the parent at its item
             errors[len(values)] = exc
             append(None)
-            rest = chunk[len(values) :]
+            rest = rest[len(values) - first :]
         else:
             break
-    return time.perf_counter() - start, values, errors
 
 
 def _with_context(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:

@@ -215,6 +215,7 @@ class Runner(Executor):
         self._call_ids = itertools.count()
         self._runs: set[PlanRun] = set()
         self._closed = False
+        self._pools_closing = False  # set under _lock once shutdown has waited for calls
         self._closer: threading.Thread | None = None  # shutdown(wait=False)'s thread
         self._maps: weakref.WeakSet[MapState] = weakref.WeakSet()  # maps in progress
         self._lock = threading.Lock()
@@ -251,10 +252,16 @@ class Runner(Executor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         fn_bytes: bytes | None,
+        closing_ok: bool = False,
     ) -> Future[Any]:
-        """:meth:`submit`, with the function already pickled when ``fn_bytes`` is given."""
+        """:meth:`submit`, with the function already pickled when ``fn_bytes`` is given.
+
+        ``closing_ok``: also while :meth:`shutdown` waits for the calls in flight (the
+        rest of a map's chunk, which belongs to a call already made; see
+        :mod:`actionpool.maps`); refused once the pools are closing.
+        """
         fut: Future[Any] = CallFuture()
-        if self._closed:
+        if self._closed and not (closing_ok and not self._pools_closing):
             raise RuntimeError("cannot submit to a closed Runner")
         try:
             self._check_fits(spec, spec.name)
@@ -271,7 +278,7 @@ class Runner(Executor):
             fut.set_exception(exc)
             return fut
         with self._lock:
-            if self._closed:
+            if self._closed and not (closing_ok and not self._pools_closing):
                 arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
             if self._calls.start_direct(spec, call, arena, fut):
@@ -389,7 +396,17 @@ class Runner(Executor):
     def _close_now(self) -> None:
         """The end of :meth:`shutdown`: wait for what was submitted, then stop the pools
         (every worker process gone), the segments and the loop's thread."""
-        self._wait_idle()
+        while True:
+            self._wait_idle()
+            # a map's budgeted chunk that ended early sends the rest of its items from
+            # its done-callback, after its call counted as ended: wait, then wait again
+            sending = [ev for state in list(self._maps) for ev in state.sending()]
+            if not sending:
+                break
+            for ev in sending:
+                ev.wait()
+        with self._lock:
+            self._pools_closing = True
         for pool in self._pools.values():  # their workers gone; helpers reaped below
             pool.close(reap=False)
         self._segments.close()  # unlinks the reusable shared-memory segments
