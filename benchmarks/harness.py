@@ -61,14 +61,22 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def timed_median(fn: Callable[[], Any], k: int = 5, budget_s: float = 0.05) -> tuple[float, Any]:
+def timed_median(
+    fn: Callable[[], Any],
+    k: int = 5,
+    budget_s: float = 0.05,
+    setup: Callable[[], Any] | None = None,
+) -> tuple[float, Any]:
     """Median of up to ``k`` timings of ``fn`` and its last output; fewer once
     ``budget_s`` is spent (at least one). A map of a few milliseconds timed once per
-    round is one scheduling hiccup of a shared VM away from an outlier sample."""
+    round is one scheduling hiccup of a shared VM away from an outlier sample.
+    ``setup`` runs before each timing, untimed."""
     ts: list[float] = []
     out: Any = None
     end = time.perf_counter() + budget_s
     while len(ts) < k and (not ts or time.perf_counter() < end):
+        if setup is not None:
+            setup()
         t, out = timed(fn)
         ts.append(t)
     return statistics.median(ts), out
