@@ -304,13 +304,16 @@ class Runner(Executor):
         Tiny calls are batched automatically (``chunksize=None``), from the per-item
         time measured in the workers (joblib's ``batch_size="auto"`` idea; the
         runner remembers it per function, so a later map of the same function starts
-        from it). With the input's length ``n`` known, chunks hold
-        ``ceil(n / (4 x workers))`` items (``multiprocessing.Pool.map``'s rule),
-        grown for items so quick that a chunk would be under
-        :data:`MAP_MIN_CHUNK_S` seconds of work (up to ``ceil(n / workers)``), and
-        cut to :data:`MAP_TARGET_CHUNK_S` seconds of work for slow ones. With no
-        length, one item until one is measured, then :data:`MAP_TARGET_CHUNK_S`
-        seconds' worth.
+        from it). With the input's length ``n`` known and nothing measured yet, each
+        worker gets an even share, ``ceil(n / workers)`` items, which it runs until
+        :data:`MAP_TARGET_CHUNK_S` seconds have passed, handing the rest back to be
+        cut by the measure (one item per task when that share is at most four
+        items). Once measured, chunks hold ``ceil(n / (4 x workers))`` items
+        (``multiprocessing.Pool.map``'s rule), grown for items so quick that a
+        chunk would be under :data:`MAP_MIN_CHUNK_S` seconds of work (up to
+        ``ceil(n / workers)``), and cut to :data:`MAP_TARGET_CHUNK_S` seconds of
+        work for slow ones. With no length, one item until one is measured, then
+        :data:`MAP_TARGET_CHUNK_S` seconds' worth.
         Actions with a ``timeout``, ``retries`` or ``validate`` keep one task per item,
         so that those apply per call.
 
