@@ -148,7 +148,7 @@ def memcpy_contenders(a: np.ndarray) -> list[Contender]:
 
 def copy_step_contenders(a: np.ndarray) -> list[Contender]:
     """actionpool's copy of the array into shared memory, without the tasks."""
-    from actionpool.transfer import DEFAULT_SHM_THRESHOLD, Arena, SegmentPool
+    from actionpool.shm import DEFAULT_SHM_THRESHOLD, Arena, SegmentPool
 
     pool = SegmentPool(max_free=4 * a.nbytes)
     count = iter(range(1 << 62))

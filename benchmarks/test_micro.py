@@ -48,8 +48,9 @@ import actionpool as ap
 from actionpool.action import wire_form
 from actionpool.errors import StateConflict
 from actionpool.plan import Graph
+from actionpool.shm import DEFAULT_SHM_THRESHOLD, Arena
 from actionpool.state import merge_state
-from actionpool.transfer import DEFAULT_SHM_THRESHOLD, Arena, dumps_call, dumps_state, loads
+from actionpool.transfer import dumps_call, dumps_state, loads
 
 pytest.importorskip("pytest_benchmark")
 

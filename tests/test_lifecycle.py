@@ -26,7 +26,7 @@ from actionpool.planrun import PlanRun
 from actionpool.pools import NotStarted
 from actionpool.records import NodeRecord, NodeState
 from actionpool.scheduler import MOVES, TERMINAL, TRANSITIONS, Scheduler
-from actionpool.transfer import Arena
+from actionpool.shm import Arena
 
 P, R, X = NodeState.PENDING, NodeState.READY, NodeState.RUNNING
 

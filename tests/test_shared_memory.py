@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import actionpool as ap
-from actionpool.transfer import Arena, open_pool_segments, segment_of
+from actionpool.shm import Arena, open_pool_segments, segment_of
 from tests import fault_actions as fa
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,9 +202,9 @@ def where(a: np.ndarray) -> tuple[str | None, float]:
 
 
 def cached_pool_mappings() -> list[str]:
-    from actionpool import transfer
+    from actionpool import shm
 
-    return sorted(transfer._POOL_MAPPINGS)
+    return sorted(shm._POOL_MAPPINGS)
 
 
 def first_half(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 import actionpool as ap
-from actionpool.transfer import Arena, dumps, dumps_call, dumps_state, loads
+from actionpool.shm import Arena
+from actionpool.transfer import dumps, dumps_call, dumps_state, loads
 from tests.helpers import Unpicklable, add
 
 KINDS = ["cpu", "io"]
@@ -376,7 +377,7 @@ def _shm_exists(name: str) -> bool:
 def test_capacity_classes_waste_at_most_an_eighth_or_a_page():
     import mmap
 
-    from actionpool.transfer import capacity_for
+    from actionpool.shm import capacity_for
 
     for size in [0, 1, 4095, 4097, MiB - 1, MiB, MiB + 1, 50_000_000, 3 * 10**9 + 7]:
         cap = capacity_for(size)
@@ -388,7 +389,7 @@ def test_capacity_classes_waste_at_most_an_eighth_or_a_page():
 def test_pool_reuses_a_released_segment_and_copies_into_it():
     import numpy as np
 
-    from actionpool.transfer import SegmentPool
+    from actionpool.shm import SegmentPool
 
     pool = SegmentPool(max_free=100 * MiB)
     try:
@@ -416,7 +417,7 @@ def test_a_large_buffer_is_copied_by_several_threads_byte_for_byte():
 
     import numpy as np
 
-    from actionpool.transfer import COPY_CHUNK, SegmentPool
+    from actionpool.shm import COPY_CHUNK, SegmentPool
 
     size = 3 * COPY_CHUNK + 12_345  # pieces on page boundaries, and a ragged last one
     pool = SegmentPool(max_free=100 * size, copy_threads=3)
@@ -446,7 +447,7 @@ def test_a_large_buffer_is_copied_by_several_threads_byte_for_byte():
 def test_pool_keeps_at_most_max_free_bytes_and_says_which_it_unlinked():
     import numpy as np
 
-    from actionpool.transfer import SegmentPool, capacity_for
+    from actionpool.shm import SegmentPool, capacity_for
 
     told: list[str] = []
     pool = SegmentPool(max_free=2 * capacity_for(MiB), on_unlink=told.append)
@@ -473,7 +474,7 @@ def test_arena_returns_its_segment_to_the_pool_unless_a_view_still_uses_it():
 
     import numpy as np
 
-    from actionpool.transfer import Arena, SegmentPool
+    from actionpool.shm import Arena, SegmentPool
 
     pool = SegmentPool(max_free=100 * MiB)
     try:

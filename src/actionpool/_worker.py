@@ -47,16 +47,8 @@ from typing import Any, NamedTuple
 from . import _link
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
-from .transfer import (
-    Arena,
-    Packed,
-    arena_for,
-    dumps,
-    forget,
-    keep_mappings,
-    loads,
-    unlink_worker_segments,
-)
+from .shm import Arena, arena_for, forget, keep_mappings, unlink_worker_segments
+from .transfer import Packed, dumps, loads
 
 __all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
 
@@ -73,7 +65,7 @@ class Task(NamedTuple):
     wants_state: bool
     state: Packed | None  # the run's state, pickled once per run
     call: Packed  # (function bytes, args, kwargs), pickled by transfer.dumps_call
-    shm_prefix: str  # the run's shared-memory arena (transfer.Arena)
+    shm_prefix: str  # the run's shared-memory arena (shm.Arena)
     shm_threshold: int | None  # bytes from which buffers travel through shared memory
     blas_threads: int  # BLAS/OpenMP threads for this attempt (threads x per-slot cap)
     announce: bool = True  # send a "started" message (else only the start page knows)

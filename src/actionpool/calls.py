@@ -49,7 +49,8 @@ from .errors import ActionFailed
 from .pools import NotStarted
 from .records import NodeRecord, NodeState, RunBase
 from .scheduler import MAX_STARTUP_DEATHS, Scheduler, action_error, unpickling_failed
-from .transfer import Arena, Packed
+from .shm import Arena
+from .transfer import Packed
 
 if TYPE_CHECKING:
     from .pools import Attempt

@@ -27,8 +27,9 @@ from .events import Event
 from .outcome import Outcome, Report, RunStatus, Status
 from .plan import Graph, Node, resolve
 from .scheduler import TERMINAL, NodeRecord, NodeState, RunBase, Scheduler
+from .shm import Arena
 from .state import merge_state
-from .transfer import Arena, Packed
+from .transfer import Packed
 
 __all__ = ["PlanRun", "check_failure_policy", "run_status"]
 

@@ -16,7 +16,8 @@ from .action import ActionSpec
 from .errors import SerializationError
 from .events import Event
 from .plan import Node
-from .transfer import Arena, Packed
+from .shm import Arena
+from .transfer import Packed
 
 if TYPE_CHECKING:
     from .pools import Attempt

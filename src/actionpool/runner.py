@@ -63,17 +63,9 @@ from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
 from .records import NodeRecord, NodeState
 from .scheduler import Scheduler
+from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, pool_free_limit
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
-from .transfer import (
-    DEFAULT_SHM_THRESHOLD,
-    MAX_COPY_THREADS,
-    Arena,
-    Packed,
-    SegmentPool,
-    dumps_call,
-    dumps_state,
-    pool_free_limit,
-)
+from .transfer import Packed, dumps_call, dumps_state
 
 __all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "Runner", "_Batcher"]
 

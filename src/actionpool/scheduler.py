@@ -82,7 +82,8 @@ from .outcome import Status
 from .plan import Node
 from .pools import NotStarted
 from .records import NodeRecord, NodeState, RunBase
-from .transfer import Arena, Packed, dumps_call, dumps_function
+from .shm import Arena
+from .transfer import Packed, dumps_call, dumps_function
 
 if TYPE_CHECKING:
     from .pools import Attempt, Pool
