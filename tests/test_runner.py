@@ -574,7 +574,9 @@ def test_map_chunks_start_at_an_even_share_with_a_budget_then_follow_the_measure
     assert _sizes(_Batcher(None, 2, 20_000, 100_000, slow, b"f"), 20_000)[:3] == [target] * 3
     # unknown length: one item until one is measured
     assert _Batcher(None, 2, None, 100_000).next_size() == 1
-    assert _Batcher(None, 2, None, 100_000, tiny, b"f").next_size() == 100_000  # the cap
+    # then 50 ms of work, at most a worker's share of the largest chunk, so that an
+    # input that ends within one chunk still uses both workers
+    assert _Batcher(None, 2, None, 100_000, tiny, b"f").next_size() == 50_000
     # a fixed chunksize is the caller's
     assert _sizes(_Batcher(7, 2, 20, 100_000, tiny, b"f"), 20) == [7, 7, 6]
 

@@ -437,7 +437,7 @@ class _Batcher:
         worker balance uneven items), grown to ``MAP_MIN_CHUNK_S / p`` items if that
         is more, but never past an even share; then at most ``MAP_TARGET_CHUNK_S /
         p``. Unknown length: one item until one is measured, then
-        ``MAP_TARGET_CHUNK_S / p``.
+        ``MAP_TARGET_CHUNK_S / p``, at most ``cap // workers`` items.
         """
         if self.fixed is not None:
             return self.fixed
@@ -453,7 +453,9 @@ class _Batcher:
         elif p is None:
             return 1  # unknown length: measure before batching, as joblib does
         else:
-            n = int(MAP_TARGET_CHUNK_S / max(p, 1e-9))
+            # at most a worker's share of the largest chunk: an input that ends
+            # within one chunk (of unknown length, it may) still uses every worker
+            n = min(int(MAP_TARGET_CHUNK_S / max(p, 1e-9)), max(1, self.cap // self.workers))
         return max(1, min(n, self.cap))
 
     def observe(self, elapsed: float, count: int) -> None:
