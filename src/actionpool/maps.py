@@ -369,7 +369,8 @@ def _rerun_chunk(
 MAP_TARGET_CHUNK_S = 0.05
 """Seconds of work an automatic ``map`` chunk aims at at most: long enough that what a
 task costs the parent is a small fraction of it, short enough to balance workers and
-stream results (docs/performance.md, "map")."""
+stream results (docs/performance.md, "map"). Also the budget of a chunk sized before
+any item was measured, after which its worker hands the rest back."""
 
 MAP_MIN_CHUNK_S = 0.003
 """Seconds of work below which an automatic ``map`` chunk grows past
