@@ -166,7 +166,6 @@ def _send_rest(
             if state.stopped:
                 return
             hold.rest = [send(piece, None, True) for piece in batcher.cut(chunk[done:])]
-            state.spawned.extend(call[0] for call in hold.rest)
     except BaseException as exc:  # noqa: BLE001 - a done-callback's error would be lost
         hold.error = exc
     finally:
@@ -189,7 +188,6 @@ class MapState:
         "lock",
         "pending",
         "sized",
-        "spawned",
         "stopped",
         "window",
     )
@@ -203,7 +201,6 @@ class MapState:
         # its done-callback (_send_rest, which takes the lock) inside refill.
         self.lock = threading.RLock()
         self.stopped = False  # the map is over: no rest of a chunk is sent any more
-        self.spawned: list[Future[Any]] = []  # the rests' calls (stopped with the map)
         self.holds: list[_Rest] = []  # one per budgeted chunk (the first ones only)
 
     def sending(self) -> list[threading.Event]:
@@ -211,6 +208,10 @@ class MapState:
         ends before its done-callback sends the rest, so :meth:`Runner.shutdown
         <actionpool.Runner.shutdown>` waits for these, then for the calls again."""
         return [h.ready for h in self.holds if not h.ready.is_set()]
+
+    def rests(self) -> list[Future[Any]]:
+        """The calls sent for the rests of budgeted chunks (stopped with the map)."""
+        return [call[0] for h in self.holds for call in h.rest or ()]
 
     def refill(self) -> None:
         """Submit calls until ``window`` are in flight (or the input ends)."""
@@ -331,7 +332,7 @@ def _drain(
             state.stopped = True
         runner._maps.discard(state)
         live = [f for f, _, _ in pending if not f.done()]
-        live += [f for f in state.spawned if not f.done()]
+        live += [f for f in state.rests() if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")
 
@@ -443,11 +444,9 @@ class _Batcher:
         if self.fixed is not None:
             return self.fixed
         p = self.per_item
-        if self.start is not None:
-            n = self.start
-            if p is None and self.share is not None and n > 1:
-                n = self.share
-            elif p is not None and self.share is not None:
+        if self.start is not None and self.share is not None:
+            n = self.share if self._probing() else self.start
+            if p is not None:
                 tiny = int(MAP_MIN_CHUNK_S / max(p, 1e-9))
                 n = max(n, min(tiny, self.share))
                 n = min(n, max(1, int(MAP_TARGET_CHUNK_S / max(p, 1e-9))))
@@ -471,14 +470,17 @@ class _Batcher:
                     with contextlib.suppress(RuntimeError, KeyError, StopIteration):
                         del self.speeds[next(iter(self.speeds))]
 
+    def _probing(self) -> bool:
+        """Whether the next chunk is an even share sized before any item was measured
+        (known length, automatic size, Pool's size above 1): see :meth:`next_size`."""
+        start = self.start
+        return self.fixed is None and self.per_item is None and start is not None and start > 1
+
     def budget(self) -> float | None:
         """Seconds the next chunk may run before its worker hands the rest back, or
-        None (run it whole): a chunk of a known-length input sized before any item
-        was measured (:meth:`next_size`) gets ``MAP_TARGET_CHUNK_S``."""
-        start = self.start
-        if self.fixed is None and self.per_item is None and start is not None and start > 1:
-            return MAP_TARGET_CHUNK_S
-        return None
+        None (run it whole): ``MAP_TARGET_CHUNK_S`` for a chunk sized before any item
+        was measured (:meth:`next_size`)."""
+        return MAP_TARGET_CHUNK_S if self._probing() else None
 
     def cut(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         """``items`` (the rest of a chunk) as slices sized by :meth:`next_size`."""

@@ -253,7 +253,7 @@ class Runner(Executor):
         :mod:`actionpool.maps`); refused once the pools are closing.
         """
         fut: Future[Any] = CallFuture()
-        if self._closed and not (closing_ok and not self._pools_closing):
+        if self._refuses(closing_ok):
             raise RuntimeError("cannot submit to a closed Runner")
         try:
             self._check_fits(spec, spec.name)
@@ -270,7 +270,7 @@ class Runner(Executor):
             fut.set_exception(exc)
             return fut
         with self._lock:
-            if self._closed and not (closing_ok and not self._pools_closing):
+            if self._refuses(closing_ok):
                 arena.close()
                 raise RuntimeError("cannot submit to a closed Runner")
             if self._calls.start_direct(spec, call, arena, fut):
@@ -278,6 +278,10 @@ class Runner(Executor):
             rec = self._calls.record(spec, call, arena, fut)
             self._sched.from_thread(self._calls.add, rec, args, kwargs)
         return fut
+
+    def _refuses(self, closing_ok: bool) -> bool:
+        """Whether a call submitted now is refused (see :meth:`_submit`)."""
+        return self._closed and (not closing_ok or self._pools_closing)
 
     def map(
         self,
