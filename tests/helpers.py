@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 import actionpool as ap
 
@@ -205,3 +208,27 @@ def touch_item(folder: str, i: int, seconds: float = 0.0) -> int:
     time.sleep(seconds)
     (Path(folder) / str(i)).touch()
     return i
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Wait for an event outside this process (a file, a process exit), up to
+    ``timeout`` seconds; ``what`` names it in the failure."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts: it runs nothing more)."""
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pid_in(path: Path) -> int:
+    """The pid an action wrote to ``path``, once it is there."""
+    wait_for(lambda: path.exists() and path.read_text().strip().isdigit(), what=f"a pid in {path}")
+    return int(path.read_text())

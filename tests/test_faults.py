@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
 
-import psutil
 import pytest
 
 import actionpool as ap
@@ -28,31 +27,10 @@ from actionpool.pools import NotStarted
 from actionpool.pools.process import ProcessPool
 from actionpool.transfer import dumps_call
 from tests import fault_actions as fa
-from tests.helpers import Unpicklable
+from tests.helpers import Unpicklable, gone, pid_in, wait_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Wait for an event outside this process (a file, a process exit), up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(0.01)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def pid_in(path: Path) -> int:
-    wait_for(lambda: path.exists() and path.read_text().strip().isdigit())
-    return int(path.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import actionpool as ap
@@ -37,26 +36,6 @@ def emit_twice(ctx: ap.Context) -> int:
 def touch(path: str) -> int:
     Path(path).write_text("ran")
     return os.getpid()
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Wait for an event outside this process, up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.01)
-
-
-def pid_in(path: Path) -> int:
-    wait_for(lambda: path.exists() and path.read_text().strip().isdigit(), f"a pid in {path}")
-    return int(path.read_text())
-
-
-def gone(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture(params=["auto", "fresh"])
@@ -82,7 +61,7 @@ def gated(pool: ProcessPool, tmp_path: Path, tag: str) -> tuple[ProcessAttempt, 
     runs) and the release file."""
     mark, release = tmp_path / f"{tag}.mark", tmp_path / f"{tag}.release"
     att = pool.submit(h.task_for(h.gate, (str(mark), str(release))))
-    return att, pid_in(mark), release
+    return att, h.pid_in(mark), release
 
 
 def test_an_attempt_reports_its_start_its_events_in_order_and_its_result(
@@ -121,7 +100,7 @@ def test_submit_if_idle_takes_a_task_only_while_a_worker_is_free(
     mark, release = tmp_path / "mark", tmp_path / "release"
     first = pool1.submit_if_idle(h.task_for(h.gate, (str(mark), str(release))))
     assert first is not None
-    assert pid_in(mark) == pid
+    assert h.pid_in(mark) == pid
     assert pool1.submit_if_idle(h.task_for(h.pid)) is None  # its one worker is busy
     release.touch()
     assert h.result_value(first.future.result(timeout=60)) == pid
@@ -151,7 +130,7 @@ def test_cancel_kills_a_running_attempt_and_its_worker_takes_nothing_more(
     err = running.future.exception(timeout=60)
     assert isinstance(err, ap.WorkerCrashed) and "killed to stop it (cancel)" in str(err)
     assert running.killed == "cancel" and err.signal == signal.SIGKILL
-    wait_for(lambda: gone(old), "the killed worker's exit")
+    h.wait_for(lambda: h.gone(old), what="the killed worker's exit")
     # the queued attempt ran in a fresh worker, never in the one being killed
     assert h.result_value(queued.future.result(timeout=60)) != old
 
@@ -187,13 +166,13 @@ def test_close_lets_a_running_attempt_finish(tmp_path: Path) -> None:
     closer = threading.Thread(target=pool.close)
     closer.start()
     try:
-        wait_for(lambda: queued.future.done(), "the queued attempt's withdrawal")
+        h.wait_for(lambda: queued.future.done(), what="the queued attempt's withdrawal")
         assert queued.future.cancelled()
         assert closer.is_alive() and not running.future.done()
         release.touch()
         assert h.result_value(running.future.result(timeout=60)) == pid
         closer.join(60)
-        assert not closer.is_alive() and pool.pids() == [] and gone(pid)
+        assert not closer.is_alive() and pool.pids() == [] and h.gone(pid)
     finally:
         release.touch()
         closer.join(60)
@@ -210,7 +189,7 @@ def test_close_with_cancel_kills_running_attempts_and_leaves_no_process(
     for att in (first, second):
         err = att.future.exception(timeout=0)
         assert isinstance(err, ap.WorkerCrashed) and att.killed == "cancel"
-    assert pool.pids() == [] and all(gone(p) for p in (a, b, *zygotes))
+    assert pool.pids() == [] and all(h.gone(p) for p in (a, b, *zygotes))
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(h.task_for(h.pid))
     assert pool.submit_if_idle(h.task_for(h.pid)) is None
