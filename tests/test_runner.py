@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextlib
 import gc
 import itertools
+import math
 import os
 import signal
 import threading
@@ -19,7 +20,12 @@ import psutil
 import pytest
 
 import actionpool as ap
-from actionpool.runner import MAP_TARGET_CHUNK_S, _Batcher
+from actionpool.maps import (
+    MAP_ITEM_WIRE_S,
+    MAP_TARGET_CHUNK_S,
+    MAP_TASK_COST_S,
+    _Batcher,
+)
 from tests import fault_actions as fa
 from tests import helpers as h
 
@@ -559,15 +565,26 @@ def test_map_chunks_start_at_an_even_share_with_a_budget_then_follow_the_measure
     assert [(len(c), b) for c, b in cold.chunks(iter(range(20_000)))] == [
         (10_000, MAP_TARGET_CHUNK_S)
     ] * 2
+    # ... unless the input is long: then the pipelined size, about sqrt(n x
+    # MAP_TASK_COST_S / (2 x workers x MAP_ITEM_WIRE_S)) items, a whole number of
+    # chunks per worker
+    big = _Batcher(None, 2, 1_000_000, 100_000)
+    best = math.sqrt(1_000_000 * MAP_TASK_COST_S / (2 * 2 * MAP_ITEM_WIRE_S))
+    n = big.next_size()
+    assert best <= n < 2 * best and big.budget() == MAP_TARGET_CHUNK_S
+    sizes = _sizes(_Batcher(None, 2, 1_000_000, 100_000), 1_000_000)
+    assert len(sizes) % 2 == 0 and len(set(sizes[:-1])) == 1 and sum(sizes) == 1_000_000
     # measured (here: 1 ms an item): multiprocessing.Pool.map's ceil(n / (4 x workers))
     # at most, cut to MAP_TARGET_CHUNK_S of work, with no budget; the rest of a
     # budgeted chunk is cut the same way
     cold.observe(elapsed=1e-3, count=1)
     assert cold.budget() is None and cold.next_size() == int(MAP_TARGET_CHUNK_S / 1e-3)
     assert [len(c) for c in cold.cut(range(120))] == [50, 50, 20]
-    # tiny items (0.1 us): chunks grow to an even share per worker, not one item more
+    # tiny items (0.1 us): chunks grow to an even share per worker, not one item more,
+    # and for a long map stay at the pipelined size
     tiny = {b"f": 1e-7}
     assert _sizes(_Batcher(None, 2, 20_000, 100_000, tiny, b"f"), 20_000) == [10_000] * 2
+    assert _sizes(_Batcher(None, 2, 1_000_000, 100_000, tiny, b"f"), 1_000_000) == sizes
     # 1 ms items: Pool's size is already past MAP_MIN_CHUNK_S; MAP_TARGET_CHUNK_S caps it
     slow = {b"f": 1e-3}
     target = int(MAP_TARGET_CHUNK_S / 1e-3)

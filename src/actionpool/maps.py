@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -36,7 +37,15 @@ if TYPE_CHECKING:
 
     from .runner import Runner
 
-__all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "MapState", "map_calls"]
+__all__ = [
+    "MAP_ITEM_WIRE_S",
+    "MAP_MAX_CHUNK",
+    "MAP_MIN_CHUNK_S",
+    "MAP_TARGET_CHUNK_S",
+    "MAP_TASK_COST_S",
+    "MapState",
+    "map_calls",
+]
 
 
 def map_calls(
@@ -374,10 +383,19 @@ stream results (docs/performance.md, "map"). Also the budget of a chunk sized be
 any item was measured, after which its worker hands the rest back."""
 
 MAP_MIN_CHUNK_S = 0.003
-"""Seconds of work below which an automatic ``map`` chunk grows past
-``multiprocessing.Pool``'s size (up to an even share per worker of the items): about
-ten times what a task costs the parent (docs/performance.md), so that tiny calls are
-not dominated by their tasks."""
+"""Seconds of work below which a measured ``map`` chunk grows past
+``multiprocessing.Pool``'s size (within :meth:`_Batcher._pipelined`): about ten
+times what a task costs the parent (``MAP_TASK_COST_S``), so that tiny calls are not
+dominated by their tasks."""
+
+MAP_TASK_COST_S = 0.0003
+"""Seconds a ``map`` task costs the parent beyond its items (docs/performance.md,
+"map"); sizes chunks with ``MAP_ITEM_WIRE_S`` (:meth:`_Batcher._pipelined`)."""
+
+MAP_ITEM_WIRE_S = 5e-8
+"""Seconds the parent spends on a small item of a ``map`` beyond its call: pickling
+its argument and unpickling its result (docs/performance.md, "map")."""
+
 
 MAP_MAX_CHUNK = 100_000
 
@@ -418,6 +436,7 @@ class _Batcher:
         self.left = total
         # multiprocessing.Pool.map's chunksize, ceil(n / (4 x workers)): kept to the end
         # (a share of what is *left* would shrink chunks into a tail of tiny tasks)
+        self.total = total
         self.start = None if total is None else -(-total // (4 * workers))
         self.share = None if total is None else -(-total // workers)  # an even share
         self.speeds = speeds
@@ -429,27 +448,27 @@ class _Batcher:
     def next_size(self) -> int:
         """Items for the next chunk.
 
-        Known length ``n``, nothing measured yet: an even share ``ceil(n /
-        workers)``, sent with a time budget (:meth:`budget`), so that tiny items
-        need one task per worker and slow ones come back after
-        ``MAP_TARGET_CHUNK_S`` to be cut finer; but one item per task where Pool's
-        size below is 1 (at most four items per worker: little to save, and each
-        result comes as soon as its item is done). Known length, per-item time ``p``
-        (seconds, measured): Pool's ``ceil(n / (4 x workers))`` (four chunks per
-        worker balance uneven items), grown to ``MAP_MIN_CHUNK_S / p`` items if that
-        is more, but never past an even share; then at most ``MAP_TARGET_CHUNK_S /
-        p``. Unknown length: one item until one is measured, then
-        ``MAP_TARGET_CHUNK_S / p``, at most ``cap // workers`` items.
+        Known length ``n``: at most :meth:`_pipelined` items, so that the parent's
+        pickling of the first chunks and unpickling of the last ones stays short.
+        Nothing measured yet: that many, sent with a time budget (:meth:`budget`),
+        so that tiny items need few tasks and slow ones come back after
+        ``MAP_TARGET_CHUNK_S`` to be cut finer; but one item per task where
+        ``multiprocessing.Pool``'s size ``ceil(n / (4 x workers))`` is 1 (at most
+        four items per worker: little to save, and each result comes as soon as
+        its item is done). Per-item time ``p`` measured (seconds): Pool's size,
+        grown to ``MAP_MIN_CHUNK_S / p`` items if that is more (tiny items), and
+        within :meth:`_pipelined`; then at most ``MAP_TARGET_CHUNK_S / p``. Unknown
+        length: one item until one is measured, then ``MAP_TARGET_CHUNK_S`` of
+        work, at most ``cap // workers`` items.
         """
         if self.fixed is not None:
             return self.fixed
         p = self.per_item
         if self.start is not None and self.share is not None:
-            n = self.share if self._probing() else self.start
+            n = self._pipelined() if self._probing() else self.start
             if p is not None:
-                tiny = int(MAP_MIN_CHUNK_S / max(p, 1e-9))
-                n = max(n, min(tiny, self.share))
-                n = min(n, max(1, int(MAP_TARGET_CHUNK_S / max(p, 1e-9))))
+                n = max(n, int(MAP_MIN_CHUNK_S / max(p, 1e-9)))
+                n = min(n, self._pipelined(), int(MAP_TARGET_CHUNK_S / max(p, 1e-9)))
         elif p is None:
             return 1  # unknown length: measure before batching, as joblib does
         else:
@@ -457,6 +476,27 @@ class _Batcher:
             # within one chunk (of unknown length, it may) still uses every worker
             n = min(int(MAP_TARGET_CHUNK_S / max(p, 1e-9)), max(1, self.cap // self.workers))
         return max(1, min(n, self.cap))
+
+    def _pipelined(self) -> int:
+        """The chunk size, in items, that keeps the workers busiest for a map of
+        ``total`` items on ``workers`` workers, whatever the calls cost.
+
+        The parent pickles a chunk whole before its worker starts on it, and
+        unpickles a result whole before the caller sees its values, so the first
+        chunks and the last results cost ``n x MAP_ITEM_WIRE_S`` each on the
+        critical path (``n`` items a chunk), and each of the ``total / n`` tasks
+        costs ``MAP_TASK_COST_S`` (``task``). Their sum, ``total x task / (workers x
+        n) + 2 x n x wire``, is least at ``n = sqrt(total x task / (2 x workers x
+        wire))``: an even share per worker up to tens of thousands of items, then
+        more chunks, growing as the square root of the map. The chunk count is
+        rounded down to a multiple of the workers (so that they end together; at
+        the margin a task's cost is certain and the gain is not). The model and its
+        fit: docs/performance.md, "map".
+        """
+        total, workers = self.total or 1, self.workers
+        best = math.sqrt(total * MAP_TASK_COST_S / (2 * workers * MAP_ITEM_WIRE_S))
+        rounds = max(1, int(total / (workers * best)))  # chunks per worker
+        return -(-total // (rounds * workers))
 
     def observe(self, elapsed: float, count: int) -> None:
         """A chunk of ``count`` items took ``elapsed`` seconds in its worker."""
@@ -601,29 +641,21 @@ def _run_items(
     errors: dict[int, BaseException],
 ) -> None:
     """Append ``fn``'s value for each of ``items`` to ``values`` (``None`` and an entry
-    in ``errors``, by index in ``values``, for one that raised). The loops are tight
-    (no per-item ``try`` or wrapper): this is what a map of tiny calls spends its time
-    on."""
-    append = values.append
+    in ``errors``, by index in ``values``, for one that raised). The loop runs in C
+    (``list.extend`` over ``map``/``starmap``, no per-item ``try`` or wrapper): this is
+    what a map of tiny calls spends its time on. ``extend`` keeps the values it
+    appended before a raise, so the failed item's index is ``len(values)``."""
+    if kwargs:
+        fn = partial(fn, **kwargs)
+    each = map if single else itertools.starmap
     rest = items
     while rest:
         first = len(values)
         try:
-            if single and not kwargs:
-                for item in rest:
-                    append(fn(item))
-            elif single:
-                for item in rest:
-                    append(fn(item, **kwargs))
-            elif kwargs:
-                for args in rest:
-                    append(fn(*args, **kwargs))
-            else:
-                for args in rest:
-                    append(fn(*args))
+            values.extend(each(fn, rest))
         except Exception as exc:  # noqa: BLE001 - raised again in the parent at its item
             errors[len(values)] = exc
-            append(None)
+            values.append(None)
             rest = rest[len(values) - first :]
         else:
             break

@@ -51,6 +51,7 @@ from .maps import (
     MAP_MAX_CHUNK,
     MAP_MIN_CHUNK_S,
     MAP_TARGET_CHUNK_S,
+    MAP_TASK_COST_S,
     MapState,
     _Batcher,
     map_calls,
@@ -67,7 +68,14 @@ from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, po
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
 from .transfer import Packed, dumps_call, dumps_state
 
-__all__ = ["MAP_MAX_CHUNK", "MAP_MIN_CHUNK_S", "MAP_TARGET_CHUNK_S", "Runner", "_Batcher"]
+__all__ = [
+    "MAP_MAX_CHUNK",
+    "MAP_MIN_CHUNK_S",
+    "MAP_TARGET_CHUNK_S",
+    "MAP_TASK_COST_S",
+    "Runner",
+    "_Batcher",
+]
 
 T = TypeVar("T")
 
@@ -308,8 +316,11 @@ class Runner(Executor):
         (``multiprocessing.Pool.map``'s rule), grown for items so quick that a
         chunk would be under :data:`MAP_MIN_CHUNK_S` seconds of work (up to
         ``ceil(n / workers)``), and cut to :data:`MAP_TARGET_CHUNK_S` seconds of
-        work for slow ones. With no length, one item until one is measured, then
-        :data:`MAP_TARGET_CHUNK_S` seconds' worth.
+        work for slow ones. A long map of quick items is cut finer than an even
+        share, in either case: into about ``sqrt(n)`` chunks, so that the parent's
+        pickling of the first chunks and unpickling of the last results do not
+        hold the workers back (:data:`MAP_TASK_COST_S`). With no length, one item
+        until one is measured, then :data:`MAP_TARGET_CHUNK_S` seconds' worth.
         Actions with a ``timeout``, ``retries`` or ``validate`` keep one task per item,
         so that those apply per call.
 
