@@ -935,9 +935,11 @@ def test_progress_true_draws_a_tqdm_bar_to_the_end(
     assert "actionpool" in err and "5/5" in err
 
 
-def test_backend_other_than_local_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="backend must be 'local'"):
-        ap.Runner(backend="dask")
+def test_an_unknown_backend_or_a_dask_option_without_dask_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match=r"backend must be one of \('local', 'dask'\), got 'ray'"):
+        ap.Runner(backend="ray")
+    with pytest.raises(ValueError, match="address, io_on_cluster need backend='dask'"):
+        ap.Runner(address="tcp://127.0.0.1:8786", io_on_cluster=True)
 
 
 # ---- shutdown, as concurrent.futures.Executor has it ----------------------------------

@@ -69,6 +69,8 @@ class Task(NamedTuple):
     shm_threshold: int | None  # bytes from which buffers travel through shared memory
     blas_threads: int  # BLAS/OpenMP threads for this attempt (threads x per-slot cap)
     announce: bool = True  # send a "started" message (else only the start page knows)
+    memory: int = 0  # bytes the action declared (a cluster's "memory" resource)
+    threads: int = 1  # slots the action declared (a cluster's "threads" resource)
 
 
 class Result(NamedTuple):

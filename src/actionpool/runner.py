@@ -44,6 +44,7 @@ import psutil
 
 from ._threads import wait_thread_gone
 from .action import ActionSpec, as_spec, wire_bytes, wire_form
+from .backends import BACKENDS, build
 from .calls import CallFuture, CallRun
 from .errors import PlanError, SerializationError
 from .events import Event
@@ -60,12 +61,10 @@ from .outcome import Report
 from .plan import Plan
 from .planrun import PlanRun, check_failure_policy
 from .pools import Pool
-from .pools.process import ProcessPool
-from .pools.threads import ThreadPool
 from .records import NodeRecord, NodeState
 from .scheduler import Scheduler
 from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, pool_free_limit
-from .sizing import MEMORY_FLOOR_FRACTION, Sizing, compute_sizing
+from .sizing import MEMORY_FLOOR_FRACTION, Sizing
 from .transfer import Packed, dumps_call, dumps_state
 
 __all__ = [
@@ -105,7 +104,10 @@ class Runner(Executor):
         cpu_workers: processes in the CPU pool; default from :func:`compute_sizing`
             (or ``ACTIONPOOL_CPU_WORKERS``).
         io_workers: threads in the I/O pool; default likewise (``ACTIONPOOL_IO_WORKERS``).
-        backend: ``"local"`` (the only backend so far).
+        backend: ``"local"`` (this machine's processes and threads) or ``"dask"``: cpu
+            actions run on a Dask cluster (docs/scaling-out.md), each inside a Dask
+            worker on that worker's own process pool, so timeouts, crashes and
+            retries behave as locally; io actions stay on this machine's threads.
         timeout_grace: seconds a cpu action gets, after :class:`~actionpool.ActionTimeout`
             was raised inside it at its timeout, before its worker is killed.
         shm_threshold: buffers (NumPy arrays...) of at least this many bytes in
@@ -126,10 +128,24 @@ class Runner(Executor):
             environment); ``"auto"`` (default, or ``ACTIONPOOL_WORKER_START``):
             ``"fork"`` when this process runs a single thread (a script, before it
             starts threads), else ``"fresh"`` (a notebook kernel, a second runner).
+        address: ``backend="dask"``: the scheduler's address (``"tcp://host:8786"``).
+            With neither ``address`` nor ``client``, the runner starts a
+            ``distributed.LocalCluster`` on loopback, ``cpu_workers`` processes (default:
+            this machine's sizing) of one thread each, and closes it with itself.
+        client: ``backend="dask"``: an existing ``distributed.Client`` to use (it stays
+            open when the runner closes).
+        security: ``backend="dask"``: a ``distributed.Security`` (TLS certificates),
+            passed to the client (and to the ``LocalCluster`` the runner starts).
+        io_on_cluster: ``backend="dask"``: run io actions on the cluster too, instead
+            of on this machine's threads.
 
     Raises:
         ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
-            positive number, an unknown backend or ``worker_start``.
+            positive number, an unknown backend or ``worker_start``; a Dask option
+            with ``backend="local"``; ``cpu_workers`` with a cluster of the user's.
+        ImportError: ``backend="dask"`` without dask.distributed installed.
+        OSError: ``backend="dask"``: the scheduler at ``address`` could not be reached
+            within Dask's connect timeout (``distributed.comm.timeouts.connect``).
         RuntimeError: ``worker_start="fork"`` while this process runs other threads.
     """
 
@@ -143,9 +159,13 @@ class Runner(Executor):
         shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
         memory_floor: int | None = None,
         worker_start: str | None = None,
+        address: str | None = None,
+        client: Any = None,
+        security: Any = None,
+        io_on_cluster: bool = False,
     ) -> None:
-        if backend != "local":
-            raise ValueError(f"backend must be 'local', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if (
             isinstance(timeout_grace, bool)
             or not isinstance(timeout_grace, (int, float))
@@ -164,23 +184,31 @@ class Runner(Executor):
             )
         if memory_floor is not None:
             _check_memory_floor(memory_floor)  # before any process or thread starts
-        self.shm_threshold = shm_threshold
-        self.sizing: Sizing = compute_sizing(cpu_workers, io_workers)
         # The loop before the CPU pool forks this process (its zygote and first
         # worker, while it runs one thread): made after, each page it writes would be
         # copied first, on the way to the first result. The forks inherit its
         # descriptors, unused.
         self._loop = asyncio.new_event_loop()
-        io_pool = ThreadPool(self.sizing.io_workers)
-        self._pools: dict[str, Pool] = {
-            "cpu": ProcessPool(
-                self.sizing.cpu_workers,
-                self.sizing.blas_threads,
+        try:
+            made = build(
+                backend,
+                cpu_workers,
+                io_workers,
                 worker_start,
-                cores=self.sizing.usable_cores,
-            ),
-            "io": io_pool,
-        }
+                address=address,
+                client=client,
+                security=security,
+                io_on_cluster=io_on_cluster,
+            )
+        except BaseException:
+            self._loop.close()
+            raise
+        self._backend = made
+        self.backend = backend
+        # no shared memory reaches a cluster's machines: everything is pickled
+        self.shm_threshold = shm_threshold if made.shared_memory else None
+        self.sizing: Sizing = made.sizing
+        self._pools: dict[str, Pool] = made.pools
         self._segments = SegmentPool(
             pool_free_limit(self.sizing.memory_budget),
             self._forget,
@@ -199,7 +227,9 @@ class Runner(Executor):
         self._loop_native_id: int | None = None
         self._loop_done = threading.Event()
         _thread.start_new_thread(self._run_loop, ())
-        if memory_floor is None:
+        if memory_floor is None and backend == "dask":
+            memory_floor = 0  # this machine's memory is not where cpu actions run
+        elif memory_floor is None:
             total = self.sizing.total_memory or psutil.virtual_memory().total
             memory_floor = int(total * MEMORY_FLOOR_FRACTION)
         self._sched = Scheduler(
@@ -423,6 +453,7 @@ class Runner(Executor):
         self._loop.call_soon_threadsafe(self._loop.stop)
         for pool in self._pools.values():  # a zygote exits while the loop's thread does
             pool.reap()
+        self._backend.close_link()  # the cluster and client it started, if any
         self._loop_done.wait()
         wait_thread_gone(self._loop_native_id)
         self._loop.close()

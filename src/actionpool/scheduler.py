@@ -667,6 +667,8 @@ class Scheduler:
             # "started" crosses to this thread only when something here needs it at
             # once (a deadline, or on_event); else the pool learns it when it must
             spec.timeout is not None or run.on_event is not None,
+            spec.memory or 0,
+            spec.threads,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "MEMORY_FLOOR_FRACTION",
     "MEMORY_FRACTION",
     "Sizing",
+    "cluster_sizing",
     "compute_sizing",
     "worker_env",
     "worker_footprint",
@@ -80,6 +81,12 @@ class Sizing:
         worker_footprint: measured memory of one idle worker, bytes (0 if not measured).
         total_memory: ``psutil.virtual_memory().total``, bytes, read with
             ``available_memory`` (0: not measured).
+        backend: ``"local"`` or ``"dask"``; for ``"dask"``, ``cpu_workers`` is the
+            cluster's threads (the cpu attempts it runs at once), and the memory
+            figures are the sum of its workers' memory limits.
+        cluster_workers: the Dask workers (0 for ``"local"``).
+        cluster_resources: the Dask worker resources the cluster declares that an
+            action's ``memory=`` and ``threads=`` map to (``"memory"``, ``"threads"``).
     """
 
     cpu_workers: int
@@ -92,8 +99,17 @@ class Sizing:
     available_memory: int
     worker_footprint: int
     total_memory: int = 0
+    backend: str = "local"
+    cluster_workers: int = 0
+    cluster_resources: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
+        if self.backend == "dask":
+            return (
+                f"dask: {self.cluster_workers} workers, cpu_workers={self.cpu_workers}"
+                f" threads, io_workers={self.io_workers},"
+                f" memory_budget={_fmt_bytes(self.memory_budget)}"
+            )
         return (
             f"cpu_workers={self.cpu_workers} io_workers={self.io_workers} "
             f"blas_threads={self.blas_threads} memory_budget={_fmt_bytes(self.memory_budget)}"
@@ -225,6 +241,55 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         available_memory=available,
         worker_footprint=footprint,
         total_memory=int(memory.total),
+    )
+
+
+def cluster_sizing(
+    workers: dict[str, dict[str, object]], address: str, owned: bool, local: Sizing
+) -> Sizing:
+    """The sizing of a Dask backend, from the scheduler's view of its workers
+    (``Client.scheduler_info()["workers"]``: ``nthreads``, ``memory_limit`` in bytes,
+    ``resources``) and this machine's ``local`` sizing (its io threads).
+
+    ``cpu_workers`` is the cluster's threads (at least 1: a cluster without workers
+    fails each node with a clear error instead of a run that waits for ever);
+    ``memory_budget`` ``MEMORY_FRACTION`` of the sum of the workers' memory limits;
+    ``blas_threads`` this machine's per-worker share for a cluster the runner started
+    on it, else 1 (a remote machine's cores are not known here).
+    """
+    threads = sum(int(str(w.get("nthreads", 0) or 0)) for w in workers.values())
+    memory = sum(int(str(w.get("memory_limit", 0) or 0)) for w in workers.values())
+    declared = {
+        str(name)
+        for w in workers.values()
+        for name in dict(w.get("resources") or {})  # type: ignore[call-overload]
+    }
+    where = "a LocalCluster started for this runner" if owned else "the cluster"
+    reasons = [
+        f"cpu_workers={max(1, threads)} = {threads} threads of {len(workers)} Dask workers"
+        f" of {where} at {address} [Client.scheduler_info]",
+        f"memory_budget={_fmt_bytes(int(memory * MEMORY_FRACTION))} = {MEMORY_FRACTION:.0%}"
+        f" of {_fmt_bytes(memory)}, the sum of the workers' memory limits",
+        f"io_workers={local.io_workers} threads here (io actions run in this process)",
+    ]
+    resources = frozenset(declared & {"memory", "threads"})
+    if resources:
+        reasons.append(f"Dask worker resources used: {', '.join(sorted(resources))}")
+    blas = local.blas_threads if owned else 1
+    return Sizing(
+        cpu_workers=max(1, threads),
+        io_workers=local.io_workers,
+        memory_budget=int(memory * MEMORY_FRACTION),
+        blas_threads=blas,
+        reason="; ".join(reasons),
+        usable_cores=max(1, threads),
+        physical_cores=max(1, threads),
+        available_memory=memory,
+        worker_footprint=0,
+        total_memory=memory,
+        backend="dask",
+        cluster_workers=len(workers),
+        cluster_resources=resources,
     )
 
 

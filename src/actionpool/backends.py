@@ -1,0 +1,122 @@
+"""Backends: which pools a :class:`~actionpool.Runner` gets, and how big they are.
+
+``"local"``: a :class:`~actionpool.pools.process.ProcessPool` for cpu actions and a
+:class:`~actionpool.pools.threads.ThreadPool` for io ones, sized from this machine
+(:func:`~actionpool.sizing.compute_sizing`).
+
+``"dask"``: a :class:`~actionpool.pools.dask.DaskPool` for cpu actions (and io ones
+with ``io_on_cluster``), on the cluster at ``address``, or ``client``'s, or a
+``LocalCluster`` started for the runner; io actions stay on local threads otherwise.
+Sized from the cluster (:func:`~actionpool.sizing.cluster_sizing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pools import Pool
+from .sizing import Sizing, cluster_sizing, compute_sizing
+
+__all__ = ["BACKENDS", "Backend", "build"]
+
+BACKENDS = ("local", "dask")
+
+
+@dataclass
+class Backend:
+    """What :func:`build` made: the sizing, the pools by kind, and the cluster
+    connection (``link``, the Dask backend's; closed after the pools)."""
+
+    sizing: Sizing
+    pools: dict[str, Pool]
+    link: Any = None
+    shared_memory: bool = True  # whether arrays may travel through /dev/shm
+    notes: list[str] = field(default_factory=list)
+
+    def close_link(self) -> None:
+        """Close the cluster and client the runner started (after its pools)."""
+        if self.link is not None:
+            self.link.close()
+
+
+def build(
+    backend: str,
+    cpu_workers: int | None,
+    io_workers: int | None,
+    worker_start: str | None,
+    *,
+    address: str | None = None,
+    client: Any = None,
+    security: Any = None,
+    io_on_cluster: bool = False,
+) -> Backend:
+    """Make the pools of ``backend`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown backend; a Dask option (``address``, ``client``,
+            ``security``, ``io_on_cluster``) with ``backend="local"``; ``cpu_workers``
+            with a cluster of the user's (its workers are its own); a worker count
+            that is not an int >= 1.
+        ImportError: ``backend="dask"`` without ``distributed`` installed.
+        OSError: the Dask scheduler at ``address`` could not be reached.
+    """
+    from .pools.threads import ThreadPool
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "local":
+        given = [
+            name
+            for name, value in (
+                ("address", address),
+                ("client", client),
+                ("security", security),
+                ("io_on_cluster", io_on_cluster or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need backend='dask'")
+        from .pools.process import ProcessPool
+
+        sizing = compute_sizing(cpu_workers, io_workers)
+        return Backend(
+            sizing,
+            {
+                "cpu": ProcessPool(
+                    sizing.cpu_workers,
+                    sizing.blas_threads,
+                    worker_start,
+                    cores=sizing.usable_cores,
+                ),
+                "io": ThreadPool(sizing.io_workers),
+            },
+        )
+    from .pools.dask import DaskPool, connect
+
+    if cpu_workers is not None and (address is not None or client is not None):
+        raise ValueError(
+            "cpu_workers sizes the LocalCluster a dask runner starts; a cluster at"
+            " address= or client= has its own workers"
+        )
+    local = compute_sizing(cpu_workers, io_workers)
+    per_worker = local.memory_budget // max(1, local.cpu_workers)
+    link = connect(address, client, security, local.cpu_workers, per_worker)
+    try:
+        sizing = cluster_sizing(link.workers(), link.address, link.owned, local)
+        pools: dict[str, Pool] = {
+            "cpu": DaskPool(
+                link, "cpu", sizing.cpu_workers, sizing.blas_threads, sizing.cluster_resources
+            )
+        }
+        if io_on_cluster:
+            pools["io"] = DaskPool(
+                link, "io", sizing.cpu_workers, sizing.blas_threads, sizing.cluster_resources
+            )
+        else:
+            pools["io"] = ThreadPool(sizing.io_workers)
+    except BaseException:
+        link.close()
+        raise
+    return Backend(sizing, pools, link, shared_memory=False)

@@ -1,0 +1,567 @@
+"""The Dask pool: attempts run on a ``dask.distributed`` cluster, each inside a Dask
+worker on that worker's own actionpool process pool.
+
+Data flow::
+
+    Scheduler ─submit(Task)─► DaskPool ─client.submit(_run_on_worker, key unique)─►
+        Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
+        │  started, ctx.emit, ctx.progress: worker.log_event(topic) ─► client's
+        │      subscribe_topic handler ─► on_started / on_event
+        └► ("result", Result) | ("not-started", crash) | ("crashed", crash) ─►
+           the client's loop (gather) ─► attempt.future
+
+Dask has no per-task timeout and cannot stop a running task (dask/distributed issues
+391 and 4694): a cancelled future's thread runs on. So the action never runs in the
+Dask worker itself: :class:`WorkerSide` owns a worker-local :class:`ProcessPool` of as
+many processes as the worker has threads, and the Dask task only waits for it. Soft
+timeouts (``ActionTimeout`` raised inside the action), hard ones (the process is
+killed after the grace), crash isolation (a segfault costs one process, never the Dask
+worker) and idempotency are then the local pool's, exactly. Stopping an attempt
+cancels its Dask future; the worker sees its task leave ``executing`` and
+:meth:`WorkerSide.transition` kills the process that runs it.
+
+Every attempt gets a key of its own (``pure=False`` semantics and more): Dask never
+deduplicates two calls, nor an attempt and its retry.
+
+A Dask worker that dies (a killed machine) takes its attempts with it: one that had
+started ends ``CRASHED`` with :class:`~actionpool.WorkerCrashed` (the scheduler re-runs
+it only for an action that consents, as locally); one that had not is reported
+:class:`~actionpool.pools.NotStarted` and sent again. With the cluster this pool
+starts, the scheduler's ``allowed-failures`` is 0, so Dask itself never re-runs a task
+whose worker died; on a cluster of the user's, the pool also listens for the
+scheduler's ``remove-worker`` events and cancels the lost attempts that had started,
+before Dask sends them elsewhere (docs/scaling-out.md).
+
+Threads: the caller's (submit, cancel, close); the Dask client's event loop runs the
+topic handlers (:meth:`DaskPool._on_topic`, :meth:`DaskPool._on_cluster`) and waits
+for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attempt.
+``DaskPool._lock`` guards ``_live`` (key -> attempt) and the closed flag; it is never
+held while calling out (into Dask or a callback). An attempt's future is set once, by
+whoever pops it from ``_live`` first. On the Dask worker, the worker's loop runs
+:meth:`WorkerSide.transition` and the worker's threads run :meth:`WorkerSide.run`;
+``WorkerSide._running`` is a plain dict (single operations are atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .._worker import Result, Task
+from ..errors import WorkerCrashed
+from ..transfer import dumps, loads
+from . import NotStarted
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from distributed import Client
+
+__all__ = ["ClusterLink", "DaskAttempt", "DaskPool", "WorkerSide", "connect"]
+
+_PLUGIN_PREFIX = "actionpool-"
+_STOPPING = frozenset({"cancelled", "released", "forgotten"})
+_BLAS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+class ClusterLink:
+    """A runner's connection to one Dask cluster: its client, and the cluster and
+    client it started itself (closed with it).
+
+    Attributes:
+        client: the ``distributed.Client``.
+        address: the scheduler's address.
+        owned: True when the runner started a ``LocalCluster`` for itself.
+        topic: the event topic of this runner's attempts.
+    """
+
+    def __init__(self, client: Client, cluster: Any, own_client: bool, address: str) -> None:
+        self.client: Any = client  # Any: distributed's own annotations are partial
+        self._cluster = cluster
+        self._own_client = own_client
+        self.address = address
+        self.owned = cluster is not None
+        self.topic = f"actionpool-{uuid.uuid4().hex[:12]}"
+        self.plugin = _PLUGIN_PREFIX + self.topic.split("-", 1)[1]
+        self.pools: list[DaskPool] = []
+        # One handler per topic and client (Client.subscribe_topic replaces any other):
+        # the runner's own topic, and the cluster's "all" only on a client of its own,
+        # where no user handler can be displaced.
+        client.subscribe_topic(self.topic, self._on_topic)
+        if own_client:
+            client.subscribe_topic("all", self._on_cluster)
+
+    def _on_topic(self, event: tuple[float, list[Any]]) -> None:
+        for pool in self.pools:
+            pool._on_topic(event)
+
+    def _on_cluster(self, event: tuple[float, Any]) -> None:
+        for pool in self.pools:
+            pool._on_cluster(event)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The scheduler's view of its workers: ``{address: info}`` (``nthreads``,
+        ``memory_limit`` in bytes, ``resources``...)."""
+        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def close(self) -> None:
+        """Close the client and cluster the runner started (a user's client stays)."""
+        with contextlib.suppress(Exception):
+            self.client.unsubscribe_topic(self.topic)
+        if self._own_client:
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic("all")
+            with contextlib.suppress(Exception):
+                self.client.close()
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()
+
+
+def connect(
+    address: str | None,
+    client: Any,
+    security: Any,
+    n_workers: int,
+    memory_limit: int | None,
+) -> ClusterLink:
+    """Connect to the cluster at ``address``, or use ``client``, or start a
+    ``LocalCluster`` on loopback of ``n_workers`` processes of one thread each.
+
+    The ``LocalCluster`` gets ``allowed-failures`` 0 (Dask never re-runs a task whose
+    worker died: the runner decides) and ``worker-saturation`` 1.0 (a worker gets no
+    task beyond its threads while another is idle). Creating it sets
+    ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` to 1 in this
+    process's environment; they are restored, so local pools made afterwards are not
+    slowed.
+
+    Raises:
+        ImportError: ``distributed`` is not installed (with the install command).
+        ValueError: both ``address`` and ``client`` given.
+        OSError: the scheduler at ``address`` could not be reached within
+            ``distributed.comm.timeouts.connect``; the message names the address.
+    """
+    try:
+        import dask
+        import distributed
+    except ImportError as exc:
+        raise ImportError(
+            "backend='dask' needs dask.distributed: pip install 'actionpool[dask]'"
+        ) from exc
+    if address is not None and client is not None:
+        raise ValueError("backend='dask': give address= or client=, not both")
+    if client is not None:
+        return ClusterLink(client, None, False, str(client.scheduler.address))
+    if address is not None:
+        timeout = dask.config.get("distributed.comm.timeouts.connect")
+        try:
+            made = distributed.Client(address, security=security, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise OSError(
+                f"backend='dask': could not reach the Dask scheduler at {address!r}"
+                f" within {timeout} ({type(exc).__name__}: {exc})"
+            ) from exc
+        return ClusterLink(made, None, True, address)
+    before = {var: os.environ.get(var) for var in _BLAS_VARS}
+    try:
+        with dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 0,
+                "distributed.scheduler.worker-saturation": 1.0,
+            }
+        ):
+            cluster = distributed.LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                memory_limit=memory_limit if memory_limit else "auto",
+                security=security,
+            )
+            made = distributed.Client(cluster, security=security)
+    finally:
+        for var, value in before.items():  # LocalCluster leaves them at 1 here
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    return ClusterLink(made, cluster, True, str(cluster.scheduler_address))
+
+
+class WorkerSide(WorkerPlugin):
+    """The worker-local half: a Dask ``WorkerPlugin`` that owns an actionpool
+    :class:`~actionpool.pools.process.ProcessPool` in each Dask worker, and runs the
+    runner's attempts on it.
+
+    Registered by :class:`DaskPool` under a name of its runner's own, so that two
+    runners on one cluster keep their pools apart; torn down (its processes stopped)
+    when the runner closes or the worker exits.
+    """
+
+    idempotent = False
+
+    def __init__(self, name: str, topic: str, blas_threads: int) -> None:
+        self.name = name
+        self.topic = topic
+        self.blas_threads = blas_threads
+        self._pool: Any = None
+        self._worker: Any = None
+        self._running: dict[str, Any] = {}
+
+    def setup(self, worker: Any) -> None:
+        """Start the pool: one process per Dask worker thread, each a fork of a fresh
+        interpreter (a Dask worker runs threads, so it must not fork itself)."""
+        from .process import ProcessPool
+
+        self._worker = worker
+        self._pool = ProcessPool(max(1, int(worker.state.nthreads)), self.blas_threads, "fresh")
+
+    def teardown(self, worker: Any) -> None:
+        """Stop the pool and its processes (running attempts are killed)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(cancel=True)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """A task left ``executing`` for ``released``/``cancelled``/``forgotten``: its
+        future was cancelled; kill the process that runs its attempt."""
+        if start in ("executing", "long-running") and finish in _STOPPING:
+            att = self._running.get(str(key))
+            if att is not None:
+                att.cancel("cancel")
+
+    def run(self, task: Task, key: str) -> tuple[str, Any]:
+        """Run ``task`` on the pool; wait for it (on this Dask worker thread).
+
+        Returns ``("result", Result)``, ``("not-started", WorkerCrashed)`` or
+        ``("crashed", WorkerCrashed)``.
+        """
+        pool, worker, topic = self._pool, self._worker, self.topic
+        if pool is None:
+            raise RuntimeError(f"actionpool: the worker plugin {self.name!r} is torn down")
+        where = str(worker.address)
+
+        def on_started(pid: int | str, at: float) -> None:
+            worker.log_event(topic, [key, "started", at, f"{where} pid {pid}"])
+
+        def on_event(kind: str, at: float, data: Any) -> None:
+            worker.log_event(topic, [key, kind, at, dumps(data)])
+
+        task = task._replace(shm_prefix="", shm_threshold=None, announce=True)
+        att = pool.submit(task, False, on_started, on_event)
+        self._running[key] = att
+        try:
+            result: Result = att.future.result()
+        except NotStarted as exc:
+            return "not-started", exc.crash
+        except WorkerCrashed as exc:
+            return "crashed", exc
+        finally:
+            self._running.pop(key, None)
+        return "result", result
+
+
+def _run_on_worker(plugin: str, task: Task, key: str) -> tuple[str, Any]:
+    """The Dask task of one attempt: hand it to this worker's :class:`WorkerSide`."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    side = worker.plugins.get(plugin)
+    if not isinstance(side, WorkerSide):
+        raise RuntimeError(
+            f"actionpool: Dask worker {worker.address} has no plugin {plugin!r}"
+            " (it joined after the runner started and did not get it, or the runner closed)"
+        )
+    return side.run(task, key)
+
+
+class DaskAttempt:
+    """Handle of one attempt on the cluster (see :class:`~actionpool.pools.Attempt`).
+
+    Attributes:
+        key: its Dask key, unique to the attempt.
+        dask: its ``distributed.Future``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_pool",
+        "dask",
+        "direct",
+        "future",
+        "key",
+        "killed",
+        "on_event",
+        "on_result",
+        "on_started",
+        "released",
+        "started_at",
+        "worker",
+    )
+
+    def __init__(self, pool: DaskPool, key: str) -> None:
+        self._pool = pool
+        self.key = key
+        self.dask: Any = None
+        self.future: Future[Result] = Future()
+        self.killed = ""
+        self.direct = False
+        self.on_result: Callable[[Result], None] | None = None
+        self.on_started: Callable[[int | str, float], None] | None = None
+        self.on_event: Callable[[str, float, Any], None] | None = None
+        self.released = False
+        self.started_at: float | None = None
+        self.worker: int | str | None = None
+
+    def cancel(self, reason: str = "cancel") -> None:
+        """Withdraw it if it has not started, else kill the process that runs it (its
+        Dask future is cancelled; the worker's plugin kills the process)."""
+        self.killed = self.killed or reason
+        self._pool._stop(self)
+
+    def wait_here(self, timeout: float | None) -> None:
+        """Nothing to do here: the pool's results thread delivers the result."""
+
+
+class DaskPool:
+    """Attempts of one kind on a Dask cluster (see the module docstring).
+
+    Args:
+        link: the cluster connection (:func:`connect`), shared by the runner's pools.
+        kind: ``"cpu"`` (or ``"io"`` with ``io_on_cluster``).
+        size: the attempts in flight at most: the cluster's threads.
+        blas_threads: BLAS/OpenMP threads per worker-local process.
+        resources: the Dask worker resources the cluster declares (``"memory"``,
+            ``"threads"``): an action's ``memory=`` and ``threads=`` are asked for
+            as those resources.
+    """
+
+    stops_by_kill = True
+
+    def __init__(
+        self,
+        link: ClusterLink,
+        kind: str,
+        size: int,
+        blas_threads: int,
+        resources: frozenset[str] = frozenset(),
+    ) -> None:
+        self.kind = kind
+        self.size = size
+        self.link = link
+        self.resources = resources
+        self._lock = threading.Lock()
+        self._live: dict[str, DaskAttempt] = {}
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._tag = uuid.uuid4().hex[:8]
+        self._plugin = f"{link.plugin}-{kind}"
+        link.client.register_plugin(
+            WorkerSide(self._plugin, link.topic, blas_threads), name=self._plugin
+        )
+        link.pools.append(self)
+
+    # ---- the Pool protocol ------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Nothing to attach: results arrive on the pool's own thread."""
+
+    def submit(
+        self,
+        task: Task,
+        is_async: bool = False,
+        on_started: Callable[[int | str, float], None] | None = None,
+        on_event: Callable[[str, float, Any], None] | None = None,
+    ) -> DaskAttempt:
+        """Send ``task`` to the cluster under a key of its own.
+
+        Raises:
+            RuntimeError: the pool is closed, or the cluster has no workers (a run
+                would wait for ever); the message names the scheduler's address.
+        """
+        if self._closed:
+            raise RuntimeError(f"the Dask {self.kind} pool is closed")
+        if not self.link.client.scheduler_info()["workers"]:
+            raise RuntimeError(
+                f"the Dask cluster at {self.link.address} has no workers: node"
+                f" {task.node!r} cannot run (start workers, or use backend='local')"
+            )
+        key = f"{task.node}-{self._tag}-{next(self._ids)}"
+        att = DaskAttempt(self, key)
+        att.on_started, att.on_event = on_started, on_event
+        asks = self._asks(task)
+        with self._lock:
+            self._live[key] = att
+        att.dask = self.link.client.submit(
+            _run_on_worker,
+            self._plugin,
+            task,
+            key,
+            key=key,
+            pure=False,
+            retries=0,
+            resources=asks or None,
+        )
+        self.link.client.loop.add_callback(self._follow, att)
+        return att
+
+    def submit_if_idle(
+        self,
+        task: Task,
+        on_event: Callable[[str, float, Any], None] | None = None,
+        before_send: Callable[[Any], None] | None = None,
+        is_async: bool = False,
+    ) -> DaskAttempt | None:
+        """Never: a cluster call goes through the scheduler (its round trip dwarfs
+        the hop saved)."""
+        return None
+
+    def forget(self, prefix: str) -> None:
+        """Nothing to forget: no shared memory crosses to a cluster."""
+
+    def close(self, cancel: bool = False, *, reap: bool = True) -> None:
+        """Stop taking attempts; with ``cancel`` stop the running ones, else wait for
+        them; then remove the worker plugin (its processes exit) and the topics."""
+        with self._lock:
+            self._closed = True
+            live = list(self._live.values())
+        if cancel:
+            for att in live:
+                att.cancel("cancel")
+        for att in live:
+            with contextlib.suppress(Exception):
+                att.future.exception()
+        client = self.link.client
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(self._plugin)
+        with contextlib.suppress(ValueError):
+            self.link.pools.remove(self)
+
+    def reap(self) -> None:
+        """Nothing to reap here: the cluster's processes are the cluster's."""
+
+    def pids(self) -> list[int]:
+        """None here: the workers are the cluster's processes."""
+        return []
+
+    def describe(self) -> str:
+        """One line for sizing reports."""
+        where = "a LocalCluster started for this runner" if self.link.owned else "a Dask cluster"
+        return f"{self.size} Dask worker threads on {where} at {self.link.address}"
+
+    # ---- inside -------------------------------------------------------------------------
+
+    def _asks(self, task: Task) -> dict[str, float]:
+        """The Dask resources ``task``'s action asks for, of those the cluster declares:
+        ``memory`` (bytes) and ``threads`` (slots)."""
+        asks: dict[str, float] = {}
+        if "memory" in self.resources and task.memory:
+            asks["memory"] = task.memory
+        if "threads" in self.resources:
+            asks["threads"] = task.threads
+        return asks
+
+    def _stop(self, att: DaskAttempt) -> None:
+        """Cancel ``att``'s Dask future and end ``att`` now: killed if it had started
+        (the worker's plugin kills its process), else withdrawn."""
+        with self._lock:
+            live = self._live.pop(att.key, None)
+        if att.dask is not None:
+            with contextlib.suppress(Exception):
+                att.dask.cancel()
+        if live is None:
+            return
+        if att.started_at is None:
+            att.future.cancel()
+            return
+        att.future.set_exception(
+            WorkerCrashed(
+                f"node attempt {att.key!r} was stopped ({att.killed}): its process on"
+                f" {att.worker} was killed"
+            )
+        )
+
+    async def _follow(self, att: DaskAttempt) -> None:
+        """On the client's loop: wait for ``att``'s Dask future, fetch its value, and
+        end ``att`` (unless it was stopped first)."""
+        client = self.link.client
+        try:
+            what, payload = await client.gather(att.dask, asynchronous=True)
+        except BaseException as exc:  # noqa: BLE001 - every way a task can end
+            outcome: tuple[str, Any] = ("error", exc)
+        else:
+            outcome = (what, payload)
+        with self._lock:
+            live = self._live.pop(att.key, None)
+        if live is None:
+            return  # stopped (_stop) or lost with its worker (_on_cluster) meanwhile
+        what, payload = outcome
+        if what == "result":
+            att.future.set_result(payload)
+        elif what == "not-started":
+            att.future.set_exception(NotStarted(payload))
+        elif what == "crashed":
+            att.future.set_exception(payload)
+        elif att.dask.status == "cancelled":
+            att.future.cancel()
+        else:
+            att.future.set_exception(self._lost(att, payload))
+
+    def _lost(self, att: DaskAttempt, exc: BaseException) -> BaseException:
+        """What a Dask error of ``att``'s task means here."""
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(exc, KilledWorker):
+            crash = WorkerCrashed(
+                f"the Dask worker running {att.key!r} died ({exc}); the cluster goes on"
+            )
+            return crash if att.started_at is not None else NotStarted(crash)
+        return exc
+
+    def _on_topic(self, event: tuple[float, list[Any]]) -> None:
+        """An attempt's event from its worker (on the client's loop): ``started``,
+        or a ``ctx.emit`` / ``ctx.progress``."""
+        _, (key, kind, at, data) = event
+        att = self._live.get(key)
+        if att is None:
+            return
+        if kind == "started":
+            att.started_at, att.worker = at, data
+            if att.on_started is not None:
+                att.on_started(data, at)
+        elif att.on_event is not None:
+            att.on_event(kind, at, loads(data))
+
+    def _on_cluster(self, event: tuple[float, dict[str, Any]]) -> None:
+        """The scheduler removed a worker (on the client's loop): its attempts that
+        had started end CRASHED now, before Dask could send them elsewhere."""
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        if msg.get("expected"):
+            return
+        for key in msg.get("processing-tasks", ()):
+            att = self._live.get(str(key))
+            if att is None or att.started_at is None:
+                continue
+            with self._lock:
+                live = self._live.pop(att.key, None)
+            if live is None:
+                continue
+            with contextlib.suppress(Exception):
+                att.dask.cancel()
+            att.future.set_exception(
+                WorkerCrashed(
+                    f"the Dask worker {msg.get('worker')} running {att.key!r} died;"
+                    " the cluster goes on"
+                )
+            )
