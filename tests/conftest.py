@@ -39,8 +39,36 @@ def _runner_workers(runners: list[object]) -> set[int]:
     for r in runners:
         if not getattr(r, "_closed", True):
             pids.update(r.worker_pids())  # type: ignore[attr-defined]
-            pids.update(r._pools["cpu"].zygote_pids())  # type: ignore[attr-defined]
+            zygotes = getattr(r._pools["cpu"], "zygote_pids", None)  # type: ignore[attr-defined]
+            if zygotes is not None:  # a process pool of this process's own
+                pids.update(zygotes())
+            else:  # a dask runner: its worker-local pools live under the cluster's workers
+                pids.update(_cluster_descendants())
     return pids
+
+
+def _cluster_descendants() -> set[int]:
+    pids: set[int] = set()
+    for pid in _cluster_pids():
+        with contextlib.suppress(psutil.Error):
+            pids.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+    return pids
+
+
+# The session's Dask LocalCluster (fixture dask_client): its worker processes (a
+# restarted one included) belong to the session. Anything they start (a runner's
+# worker-local pool) must be gone after each test, like any other pool.
+_CLUSTER: list[object] = []  # the session's client, while it is open
+
+
+def _cluster_pids() -> set[int]:
+    if not _CLUSTER:
+        return set()
+    try:
+        pids = _CLUSTER[0].run(os.getpid)  # type: ignore[attr-defined]
+    except Exception:  # a cluster being torn down
+        return set()
+    return {int(pid) for pid in pids.values()}
 
 
 def leftover_children(
@@ -49,6 +77,7 @@ def leftover_children(
     """Children still alive after ``grace_s`` seconds, except trackers and ``allowed`` pids."""
     me = psutil.Process(os.getpid())
     deadline = time.monotonic() + grace_s
+    allowed = set(allowed) | _cluster_pids()
     while True:
         alive = [p for p in me.children(recursive=True) if _alive(p) and p.pid not in allowed]
         if not alive or time.monotonic() > deadline:
@@ -99,3 +128,60 @@ def runner() -> Iterator[object]:
 
     with ap.Runner(cpu_workers=2, io_workers=4) as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[object]:
+    """A Dask LocalCluster on loopback for the whole session: 3 worker processes of one
+    thread each, configured as a dask runner configures the cluster it starts
+    (allowed-failures 0, worker-saturation 1.0), and its client."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    from actionpool.pools.dask import _BLAS_VARS
+
+    before = {var: os.environ.get(var) for var in _BLAS_VARS}
+    with dask.config.set(
+        {
+            "distributed.scheduler.allowed-failures": 0,
+            "distributed.scheduler.worker-saturation": 1.0,
+        }
+    ):
+        cluster = distributed.LocalCluster(
+            n_workers=3,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+    for var, value in before.items():  # LocalCluster sets them to 1 in this process
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    client = distributed.Client(cluster)
+    _CLUSTER.append(client)
+    try:
+        yield client
+    finally:
+        _CLUSTER.clear()
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(params=["local", "dask"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run the test on both backends (the dask one on the session's LocalCluster)."""
+    return str(request.param)
+
+
+def make_runner(backend: str, request: pytest.FixtureRequest, **kwargs: object) -> object:
+    """A runner of ``backend``: local with ``kwargs``, or on the session's cluster
+    (``cpu_workers`` there is the cluster's, 3)."""
+    import actionpool as ap
+
+    if backend == "local":
+        return ap.Runner(**kwargs)  # type: ignore[arg-type]
+    kwargs.pop("cpu_workers", None)
+    client = request.getfixturevalue("dask_client")
+    return ap.Runner(backend="dask", client=client, **kwargs)  # type: ignore[arg-type]

@@ -152,6 +152,12 @@ class NeedsTwoArgs(Exception):
         super().__init__(f"a={a} b={b}")
         self.a, self.b = a, b
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # One argument short, so unpickling always fails: pickle's default would too,
+        # but importing distributed installs tblib's exception pickling, which rebuilds
+        # any exception, in every process that imported it.
+        return (NeedsTwoArgs, (self.a,))
+
 
 def raise_unrebuildable() -> None:
     raise NeedsTwoArgs(1, 2)

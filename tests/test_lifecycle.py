@@ -97,6 +97,7 @@ class MemoryPool:
         self.kind = kind
         self.size = size
         self.stops_by_kill = kind == "cpu"
+        self.label = kind
         self.attempts: list[MemAttempt] = []
         self.closed = False
 

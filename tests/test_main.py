@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "actionpool", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -23,6 +27,21 @@ def test_info_prints_the_sizing_and_why() -> None:
     for text in ("cpu_workers=", "io_workers=", "blas_threads=", "memory_budget=", "physical"):
         assert text in out.stdout
     assert "loky.cpu_count" in out.stdout
+
+
+def test_info_dask_prints_the_clusters_sizing(dask_client: object) -> None:
+    address = dask_client.scheduler.address  # type: ignore[attr-defined]
+    out = run("info", "--dask", address)
+    assert out.returncode == 0, out.stderr
+    assert "dask: 3 workers, cpu_workers=3 threads" in out.stdout
+    assert f"3 threads of 3 Dask workers of the cluster at {address}" in out.stdout
+
+
+def test_info_dask_names_an_unreachable_address() -> None:
+    quick = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}  # Dask's own setting
+    out = run("info", "--dask", "tcp://127.0.0.1:9", env=quick)
+    assert out.returncode == 1
+    assert "could not reach the Dask scheduler at 'tcp://127.0.0.1:9' within 2s" in out.stderr
 
 
 def test_demo_on_part_of_the_stdlib() -> None:

@@ -13,11 +13,13 @@ import pytest
 import actionpool as ap
 from actionpool.scheduler import backoff_delay
 from tests import helpers as h
+from tests.conftest import make_runner
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[ap.Runner]:
-    with ap.Runner(cpu_workers=2, io_workers=4) as r:
+@pytest.fixture(scope="module", params=["local", "dask"])
+def shared(request: pytest.FixtureRequest) -> Iterator[ap.Runner]:
+    """A runner of each backend (the dask one on the session's LocalCluster)."""
+    with make_runner(request.param, request, cpu_workers=2, io_workers=4) as r:
         yield r
 
 

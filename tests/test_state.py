@@ -12,13 +12,17 @@ import pytest
 import actionpool as ap
 from actionpool.state import merge_state
 from tests import helpers as h
+from tests.conftest import make_runner
 
 
-@pytest.fixture(scope="module")
-def shared() -> Iterator[ap.Runner]:
-    # three cpu workers: a plan of three writers that wait for each other needs all
-    # three running at once (see _reverse_completion_plan)
-    with ap.Runner(cpu_workers=3, io_workers=8) as r:
+@pytest.fixture(scope="module", params=["local", "dask"])
+def shared(request: pytest.FixtureRequest) -> Iterator[ap.Runner]:
+    """A runner of each backend (the dask one on the session's LocalCluster).
+
+    Three cpu workers: a plan of three writers that wait for each other needs all
+    three running at once (see _reverse_completion_plan); the session's cluster has
+    three workers of one thread."""
+    with make_runner(request.param, request, cpu_workers=3, io_workers=8) as r:
         yield r
 
 

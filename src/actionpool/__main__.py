@@ -1,7 +1,8 @@
-"""Command line: ``python -m actionpool info | demo``.
+"""Command line: ``python -m actionpool info [--dask ADDRESS] | demo``.
 
 * ``info``: this machine's sizing (cores, memory, pool sizes and why), versions, and the
-  BLAS/OpenMP libraries threadpoolctl finds.
+  BLAS/OpenMP libraries threadpoolctl finds; with ``--dask ADDRESS``, the sizing a
+  dask runner gets from the cluster at that address (workers, threads, memory).
 * ``demo``: the main job, on real input: measure every ``.py`` file of the standard
   library in parallel and compare with the same work done serially
   (see :mod:`actionpool.demo`).
@@ -52,17 +53,37 @@ def info() -> int:
     return 0
 
 
+def info_dask(address: str) -> int:
+    """Print the sizing of a dask runner on the cluster at ``address``; returns 0, or 1
+    (with the reason on stderr) when the cluster cannot be reached."""
+    from . import Runner
+
+    try:
+        with Runner(backend="dask", address=address) as runner:
+            sizing = runner.sizing
+    except (OSError, ImportError) as exc:
+        print(f"actionpool info: {exc}", file=sys.stderr)
+        return 1
+    print(f"sizing: {sizing}")
+    for line in sizing.reason.split("; "):
+        print(f"  {line}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m actionpool`` and the ``actionpool`` script."""
     parser = argparse.ArgumentParser(prog="python -m actionpool")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print this machine's sizing and environment")
+    info_parser = sub.add_parser("info", help="print this machine's sizing and environment")
+    info_parser.add_argument(
+        "--dask", metavar="ADDRESS", help="the sizing on the Dask cluster at ADDRESS instead"
+    )
     sub.add_parser("demo", help="analyse the standard library in parallel", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return info()
+        return info() if args.dask is None else info_dask(args.dask)
     from .demo import main as demo_main
 
     return demo_main(rest)

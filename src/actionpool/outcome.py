@@ -64,7 +64,8 @@ class Outcome:
         finished_at: ``time.time()`` seconds when it ended, or None.
         duration_s: seconds the last attempt ran, or None.
         pool: ``"cpu"``, ``"io"`` or ``"dask"``; ``None`` when it never ran.
-        worker: the worker's pid (cpu) or thread name (io), or None.
+        worker: the worker's pid (cpu) or thread name (io), or None; on a Dask
+            cluster, ``"<worker address> pid <pid>"``.
     """
 
     node: Node

@@ -235,7 +235,7 @@ class Scheduler:
         spec = rec.spec
         kind = spec.kind
         rec.attempts += 1
-        rec.pool = kind
+        rec.pool = self.pools[kind].label
         rec.stop_reason = ""
         rec.started_at = None
         rec.worker = None

@@ -95,6 +95,8 @@ class Pool(Protocol):
 
     Attributes:
         kind: the action kind it serves (``"cpu"``, ``"io"``).
+        label: its name in outcomes (:attr:`Outcome.pool <actionpool.Outcome>`):
+            ``"cpu"``, ``"io"``, ``"dask"``.
         size: the attempts it runs at once at most (its capacity, in slots).
         stops_by_kill: True when :meth:`Attempt.cancel` of a running attempt kills
             what runs it, and the attempt's future is done once that is gone (a
@@ -102,6 +104,7 @@ class Pool(Protocol):
     """
 
     kind: str
+    label: str
     size: int
     stops_by_kill: bool
 

@@ -345,6 +345,7 @@ class DaskPool:
             as those resources.
     """
 
+    label = "dask"
     stops_by_kill = True
 
     def __init__(

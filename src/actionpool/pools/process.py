@@ -239,6 +239,7 @@ class ProcessPool:
     """Up to ``size`` worker processes, started on demand and replaced when they die."""
 
     kind = "cpu"
+    label = "cpu"
     stops_by_kill = True  # cancel kills the worker's process group
     # The reader's, bound in __init__: a waiting thread (ProcessAttempt.wait_here) goes
     # straight to it. _on_readable and _spin_for are there for the tests.

@@ -109,6 +109,7 @@ class ThreadPool:
     an attempt past it."""
 
     kind = "io"
+    label = "io"
     stops_by_kill = False  # a thread cannot be killed: a cancelled attempt is abandoned
 
     def __init__(self, size: int) -> None:

@@ -1,0 +1,323 @@
+"""The Dask backend on a real LocalCluster: the same semantics as the local runner.
+
+Most tests use the session's cluster (conftest.dask_client: 3 worker processes of one
+thread); the ones about starting, sizing and bad addresses make their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import actionpool as ap
+from tests import fault_actions as fa
+from tests import helpers as h
+from tests.conftest import make_runner
+
+distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow
+
+
+def dask_runner(client: Any, **kwargs: Any) -> ap.Runner:
+    return ap.Runner(backend="dask", client=client, **kwargs)
+
+
+def worker_pids(client: Any) -> dict[str, int]:
+    return {addr: int(pid) for addr, pid in client.run(os.getpid).items()}
+
+
+def dask_worker_of(pid: int, client: Any) -> int:
+    """The Dask worker process above the action's process ``pid``."""
+    workers = set(worker_pids(client).values())
+    for parent in psutil.Process(pid).parents():
+        if parent.pid in workers:
+            return parent.pid
+    raise AssertionError(f"process {pid} runs under none of the Dask workers {workers}")
+
+
+def emit_then_wait(ctx: ap.Context, release: str) -> int:
+    ctx.emit("first")
+    ctx.progress(1, 2)
+    h.wait_for_path(release, "the test's release, sent when 'first' reached on_event")
+    return os.getpid()
+
+
+def append_line(path: str) -> int:
+    with open(path, "a") as f:
+        f.write("ran\n")
+    return os.getpid()
+
+
+@ap.action(timeout=0.5)
+def ignores_its_timeout(mark: str) -> None:
+    Path(mark).write_text(str(os.getpid()))
+    while True:
+        with contextlib.suppress(ap.ActionTimeout):  # and on: only the hard timeout stops it
+            time.sleep(30)
+
+
+def pid_then_sleep(mark: str) -> str:
+    Path(mark).write_text(str(os.getpid()))
+    time.sleep(60)
+    return "woke"
+
+
+def here() -> int:
+    return os.getpid()
+
+
+# ---- starting, sizing, bad addresses ------------------------------------------------------
+
+
+def test_a_runner_starts_its_own_local_cluster_sized_and_restores_the_blas_variables() -> None:
+    os.environ["OMP_NUM_THREADS"] = "3"
+    os.environ.pop("MKL_NUM_THREADS", None)
+    try:
+        with ap.Runner(backend="dask", cpu_workers=2) as r:
+            # LocalCluster set all three to 1 in this process; the runner put them back
+            assert os.environ.get("OMP_NUM_THREADS") == "3"
+            assert "MKL_NUM_THREADS" not in os.environ
+            assert r.sizing.backend == "dask" and r.sizing.cluster_workers == 2
+            assert r.sizing.cpu_workers == 2 and r.sizing.memory_budget > 0
+            assert "LocalCluster started for this runner" in r.sizing.reason
+            assert str(r.sizing).startswith("dask: 2 workers")
+            assert r.submit(h.square, 7).result(timeout=60) == 49
+            assert r.submit(here).result(timeout=60) != os.getpid()
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def test_an_unreachable_address_fails_within_the_connect_timeout_naming_it() -> None:
+    import dask
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    address = f"tcp://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(OSError, match=f"Dask scheduler at '{address}' within 1s"),
+    ):
+        ap.Runner(backend="dask", address=address)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_cluster_without_workers_fails_each_node_clearly_instead_of_hanging() -> None:
+    with (
+        distributed.LocalCluster(
+            n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        dask_runner(client) as r,
+    ):
+        with pytest.raises(RuntimeError, match="has no workers: node 'square'"):
+            r.submit(h.square, 2).result(timeout=60)
+        plan = ap.Plan()
+        plan.add(h.square, 3, name="sq")
+        report = r.run(plan)
+        assert report.outcome("sq").status is ap.Status.FAILED
+        assert "has no workers" in str(report.outcome("sq").error)
+
+
+def test_cpu_workers_with_a_cluster_of_ones_own_is_refused(dask_client: Any) -> None:
+    with pytest.raises(ValueError, match="cpu_workers sizes the LocalCluster"):
+        ap.Runner(backend="dask", client=dask_client, cpu_workers=2)
+
+
+def test_sizing_reports_the_session_cluster(dask_client: Any) -> None:
+    with dask_runner(dask_client) as r:
+        assert r.sizing.cluster_workers == 3 and r.sizing.cpu_workers == 3
+        assert dask_client.scheduler.address in r.sizing.reason
+
+
+# ---- routing, keys, events ----------------------------------------------------------------
+
+
+def test_io_actions_stay_here_unless_io_on_cluster(dask_client: Any) -> None:
+    io_here = ap.action(here, kind="io")
+    with dask_runner(dask_client) as r:
+        assert r.submit(io_here).result(timeout=60) == os.getpid()
+        assert r.submit(here).result(timeout=60) != os.getpid()
+    with dask_runner(dask_client, io_on_cluster=True) as r:
+        assert r.submit(io_here).result(timeout=60) != os.getpid()
+
+
+def test_every_call_runs_even_when_identical(dask_client: Any, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with dask_runner(dask_client) as r:
+        futs = [r.submit(append_line, str(log)) for _ in range(4)]
+        for f in futs:
+            f.result(timeout=60)
+    assert log.read_text().count("ran") == 4  # Dask deduplicated none of them
+
+
+def test_events_reach_on_event_while_the_action_runs(dask_client: Any, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    seen: list[tuple[str, Any]] = []
+
+    def on_event(ev: ap.Event) -> None:
+        seen.append((ev.kind, ev.data))
+        if ev.kind == "emitted" and ev.data == "first":
+            release.write_text("go")  # the action waits for this: the event came live
+
+    plan = ap.Plan()
+    plan.add(emit_then_wait, str(release), name="talk")
+    with dask_runner(dask_client) as r:
+        report = r.run(plan, on_event=on_event)
+    out = report.outcome("talk")
+    assert out.status is ap.Status.SUCCEEDED and out.pool == "dask"
+    assert isinstance(out.worker, str) and out.worker.startswith("tcp://127.0.0.1:")
+    kinds = [k for k, _ in seen]
+    assert kinds.index("started") < kinds.index("emitted") < kinds.index("progress")
+    assert kinds[-1] == "finished"
+
+
+# ---- timeouts, crashes, cancel: the worker-local pool's, exactly ----------------------
+
+
+def test_a_hard_timeout_kills_the_action_and_its_dask_worker_lives_on(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    before = worker_pids(dask_client)
+    mark = tmp_path / "pid"
+    with dask_runner(dask_client, timeout_grace=0.5) as r:
+        plan = ap.Plan()
+        plan.add(ignores_its_timeout, str(mark), name="stuck")
+        report = r.run(plan)
+        out = report.outcome("stuck")
+        assert out.status is ap.Status.TIMED_OUT, out.error
+        assert "did not stop within 0.5 s" in str(out.error)
+        pid = h.pid_in(mark)
+        h.wait_for(lambda: h.gone(pid), what=f"the timed-out action's process {pid} to exit")
+        assert r.submit(h.square, 3).result(timeout=60) == 9
+    assert worker_pids(dask_client) == before
+
+
+def test_a_soft_timeout_is_raised_inside_the_action(dask_client: Any, tmp_path: Path) -> None:
+    mark = tmp_path / "cleaned"
+    with dask_runner(dask_client) as r:
+        plan = ap.Plan()
+        plan.add(ap.action(fa.catch_timeout, timeout=0.3), str(mark), name="t")
+        out = r.run(plan).outcome("t")
+    assert out.status is ap.Status.TIMED_OUT
+    assert mark.read_text() == "cleaned up"
+
+
+@pytest.mark.parametrize("crash", [fa.segfault, fa.kill_self])
+def test_a_crash_costs_only_its_own_node_and_never_the_dask_worker(
+    dask_client: Any, crash: Any
+) -> None:
+    before = worker_pids(dask_client)
+    plan = ap.Plan()
+    plan.add(crash, name="bad")
+    plan.add(h.square, 4, name="good")
+    with dask_runner(dask_client) as r:
+        report = r.run(plan)
+    assert report.outcome("bad").status is ap.Status.CRASHED
+    assert isinstance(report.outcome("bad").error, ap.WorkerCrashed)
+    assert report.outcome("good").value == 16
+    assert worker_pids(dask_client) == before
+
+
+def test_a_crash_is_retried_only_with_consent(dask_client: Any, tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    again = ap.action(fa.crash_first_time, retries=1, retry_on=(ap.WorkerCrashed,))
+    once = ap.action(fa.crash_first_time, retries=1)  # retries, but not after crashes
+    with dask_runner(dask_client) as r:
+        plan = ap.Plan()
+        plan.add(again, str(flag), name="c")
+        assert r.run(plan).outcome("c").value == "second attempt"
+        flag.unlink()
+        plan = ap.Plan()
+        plan.add(once, str(flag), name="c")
+        assert r.run(plan).outcome("c").status is ap.Status.CRASHED
+
+
+def test_cancel_stops_what_runs_on_the_cluster(dask_client: Any, tmp_path: Path) -> None:
+    mark = tmp_path / "pid"
+    with dask_runner(dask_client) as r:
+        fut = r.submit(pid_then_sleep, str(mark))
+        pid = h.pid_in(mark)
+        r.cancel()
+        with pytest.raises((ap.WorkerCrashed, Exception)):
+            fut.result(timeout=60)
+        h.wait_for(lambda: h.gone(pid), what=f"the cancelled action's process {pid} to exit")
+        assert r.submit(h.square, 5).result(timeout=60) == 25  # usable again
+
+
+def test_an_unpicklable_result_is_the_same_serialization_error(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    with make_runner(backend, request, cpu_workers=2) as r:  # type: ignore[attr-defined]
+        plan = ap.Plan()
+        plan.add(fa.return_lock, name="lock")
+        out = r.run(plan).outcome("lock")
+    assert out.status is ap.Status.FAILED
+    assert isinstance(out.error, ap.SerializationError)
+    assert "lock" in str(out.error)
+
+
+def test_a_dead_dask_worker_ends_its_running_node_crashed_and_the_run_goes_on(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    mark = tmp_path / "pid"
+    plan = ap.Plan()
+    plan.add(pid_then_sleep, str(mark), name="doomed")
+    plan.add(h.square, 2, name="a")
+    plan.add(h.square, 3, name="b")
+    result: dict[str, ap.Report] = {}
+    with dask_runner(dask_client) as r:
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        victim = dask_worker_of(h.pid_in(mark), dask_client)
+        os.kill(victim, 9)  # the machine under it is gone
+        t.join(timeout=120)
+        assert not t.is_alive()
+        report = result["r"]
+        out = report.outcome("doomed")
+        assert out.status is ap.Status.CRASHED, out.error
+        assert "died" in str(out.error)
+        assert report.outcome("a").value == 4 and report.outcome("b").value == 9
+        assert r.submit(h.square, 6).result(timeout=60) == 36
+    dask_client.wait_for_workers(3, timeout=60)  # the nanny restarts it for later tests
+
+
+def test_the_same_plan_ends_with_the_same_outcomes_on_both_backends(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    def plan() -> ap.Plan:
+        p = ap.Plan()
+        ok = p.add(h.square, 3, name="ok")
+        fails = p.add(fa.fail, name="fails")
+        p.add(h.square, fails, name="skipped")
+        p.add(fa.exit_with, 3, name="crashes")
+        p.add(ap.action(fa.spin_python, timeout=0.3), name="times_out")
+        p.add(h.square, ok, name="after")
+        return p
+
+    statuses = {}
+    values = {}
+    for backend in ("local", "dask"):
+        kwargs: dict[str, Any] = {"timeout_grace": 0.3}
+        if backend == "dask":
+            kwargs.update(backend="dask", client=dask_client)
+        else:
+            kwargs.update(cpu_workers=2)
+        with ap.Runner(**kwargs) as r:
+            report = r.run(plan())
+        statuses[backend] = {o.name: o.status for o in report}
+        values[backend] = {o.name: o.value for o in report}
+    assert statuses["local"] == statuses["dask"]
+    assert values["local"] == values["dask"]
+    assert statuses["dask"]["crashes"] is ap.Status.CRASHED
+    assert statuses["dask"]["times_out"] is ap.Status.TIMED_OUT
+    assert statuses["dask"]["skipped"] is ap.Status.SKIPPED
