@@ -321,3 +321,60 @@ def test_the_same_plan_ends_with_the_same_outcomes_on_both_backends(
     assert statuses["dask"]["crashes"] is ap.Status.CRASHED
     assert statuses["dask"]["times_out"] is ap.Status.TIMED_OUT
     assert statuses["dask"]["skipped"] is ap.Status.SKIPPED
+
+
+def test_a_lost_cluster_ends_the_running_nodes_crashed_and_the_report_says_so(
+    tmp_path: Path,
+) -> None:
+    mark = tmp_path / "pid"
+    plan = ap.Plan()
+    plan.add(pid_then_sleep, str(mark), name="running")
+    result: dict[str, ap.Report] = {}
+    cluster = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    )
+    with distributed.Client(cluster) as client, dask_runner(client) as r:
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        pid = h.pid_in(mark)
+        cluster.close()  # scheduler and workers gone, mid-run
+        t.join(timeout=120)
+        assert not t.is_alive()
+        out = result["r"].outcome("running")
+        assert out.status is ap.Status.CRASHED
+        assert "the Dask cluster at" in str(out.error) and "lost" in str(out.error)
+        with pytest.raises(RuntimeError, match="is lost"):
+            r.submit(h.square, 2).result(timeout=60)
+    h.wait_for(lambda: h.gone(pid), what=f"the action's process {pid} to exit with its worker")
+
+
+def test_memory_and_threads_become_dask_resources_where_workers_declare_them(
+    tmp_path: Path,
+) -> None:
+    mark = tmp_path / "pid"
+    heavy = ap.action(pid_then_sleep, memory=2**30, threads=1)
+    with (
+        distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+            resources={"memory": 4 * 2**30, "threads": 1},
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        dask_runner(client) as r,
+    ):
+        assert r.sizing.cluster_resources == {"memory", "threads"}
+        fut = r.submit(heavy, str(mark))
+        h.pid_in(mark)
+
+        def restrictions(dask_scheduler: Any) -> list[dict[str, float]]:
+            return [
+                dict(ts.resource_restrictions or {})
+                for ts in dask_scheduler.tasks.values()
+                if ts.state == "processing"
+            ]
+
+        assert client.run_on_scheduler(restrictions) == [{"memory": 2**30, "threads": 1}]
+        fut.cancel()
+        r.cancel()

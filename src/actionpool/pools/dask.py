@@ -391,7 +391,13 @@ class DaskPool:
         """
         if self._closed:
             raise RuntimeError(f"the Dask {self.kind} pool is closed")
-        if not self.link.client.scheduler_info()["workers"]:
+        client = self.link.client
+        if client.status != "running":
+            raise RuntimeError(
+                f"the Dask cluster at {self.link.address} is lost (its client is"
+                f" {client.status}): node {task.node!r} cannot run"
+            )
+        if not client.scheduler_info().get("workers"):
             raise RuntimeError(
                 f"the Dask cluster at {self.link.address} has no workers: node"
                 f" {task.node!r} cannot run (start workers, or use backend='local')"
@@ -513,7 +519,14 @@ class DaskPool:
         elif what == "crashed":
             att.future.set_exception(payload)
         elif att.dask.status == "cancelled":
-            att.future.cancel()
+            # not by _stop (it pops the attempt first): the scheduler dropped the task,
+            # which it does to every task when the client loses it (a lost cluster)
+            crash = WorkerCrashed(
+                f"the Dask cluster at {self.link.address} lost attempt {att.key!r}"
+                f" (the connection to its scheduler was lost, or the task was cancelled"
+                f" there): {payload}"
+            )
+            att.future.set_exception(crash if att.started_at is not None else NotStarted(crash))
         else:
             att.future.set_exception(self._lost(att, payload))
 
