@@ -181,6 +181,27 @@ def test_events_reach_on_event_while_the_action_runs(dask_client: Any, tmp_path:
     assert kinds[-1] == "finished"
 
 
+def test_a_progress_bar_counts_cluster_nodes_to_the_end(
+    dask_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    plan = ap.Plan()
+    for i in range(5):
+        plan.add(h.square, i)
+    with dask_runner(dask_client) as r:
+        report = r.run(plan, progress=True)
+    assert report.status is ap.RunStatus.SUCCEEDED
+    assert [o.value for o in report] == [0, 1, 4, 9, 16]
+    err = capsys.readouterr().err
+    assert "actionpool" in err and "5/5" in err
+
+
+def test_a_map_and_its_chunks_run_on_the_cluster(dask_client: Any) -> None:
+    with dask_runner(dask_client) as r:
+        assert list(r.map(h.square, range(2_000))) == [i * i for i in range(2_000)]
+        assert list(r.map(h.square, range(50), chunksize=1)) == [i * i for i in range(50)]
+
+
 # ---- timeouts, crashes, cancel: the worker-local pool's, exactly ----------------------
 
 
@@ -342,7 +363,8 @@ def test_a_lost_cluster_ends_the_running_nodes_crashed_and_the_report_says_so(
         assert not t.is_alive()
         out = result["r"].outcome("running")
         assert out.status is ap.Status.CRASHED
-        assert "the Dask cluster at" in str(out.error) and "lost" in str(out.error)
+        # whichever the client heard first: the workers' removal, or the lost scheduler
+        assert "Dask" in str(out.error) and "lost" in str(out.error), out.error
         with pytest.raises(RuntimeError, match="is lost"):
             r.submit(h.square, 2).result(timeout=60)
     h.wait_for(lambda: h.gone(pid), what=f"the action's process {pid} to exit with its worker")
@@ -378,3 +400,58 @@ def test_memory_and_threads_become_dask_resources_where_workers_declare_them(
         assert client.run_on_scheduler(restrictions) == [{"memory": 2**30, "threads": 1}]
         fut.cancel()
         r.cancel()
+
+
+def test_an_action_larger_than_any_worker_is_refused_before_it_waits_for_ever(
+    dask_client: Any,
+) -> None:
+    with dask_runner(dask_client) as r:
+        largest = r.sizing.largest_worker_memory
+        assert largest > 0
+        too_big = ap.action(h.square, memory=largest + 1)
+        with pytest.raises(ap.PlanError, match="largest memory limit"):
+            r.submit(too_big, 2).result(timeout=60)
+
+
+def test_security_with_a_client_of_ones_own_is_refused(dask_client: Any) -> None:
+    with pytest.raises(ValueError, match="a client= brings its own"):
+        ap.Runner(backend="dask", client=dask_client, security=object())
+
+
+def log_pid_then_sleep(log: str) -> str:
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(60)
+    return "woke"
+
+
+def test_a_retired_worker_ends_its_started_node_crashed_and_no_copy_runs_on(
+    tmp_path: Path,
+) -> None:
+    # Dask re-runs the tasks of a worker it retires gracefully (adaptive scale-down
+    # does), whatever allowed-failures says: the pool ends the attempt and cancels it
+    log = tmp_path / "starts"
+    plan = ap.Plan()
+    plan.add(log_pid_then_sleep, str(log), name="long")
+    result: dict[str, ap.Report] = {}
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        dask_runner(client) as r,
+    ):
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        h.wait_for(lambda: log.exists() and log.read_text().strip() != "", what="the start")
+        first = int(log.read_text().split()[0])
+        victim = dask_worker_of(first, client)
+        address = next(a for a, pid in worker_pids(client).items() if pid == victim)
+        client.retire_workers([address])
+        t.join(timeout=120)
+        assert not t.is_alive()
+        out = result["r"].outcome("long")
+        assert out.status is ap.Status.CRASHED
+        assert "was retired" in str(out.error), out.error
+        for pid in map(int, log.read_text().split()):  # a copy Dask started is stopped
+            h.wait_for(lambda pid=pid: h.gone(pid), what=f"the action's process {pid}")

@@ -30,6 +30,7 @@ MARKER = "ACTIONPOOL_EXAMPLE_RUN"
 ARGS: dict[str, list[str]] = {
     "numpy_fanout.py": ["--parts", "4", "--size", "20000"],
     "mixed_plan.py": ["--files", "3", "--lines", "200"],
+    "dask_cluster.py": ["--tasks", "4", "--samples", "50000"],
 }
 """Small arguments per example (examples not listed run with none)."""
 
@@ -49,6 +50,13 @@ EXPECT: dict[str, list[str]] = {
         "status: succeeded",
         "3 files, 600 lines",
         "_SUCCESS, summary.json, top_words.csv",
+    ],
+    "dask_cluster.py": [
+        "sizing: dask: 2 workers, cpu_workers=2 threads",
+        "busy_loop  timed_out  dask  tcp://127.0.0.1:",
+        "events from warm_up: emitted warming up in 5 steps, progress (1, 5)",
+        "combine    succeeded  dask",
+        "status: partial",
     ],
 }
 """Lines (substrings) each example's standard output must contain."""

@@ -101,7 +101,8 @@ def build(
             " address= or client= has its own workers"
         )
     local = compute_sizing(cpu_workers, io_workers)
-    per_worker = local.memory_budget // max(1, local.cpu_workers)
+    # the workers' limits are the available memory; the budget takes its fraction once
+    per_worker = local.available_memory // max(1, local.cpu_workers)
     link = connect(address, client, security, local.cpu_workers, per_worker)
     try:
         sizing = cluster_sizing(link.workers(), link.address, link.owned, local)

@@ -504,6 +504,12 @@ class Runner(Executor):
                 f" has {pool_size} slots"
             )
         budget = self.sizing.memory_budget
+        largest = self.sizing.largest_worker_memory
+        if spec.memory is not None and 0 < largest < spec.memory:
+            raise PlanError(
+                f"node {name!r}: memory={spec.memory} bytes can never fit: an attempt runs"
+                f" on one Dask worker, and the largest memory limit is {largest} bytes"
+            )
         if spec.memory is not None and spec.memory > budget:
             raise PlanError(
                 f"node {name!r}: memory={spec.memory} bytes can never fit in the memory"

@@ -496,7 +496,7 @@ class Scheduler:
             # Past the deadline is TIMED_OUT, whatever the action did after it: an io
             # action that noticed ctx.cancelled() and returned, or a cpu action that
             # caught its soft ActionTimeout and returned, is still late.
-            if rec.spec.kind == "io":
+            if not self.pools[rec.spec.kind].stops_by_kill:  # a thread, not a process
                 kept = "its thread was asked to stop: ctx.cancelled() is True"
             else:
                 kept = "ActionTimeout was raised inside it"

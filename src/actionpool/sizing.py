@@ -87,6 +87,8 @@ class Sizing:
         cluster_workers: the Dask workers (0 for ``"local"``).
         cluster_resources: the Dask worker resources the cluster declares that an
             action's ``memory=`` and ``threads=`` map to (``"memory"``, ``"threads"``).
+        largest_worker_memory: bytes, the largest memory limit of one Dask worker
+            (an action runs on one; 0 for ``"local"``).
     """
 
     cpu_workers: int
@@ -102,6 +104,7 @@ class Sizing:
     backend: str = "local"
     cluster_workers: int = 0
     cluster_resources: frozenset[str] = frozenset()
+    largest_worker_memory: int = 0
 
     def __str__(self) -> str:
         if self.backend == "dask":
@@ -258,7 +261,8 @@ def cluster_sizing(
     on it, else 1 (a remote machine's cores are not known here).
     """
     threads = sum(int(str(w.get("nthreads", 0) or 0)) for w in workers.values())
-    memory = sum(int(str(w.get("memory_limit", 0) or 0)) for w in workers.values())
+    limits = [int(str(w.get("memory_limit", 0) or 0)) for w in workers.values()]
+    memory = sum(limits)
     declared = {
         str(name)
         for w in workers.values()
@@ -290,6 +294,7 @@ def cluster_sizing(
         backend="dask",
         cluster_workers=len(workers),
         cluster_resources=resources,
+        largest_worker_memory=max(limits, default=0),
     )
 
 

@@ -28,12 +28,15 @@ started ends ``CRASHED`` with :class:`~actionpool.WorkerCrashed` (the scheduler 
 it only for an action that consents, as locally); one that had not is reported
 :class:`~actionpool.pools.NotStarted` and sent again. With the cluster this pool
 starts, the scheduler's ``allowed-failures`` is 0, so Dask itself never re-runs a task
-whose worker died; on a cluster of the user's, the pool also listens for the
-scheduler's ``remove-worker`` events and cancels the lost attempts that had started,
-before Dask sends them elsewhere (docs/scaling-out.md).
+whose worker died. Dask does re-run a task whose worker was retired gracefully, and,
+below ``allowed-failures``, one whose worker died: so the pool also listens for the
+scheduler's ``remove-worker`` event of each worker its attempts started on, ends those
+attempts CRASHED and cancels their tasks. A copy that Dask started elsewhere meanwhile
+is killed as soon as the cancel reaches its worker, but it may have begun: on a
+cluster of your own, set ``allowed-failures`` to 0 (docs/scaling-out.md).
 
 Threads: the caller's (submit, cancel, close); the Dask client's event loop runs the
-topic handlers (:meth:`DaskPool._on_topic`, :meth:`DaskPool._on_cluster`) and waits
+topic handlers (:meth:`DaskPool._on_topic`, :meth:`DaskPool._on_worker`) and waits
 for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attempt.
 ``DaskPool._lock`` guards ``_live`` (key -> attempt) and the closed flag; it is never
 held while calling out (into Dask or a callback). An attempt's future is set once, by
@@ -48,6 +51,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -92,33 +96,62 @@ class ClusterLink:
         self.topic = f"actionpool-{uuid.uuid4().hex[:12]}"
         self.plugin = _PLUGIN_PREFIX + self.topic.split("-", 1)[1]
         self.pools: list[DaskPool] = []
-        # One handler per topic and client (Client.subscribe_topic replaces any other):
-        # the runner's own topic, and the cluster's "all" only on a client of its own,
-        # where no user handler can be displaced.
+        # One handler per topic and client (Client.subscribe_topic replaces any other).
+        # The runner's own topic; and each worker's address, the topic under which the
+        # scheduler logs that worker's removal, subscribed to when an attempt first
+        # starts there (the cluster-wide "all" would displace a user's handler).
+        self._watched: set[str] = set()  # worker addresses: touched on the client's loop
+        self._workers_seen = (0.0, 0)  # (monotonic time, worker count)
         client.subscribe_topic(self.topic, self._on_topic)
-        if own_client:
-            client.subscribe_topic("all", self._on_cluster)
 
     def _on_topic(self, event: tuple[float, list[Any]]) -> None:
+        _, (_key, kind, _at, data) = event
+        if kind == "started":
+            where = str(data).split(" pid ", 1)[0]
+            if where not in self._watched:
+                self._watched.add(where)
+                self.client.subscribe_topic(where, self._on_worker)
         for pool in self.pools:
             pool._on_topic(event)
 
-    def _on_cluster(self, event: tuple[float, Any]) -> None:
+    def _on_worker(self, event: tuple[float, Any]) -> None:
         for pool in self.pools:
-            pool._on_cluster(event)
+            pool._on_worker(event)
 
     def workers(self) -> dict[str, dict[str, Any]]:
         """The scheduler's view of its workers: ``{address: info}`` (``nthreads``,
-        ``memory_limit`` in bytes, ``resources``...)."""
+        ``memory_limit`` in bytes, ``resources``...). One request to the scheduler."""
         return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def has_workers(self) -> bool:
+        """Whether the cluster has a worker, asking the scheduler at most once a second
+        while it has (every time while it has none, so that a new one is seen)."""
+        at, count = self._workers_seen
+        now = time.monotonic()
+        if count and now - at < 1.0:
+            return True
+        count = int(self.client.scheduler_info(n_workers=0).get("n_workers", 0))
+        self._workers_seen = (now, count)
+        return count > 0
+
+    def cancel(self, fut: Any) -> None:
+        """Cancel a Dask future from any thread, without waiting (on the client's loop,
+        the client's ``cancel`` only returns a coroutine)."""
+        client = self.client
+
+        async def cancel() -> None:
+            with contextlib.suppress(Exception):
+                await client.cancel([fut], asynchronous=True)
+
+        with contextlib.suppress(Exception):
+            client.loop.add_callback(cancel)
 
     def close(self) -> None:
         """Close the client and cluster the runner started (a user's client stays)."""
-        with contextlib.suppress(Exception):
-            self.client.unsubscribe_topic(self.topic)
-        if self._own_client:
+        for topic in [self.topic, *self._watched]:
             with contextlib.suppress(Exception):
-                self.client.unsubscribe_topic("all")
+                self.client.unsubscribe_topic(topic)
+        if self._own_client:
             with contextlib.suppress(Exception):
                 self.client.close()
         if self._cluster is not None:
@@ -158,6 +191,16 @@ def connect(
         ) from exc
     if address is not None and client is not None:
         raise ValueError("backend='dask': give address= or client=, not both")
+    if client is not None and security is not None:
+        raise ValueError(
+            "backend='dask': security= is for the connection the runner makes;"
+            " a client= brings its own"
+        )
+    if client is not None and getattr(client, "asynchronous", False):
+        raise ValueError(
+            "backend='dask': client= must be a synchronous distributed.Client"
+            " (the runner calls it from its own threads)"
+        )
     if client is not None:
         return ClusterLink(client, None, False, str(client.scheduler.address))
     if address is not None:
@@ -267,7 +310,7 @@ class WorkerSide(WorkerPlugin):
             return "crashed", exc
         finally:
             self._running.pop(key, None)
-        return "result", result
+        return "result", result._replace(worker=f"{where} pid {result.worker}")
 
 
 def _run_on_worker(plugin: str, task: Task, key: str) -> tuple[str, Any]:
@@ -397,7 +440,7 @@ class DaskPool:
                 f"the Dask cluster at {self.link.address} is lost (its client is"
                 f" {client.status}): node {task.node!r} cannot run"
             )
-        if not client.scheduler_info().get("workers"):
+        if not self.link.has_workers():
             raise RuntimeError(
                 f"the Dask cluster at {self.link.address} has no workers: node"
                 f" {task.node!r} cannot run (start workers, or use backend='local')"
@@ -483,8 +526,7 @@ class DaskPool:
         with self._lock:
             live = self._live.pop(att.key, None)
         if att.dask is not None:
-            with contextlib.suppress(Exception):
-                att.dask.cancel()
+            self.link.cancel(att.dask)
         if live is None:
             return
         if att.started_at is None:
@@ -510,7 +552,7 @@ class DaskPool:
         with self._lock:
             live = self._live.pop(att.key, None)
         if live is None:
-            return  # stopped (_stop) or lost with its worker (_on_cluster) meanwhile
+            return  # stopped (_stop) or lost with its worker (_on_worker) meanwhile
         what, payload = outcome
         if what == "result":
             att.future.set_result(payload)
@@ -535,9 +577,7 @@ class DaskPool:
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
-            crash = WorkerCrashed(
-                f"the Dask worker running {att.key!r} died ({exc}); the cluster goes on"
-            )
+            crash = WorkerCrashed(f"the Dask worker running {att.key!r} died ({exc})")
             return crash if att.started_at is not None else NotStarted(crash)
         return exc
 
@@ -555,13 +595,14 @@ class DaskPool:
         elif att.on_event is not None:
             att.on_event(kind, at, loads(data))
 
-    def _on_cluster(self, event: tuple[float, dict[str, Any]]) -> None:
-        """The scheduler removed a worker (on the client's loop): its attempts that
-        had started end CRASHED now, before Dask could send them elsewhere."""
+    def _on_worker(self, event: tuple[float, dict[str, Any]]) -> None:
+        """The scheduler removed a worker that ran attempts (on the client's loop):
+        those that had started there end CRASHED now, and their tasks are cancelled,
+        so that Dask, which re-runs a removed worker's tasks elsewhere (an expected
+        removal, a graceful retirement, always; an unexpected one below
+        ``allowed-failures``), stops the copy it may have started meanwhile."""
         _, msg = event
         if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
-            return
-        if msg.get("expected"):
             return
         for key in msg.get("processing-tasks", ()):
             att = self._live.get(str(key))
@@ -571,11 +612,8 @@ class DaskPool:
                 live = self._live.pop(att.key, None)
             if live is None:
                 continue
-            with contextlib.suppress(Exception):
-                att.dask.cancel()
+            self.link.cancel(att.dask)
+            how = "was retired" if msg.get("expected") else "died or lost its scheduler"
             att.future.set_exception(
-                WorkerCrashed(
-                    f"the Dask worker {msg.get('worker')} running {att.key!r} died;"
-                    " the cluster goes on"
-                )
+                WorkerCrashed(f"the Dask worker {att.worker} running {att.key!r} {how}")
             )
