@@ -25,6 +25,10 @@ from bench_arrays import preserved_environ, ray_init
 from bench_tasks import busy, busy_timed, inc_chunk, nap, noop, task_sum
 from harness import Driver, calibrate_busy, roundtrips, timed
 
+DASK_CONFIG = {  # the dask driver's cluster, as actionpool.pools.dask.connect's LocalCluster
+    "distributed.scheduler.allowed-failures": 0,
+    "distributed.scheduler.worker-saturation": 1.0,
+}
 IO_THREADS = 20  # W6: threads of every thread pool (>= 20 tasks: ideal = one sleep)
 DIST = {  # library -> (module to find, distribution for the version)
     "actionpool": ("actionpool", "actionpool"),
@@ -325,8 +329,19 @@ class PebbleDriver(Driver):
 
 
 class DaskDriver(Driver):
-    """distributed.LocalCluster (processes, 1 thread each), started inside a save/restore
-    of os.environ (it sets OMP_NUM_THREADS=1 and the like)."""
+    """distributed.LocalCluster on loopback (processes, 1 thread each), started inside a
+    save/restore of os.environ (it sets OMP_NUM_THREADS=1 and the like), and, once a
+    ``w_dask`` op asks for it, an actionpool ``Runner(backend="dask", client=...)`` on
+    the same cluster.
+
+    The cluster is configured as ``Runner(backend="dask")`` configures the one it starts
+    for itself (``actionpool.pools.dask.connect``): ``allowed-failures`` 0 and
+    ``worker-saturation`` 1.0 (Dask's default is 1.1: with one thread per worker, a
+    second task queued on each worker). One cluster serves both the plain ``distributed``
+    ops and actionpool's Dask backend (``w_dask.py``), so the two are compared on the
+    very same scheduler and workers, in the same process, round by round; and a single
+    cluster's heartbeats, not two, run beside every other library's samples.
+    """
 
     dist = "distributed"
 
@@ -337,19 +352,39 @@ class DaskDriver(Driver):
 
         self.dask = dask
         dask.config.set({"temporary-directory": str(self.tmp / "dask")})
-        with preserved_environ():
+        with preserved_environ(), dask.config.set(DASK_CONFIG):
             self.cluster = LocalCluster(
                 n_workers=self.workers,
                 threads_per_worker=1,
                 processes=True,
+                host="127.0.0.1",
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
             self.client.wait_for_workers(self.workers)
         self.client.gather([self.client.submit(nap, 0.05, pure=False) for _ in range(2)])
+        self._ap_runner: Any = None
+
+    def ap_runner(self) -> Any:
+        """actionpool's ``Runner(backend="dask")`` on this driver's client, made on first
+        use (a warm-up call, untimed) and warmed as ``ActionpoolDriver``'s: a plan of
+        short sleeps starts every worker-local process."""
+        if self._ap_runner is None:
+            import actionpool as ap
+
+            with preserved_environ():
+                r = ap.Runner(backend="dask", client=self.client)
+            plan = ap.Plan()
+            for _ in range(2 * self.workers):
+                plan.add(nap, 0.05)
+            r.run(plan).raise_for_failures()
+            self._ap_runner = r
+        return self._ap_runner
 
     def close(self) -> None:
+        if self._ap_runner is not None:
+            self._ap_runner.shutdown()  # its worker plugin (and processes) first
         with preserved_environ():
             self.client.close()
             self.cluster.close()
@@ -398,8 +433,11 @@ def available(
     for lib, (mod, _) in DIST.items():
         if only and lib not in only:
             continue
-        if (lib == "dask" and no_dask) or (lib == "ray" and no_ray):
-            left_out[lib] = "left out (--no-dask / --no-ray)"
+        if lib == "dask" and no_dask:
+            left_out[lib] = "left out (--no-dask), and with it the Dask backend's rows (W*-dask)"
+            continue
+        if lib == "ray" and no_ray:
+            left_out[lib] = "left out (--no-ray)"
             continue
         try:
             found = importlib.util.find_spec(mod) is not None

@@ -15,6 +15,8 @@ Where each workload lives:
 ``w_cold.py``      W7 cold start, a fresh interpreter per sample
 ``w_plans.py``     W8 mixed cpu + io plan, W9 wide plans and the overhead curve
 ``w_small.py``     W10 small maps at every size, W11 a short batch (2 workers)
+``w_dask.py``      W1, W2, W3, W9 on a Dask cluster: actionpool's Dask backend
+                   against plain ``distributed`` (``W1-dask``... in results.md)
 =================  ==============================================================
 
 Each module opens with what its workloads measure and their targets. ``peers.py``
@@ -59,6 +61,7 @@ import harness  # noqa: E402
 import results  # noqa: E402
 import w_arrays  # noqa: E402
 import w_cold  # noqa: E402
+import w_dask  # noqa: E402
 import w_maps  # noqa: E402
 import w_plans  # noqa: E402
 import w_scaling  # noqa: E402
@@ -71,7 +74,7 @@ from results import entries_json  # noqa: E402
 from w_scaling import SCALING_LIBS, w3_rounds  # noqa: E402
 
 # the families in the order of results.md's tables and targets
-FAMILIES = [w_maps, w_scaling, w_arrays, w_threads, w_cold, w_plans, w_small]
+FAMILIES = [w_maps, w_scaling, w_arrays, w_threads, w_cold, w_plans, w_small, w_dask]
 WORKLOADS = [w for fam in FAMILIES for w in fam.WORKLOADS]
 ALL = "W1,W2,W3,W5,W6,W7,W8,W9,W10,W11,scaling"
 
@@ -174,6 +177,9 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
         " W8 wall / max(the cpu nodes' serial in-process time / cores, io sleep);"
         " W10 actionpool's tasks/s / Pool.map's at each size (the worst size is the"
         " value); W11 as W3, for 6 tasks on 2 workers (reported, no target)."
+        " W1-dask, W2-dask, W3-dask: actionpool's Dask backend over plain `distributed`"
+        " (tasks/s, round trip, wall; W3-dask's verdict is the median of the per-round"
+        " ratios) on one shared LocalCluster; W9-dask the Dask runner's nodes/s."
         " W3's, W5's, W8's and W11's samples are each divided by the reference (serial"
         " time, memcpy) measured in their own round, so the machine's drift between rounds"
         " cancels out of them; their verdict is the median of those per-round values."
@@ -214,7 +220,8 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
     lines += failed or ["- No peer failed; every installed peer ran every workload it has."]
     lines += [
         "- Not applicable (no equivalent API): W2 joblib (no submit); W6 loky and Ray (no"
-        " thread pool); W8 and W9 are plans, which no peer has. Scaling compares the main"
+        " thread pool); W8 and W9 are plans, which no peer has (W9-dask shows plain"
+        " `distributed` running the same graph, for context). Scaling compares the main"
         " peers only (concurrent.futures, joblib, multiprocessing); W10 and W11 the peers"
         " that map cheaply (multiprocessing, concurrent.futures, loky, joblib).",
         "",
@@ -266,13 +273,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="worker processes of every pool (default: physical cores)",
     )
     parser.add_argument("--only", help="comma-separated libraries (default: all installed)")
-    parser.add_argument("--workloads", default=ALL, help=f"comma-separated subset of {ALL}")
+    parser.add_argument(
+        "--workloads",
+        default=ALL,
+        help=f"comma-separated subset of {ALL} (W1, W2, W3 and W9 take in their Dask-backend"
+        " rows; W1-dask, W2-dask, W3-dask, W9-dask name those alone)",
+    )
     parser.add_argument(
         "--small-sizes",
         help="W10's map sizes, comma-separated (default 1000,10000,100000,1000000;"
         " --quick leaves out the million)",
     )
-    parser.add_argument("--no-dask", action="store_true", help="leave Dask out")
+    parser.add_argument("--dask-sizes", help=argparse.SUPPRESS)  # W1-dask items, W9-dask nodes
+    parser.add_argument(
+        "--no-dask", action="store_true", help="leave Dask out (its peers and the W*-dask rows)"
+    )
     parser.add_argument("--no-ray", action="store_true", help="leave Ray out")
     parser.add_argument("--op-timeout", type=float, default=180.0, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -321,6 +336,7 @@ def measure_all(suite: Suite, args: argparse.Namespace) -> tuple[dict[str, Any],
         res.update(w_arrays.measure(suite, cal))
         res.update(w_threads.measure(suite, cal))
         res.update(w_small.measure(suite, cal))
+        res.update(w_dask.measure(suite, cal))  # the last use of the dask driver
         keep = {"baseline", "actionpool", *SCALING_LIBS}
         suite.close([lib for lib in list(suite.drivers) if lib not in keep])
         if "scaling" in args.workloads:

@@ -247,3 +247,79 @@ def test_compare_runs_head_against_the_working_tree(tmp_path: Path) -> None:
     base, cur = data["imported"]["ap-baseline"], data["imported"]["ap-current"]
     assert Path(cur) == ROOT / "src" / "actionpool" / "__init__.py"
     assert Path(base).parts[-3:] == ("src", "actionpool", "__init__.py") and base != cur
+
+
+def test_the_dask_backend_rows_are_judged_against_plain_distributed_only() -> None:
+    """W1-dask...W9-dask compare actionpool's Dask backend with plain distributed in
+    tables of their own: the local W1 verdict still compares actionpool's local row
+    with the best local peer. --no-dask leaves the Dask rows out."""
+    suite, Entry = _bench("suite"), _bench("harness").Entry
+
+    def entry(label: str, lib: str, op: str, kind: str, walls: list[float], kw: Any) -> Any:
+        e = Entry(label, lib, op, kw, kind)
+        e.samples, e.rounds = list(walls), list(range(len(walls)))
+        e.extras = [{"t": t, "nodes": kw.get("n", 0) + 1} for t in walls]
+        return e
+
+    n1, n9 = {"n": 20_000}, {"n": 250}
+    res = {
+        "W1": [  # the local rows: 20,000 items in 0.1 s / 0.2 s
+            entry("ours", "actionpool", "w1", "actionpool", [0.1, 0.1, 0.1], n1),
+            entry("pool", "multiprocessing", "w1", "peer", [0.2, 0.2, 0.2], n1),
+        ],
+        "W1-dask": [  # 500 items: 0.02 s ours, 1.5 s client.map (75x)
+            entry("ap dask", "dask", "w1_ap", "actionpool", [0.02, 0.02, 0.02], {"n": 500}),
+            entry("client.map", "dask", "w1_map", "peer", [1.5, 1.5, 1.5], {"n": 500}),
+        ],
+        "W2-dask": [  # 11.5 ms against 10 ms: 1.15x, within 1.2x
+            entry("ap dask", "dask", "w2_ap", "actionpool", [0.0115] * 3, {}),
+            entry("client.submit", "dask", "w2", "peer", [0.010] * 3, {}),
+        ],
+        "W3-dask": [  # per round 0.9, 1.2, 1.1: median 1.1x, slower than client.map
+            entry("ap dask", "dask", "w3_ap", "actionpool", [0.27, 0.36, 0.33], {}),
+            entry("client.map", "dask", "w3", "peer", [0.3, 0.3, 0.3], {}),
+        ],
+        "W9-dask": [  # 251 nodes in 0.1 s: 2,510 nodes/s
+            entry("ap dask", "dask", "w9_ap", "actionpool", [0.1, 0.1, 0.1], n9),
+            entry("plain", "dask", "w9_plain", "peer", [0.75, 0.75, 0.75], n9),
+        ],
+    }
+    an = suite.analyse(res, argparse.Namespace(workers=2))
+    got = {t["workload"]: t for t in an["targets"]}
+    assert got["W1"]["best_peer"] == "pool" and got["W1"]["value"] == pytest.approx(2.0)
+    assert got["W1-dask"]["value"] == pytest.approx(75.0) and got["W1-dask"]["met"] is True
+    assert got["W1-dask"]["best_peer"] == "client.map"
+    assert got["W2-dask"]["value"] == pytest.approx(1.15) and got["W2-dask"]["met"] is True
+    assert got["W3-dask"]["value"] == pytest.approx(1.1) and got["W3-dask"]["met"] is False
+    assert "in 1 of 3" in got["W3-dask"]["shown"]
+    assert got["W9-dask"]["value"] == pytest.approx(2510) and got["W9-dask"]["met"] is True
+    assert "(250 nodes + fan-in)" in got["W9-dask"]["target"]
+    rows = {r["contender"] for r in an["tables"]["W1"]["rows"]}
+    assert rows == {"ours", "pool"}
+
+    libs, left_out = _bench("peers").available(None, no_dask=True)
+    assert "dask" not in libs and "W*-dask" in left_out["dask"]
+    args = argparse.Namespace(libs=libs, workloads={"W1", "W2", "W3", "W9"}, workers=2)
+    assert _bench("w_dask").measure(argparse.Namespace(args=args), {}) == {}
+
+
+@pytest.mark.slow
+def test_the_dask_backend_workloads_run_at_tiny_sizes(tmp_path: Path) -> None:
+    """W1-dask...W9-dask for real, one round, 40 items and 30 nodes: both sides of each
+    ran on the dask driver's cluster and got a verdict."""
+    pytest.importorskip("distributed")
+    proc = _run(
+        "suite.py", "--quick", "--out", str(tmp_path), "--only", "dask", "--rounds", "1",
+        "--workloads", "W1-dask,W2-dask,W3-dask,W9-dask", "--dask-sizes", "40,30",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    for wid in ("W1-dask", "W2-dask", "W3-dask", "W9-dask"):
+        rows = data["analysis"]["tables"][wid]["rows"]
+        assert [r["kind"] for r in rows] == ["actionpool", "peer"], wid
+        assert all(r["median"] and not r["errors"] for r in rows), rows
+    targets = {t["workload"]: t for t in data["analysis"]["targets"]}
+    assert {"W1-dask", "W2-dask", "W3-dask", "W9-dask"} <= targets.keys()
+    assert all(targets[w]["value"] > 0 for w in ("W1-dask", "W2-dask", "W3-dask", "W9-dask"))
+    assert "(30 nodes + fan-in)" in targets["W9-dask"]["target"]
+    assert "### W9-dask" in (tmp_path / "results.md").read_text()
