@@ -18,9 +18,13 @@ from typing import Any
 from .pools import Pool
 from .sizing import Sizing, cluster_sizing, compute_sizing
 
-__all__ = ["BACKENDS", "Backend", "build"]
+__all__ = ["BACKENDS", "DASK_IN_FLIGHT", "Backend", "build"]
 
 BACKENDS = ("local", "dask")
+
+DASK_IN_FLIGHT = 8
+"""Attempts a dask runner keeps in flight per thread of the cluster (docs/scaling-out.md,
+"Overhead"): one runs, the others wait on Dask's scheduler."""
 
 
 @dataclass
@@ -106,14 +110,29 @@ def build(
     link = connect(address, client, security, local.cpu_workers, per_worker)
     try:
         sizing = cluster_sizing(link.workers(), link.address, link.owned, local)
+        # Attempts in flight: DASK_IN_FLIGHT per cluster thread, the rest queued on
+        # Dask's scheduler, so that a worker's next task is there when it finishes,
+        # not one client round trip later (queued ones have not started: their
+        # timeouts do not run, and a cancel withdraws them)
+        in_flight = sizing.cpu_workers * DASK_IN_FLIGHT
         pools: dict[str, Pool] = {
             "cpu": DaskPool(
-                link, "cpu", sizing.cpu_workers, sizing.blas_threads, sizing.cluster_resources
+                link,
+                "cpu",
+                in_flight,
+                sizing.blas_threads,
+                sizing.cluster_resources,
+                sizing.cpu_workers,
             )
         }
         if io_on_cluster:
             pools["io"] = DaskPool(
-                link, "io", sizing.cpu_workers, sizing.blas_threads, sizing.cluster_resources
+                link,
+                "io",
+                in_flight,
+                sizing.blas_threads,
+                sizing.cluster_resources,
+                sizing.cpu_workers,
             )
         else:
             pools["io"] = ThreadPool(sizing.io_workers)

@@ -381,7 +381,9 @@ class DaskPool:
     Args:
         link: the cluster connection (:func:`connect`), shared by the runner's pools.
         kind: ``"cpu"`` (or ``"io"`` with ``io_on_cluster``).
-        size: the attempts in flight at most: the cluster's threads.
+        size: the attempts in flight at most (the admission's slots): several per
+            cluster thread, so that the next ones wait on Dask's scheduler.
+        threads: the cluster's threads (for :meth:`describe`).
         blas_threads: BLAS/OpenMP threads per worker-local process.
         resources: the Dask worker resources the cluster declares (``"memory"``,
             ``"threads"``): an action's ``memory=`` and ``threads=`` are asked for
@@ -398,9 +400,11 @@ class DaskPool:
         size: int,
         blas_threads: int,
         resources: frozenset[str] = frozenset(),
+        threads: int = 0,
     ) -> None:
         self.kind = kind
         self.size = size
+        self.threads = threads or size
         self.link = link
         self.resources = resources
         self._lock = threading.Lock()
@@ -506,7 +510,10 @@ class DaskPool:
     def describe(self) -> str:
         """One line for sizing reports."""
         where = "a LocalCluster started for this runner" if self.link.owned else "a Dask cluster"
-        return f"{self.size} Dask worker threads on {where} at {self.link.address}"
+        return (
+            f"{self.threads} Dask worker threads on {where} at {self.link.address},"
+            f" up to {self.size} attempts in flight"
+        )
 
     # ---- inside -------------------------------------------------------------------------
 
@@ -544,7 +551,7 @@ class DaskPool:
         end ``att`` (unless it was stopped first)."""
         client = self.link.client
         try:
-            what, payload = await client.gather(att.dask, asynchronous=True)
+            what, payload = await client.gather(att.dask, direct=True, asynchronous=True)
         except BaseException as exc:  # noqa: BLE001 - every way a task can end
             outcome: tuple[str, Any] = ("error", exc)
         else:
