@@ -400,6 +400,10 @@ def test_memory_and_threads_become_dask_resources_where_workers_declare_them(
         assert client.run_on_scheduler(restrictions) == [{"memory": 2**30, "threads": 1}]
         fut.cancel()
         r.cancel()
+        # more than any worker declares could never run: refused, not queued for ever
+        wide = ap.action(h.square, threads=2)
+        with pytest.raises(ap.PlanError, match="largest 'threads' resource declared is 1"):
+            r.submit(wide, 2).result(timeout=60)
 
 
 def test_an_action_larger_than_any_worker_is_refused_before_it_waits_for_ever(

@@ -504,6 +504,12 @@ class Runner(Executor):
                 f" has {pool_size} slots"
             )
         budget = self.sizing.memory_budget
+        most = self.sizing.largest_worker_threads
+        if "threads" in self.sizing.cluster_resources and spec.threads > most:
+            raise PlanError(
+                f"node {name!r}: threads={spec.threads} can never fit: an attempt runs on"
+                f" one Dask worker, and the largest 'threads' resource declared is {most}"
+            )
         largest = self.sizing.largest_worker_memory
         if spec.memory is not None and 0 < largest < spec.memory:
             raise PlanError(

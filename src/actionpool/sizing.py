@@ -89,6 +89,8 @@ class Sizing:
             action's ``memory=`` and ``threads=`` map to (``"memory"``, ``"threads"``).
         largest_worker_memory: bytes, the largest memory limit of one Dask worker
             (an action runs on one; 0 for ``"local"``).
+        largest_worker_threads: the largest ``threads`` resource one Dask worker
+            declares (0: none declares it, or ``"local"``).
     """
 
     cpu_workers: int
@@ -105,6 +107,7 @@ class Sizing:
     cluster_workers: int = 0
     cluster_resources: frozenset[str] = frozenset()
     largest_worker_memory: int = 0
+    largest_worker_threads: int = 0
 
     def __str__(self) -> str:
         if self.backend == "dask":
@@ -268,6 +271,10 @@ def cluster_sizing(
         for w in workers.values()
         for name in dict(w.get("resources") or {})  # type: ignore[call-overload]
     }
+    declared_threads = [
+        float(dict(w.get("resources") or {}).get("threads", 0))  # type: ignore[call-overload]
+        for w in workers.values()
+    ]
     where = "a LocalCluster started for this runner" if owned else "the cluster"
     reasons = [
         f"cpu_workers={max(1, threads)} = {threads} threads of {len(workers)} Dask workers"
@@ -295,6 +302,7 @@ def cluster_sizing(
         cluster_workers=len(workers),
         cluster_resources=resources,
         largest_worker_memory=max(limits, default=0),
+        largest_worker_threads=int(max(declared_threads, default=0)),
     )
 
 
