@@ -459,3 +459,79 @@ def test_a_retired_worker_ends_its_started_node_crashed_and_no_copy_runs_on(
         assert "was retired" in str(out.error), out.error
         for pid in map(int, log.read_text().split()):  # a copy Dask started is stopped
             h.wait_for(lambda pid=pid: h.gone(pid), what=f"the action's process {pid}")
+
+
+# ---- batches: short attempts travel several to a Dask task -------------------------------
+
+
+def mark_then_sleep(folder: str, i: int) -> int:
+    Path(folder, str(i)).write_text(str(os.getpid()))
+    time.sleep(60)
+    return i
+
+
+def test_short_nodes_travel_several_to_a_dask_task_each_with_its_own_outcome(
+    dask_client: Any,
+) -> None:
+    plan = ap.Plan()
+    nodes = [plan.add(h.square, i, name=f"sq{i}") for i in range(60)]
+    total = plan.add(sum, nodes, name="total")
+    with dask_runner(dask_client) as r, distributed.get_task_stream(dask_client) as stream:
+        report = r.run(plan)
+    assert report.status is ap.RunStatus.SUCCEEDED
+    assert report[total] == sum(i * i for i in range(60))
+    for i in range(60):
+        out = report.outcome(f"sq{i}")
+        assert out.pool == "dask" and out.worker is not None
+        assert str(out.worker).startswith("tcp://127.0.0.1:"), out.worker
+    keys = {str(t["key"]) for t in stream.data}
+    assert any(k.startswith("batch-") for k in keys), keys
+    assert len(keys) < 61, f"{len(keys)} Dask tasks for 61 nodes: nothing was batched"
+
+
+def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:
+    # 3 workers: before any attempt has ended, more than 12 attempts share Dask tasks
+    plan = ap.Plan()
+    plan.add(ignores_its_timeout, str(tmp_path / "pid"), name="stuck")
+    for i in range(23):
+        plan.add(h.square, i, name=f"sq{i}")
+    with dask_runner(dask_client) as r:
+        report = r.run(plan)
+        assert report.outcome("stuck").status is ap.Status.TIMED_OUT
+        assert all(report.outcome(f"sq{i}").value == i * i for i in range(23))
+        pid = h.pid_in(tmp_path / "pid")
+        h.wait_for(lambda: h.gone(pid), what=f"the timed-out action's process {pid} to exit")
+
+
+def test_cancel_stops_the_running_and_the_queued_attempts_of_every_batch(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    # 24 attempts of unknown duration on 3 one-thread workers go as 12 batches of 2:
+    # three batches run their first attempt, their second waits on the worker, nine
+    # batches wait on the scheduler
+    folder = tmp_path / "marks"
+    folder.mkdir()
+    plan = ap.Plan()
+    for i in range(24):
+        plan.add(mark_then_sleep, str(folder), i, name=f"n{i}")
+    result: dict[str, ap.Report] = {}
+    with dask_runner(dask_client) as r:
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        h.wait_for(lambda: len(list(folder.iterdir())) == 3, what="three attempts to start")
+        pids = [int(p.read_text()) for p in folder.iterdir()]
+        r.cancel()
+        t.join(timeout=120)
+        assert not t.is_alive()
+        report = result["r"]
+        assert report.status is ap.RunStatus.CANCELLED
+        assert all(o.status is not ap.Status.SUCCEEDED for o in report.outcomes)
+        for pid in pids:
+            h.wait_for(lambda pid=pid: h.gone(pid), what=f"the cancelled action's process {pid}")
+        # the workers run what comes next (FIFO behind anything left of the batches),
+        # and none of the withdrawn attempts ever starts
+        after = ap.Plan()
+        for i in range(6):
+            after.add(h.square, i)
+        assert r.run(after).status is ap.RunStatus.SUCCEEDED
+    assert len(list(folder.iterdir())) == 3, sorted(p.name for p in folder.iterdir())

@@ -64,6 +64,9 @@ class Admission:
         pressure: ``pressure(runs, low, {"available", "floor"})`` tells the runs with
             nodes waiting that dispatch paused (``low``) or resumed.
         from_thread: the scheduler's way to run a function on the loop from any thread.
+        flushes: ``{pool kind: flush}`` for pools that hold submitted attempts back to
+            send them together (the Dask pool's batches): called after each dispatch
+            pass that started a node of that kind.
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class Admission:
         start: Callable[[NodeRecord], None],
         pressure: Callable[[set[Any], bool, dict[str, int]], None],
         from_thread: Callable[..., None],
+        flushes: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
         self.loop = loop
+        self._flushes = dict(flushes or {})
         self._start = start
         self._pressure = pressure
         self._from_thread = from_thread
@@ -223,6 +228,7 @@ class Admission:
                 continue
             self.wants_slot[kind] = True  # before the slots are read: see the module's contract
             waiting: list[tuple[tuple[int, int], NodeRecord]] = []  # too big for now
+            started = False
             while heap and self.free_slots(kind) > 0:
                 entry = heapq.heappop(heap)
                 rec = entry[1]
@@ -232,9 +238,12 @@ class Admission:
                     waiting.append(entry)
                     continue
                 start(rec)
+                started = True
             for entry in waiting:
                 heapq.heappush(heap, entry)
             self.wants_slot[kind] = bool(heap)
+            if started and kind in self._flushes:
+                self._flushes[kind]()
 
     def memory_low(self) -> bool:
         """Backpressure: True (and a recheck scheduled) while available memory is below

@@ -149,6 +149,7 @@ class Scheduler:
             self.start,
             self._paused,
             self.from_thread,
+            {k: p.flush for k, p in self.pools.items() if hasattr(p, "flush")},
         )
         self.schedule_dispatch = self.admission.schedule_dispatch
         self.dispatch_now = self.admission.dispatch_now

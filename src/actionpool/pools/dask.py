@@ -23,6 +23,17 @@ cancels its Dask future; the worker sees its task leave ``executing`` and
 Every attempt gets a key of its own (``pure=False`` semantics and more): Dask never
 deduplicates two calls, nor an attempt and its retry.
 
+Batches. Scheduling a Dask task costs milliseconds (client, scheduler and worker
+bookkeeping, and their messages), far more than a short action. So submitted attempts
+are held until the scheduler's dispatch pass ends (:meth:`DaskPool.flush`) and sent
+together, several to a Dask task where attempts are known to be short
+(:func:`batch_count`); the task's :class:`WorkerSide` queues them all on its pool at
+once, and each still starts, times out, crashes and reports alone. A batch's Dask key
+is its own; an attempt's key names it in events and on its worker. Stopping one
+attempt of a batch is a ``client.run`` message to its worker (to every worker when it
+has not started: the batch may not have arrived anywhere yet); the batch's Dask task
+is cancelled once none of its attempts is left.
+
 A Dask worker that dies (a killed machine) takes its attempts with it: one that had
 started ends ``CRASHED`` with :class:`~actionpool.WorkerCrashed` (the scheduler re-runs
 it only for an action that consents, as locally); one that had not is reported
@@ -38,11 +49,14 @@ cluster of your own, set ``allowed-failures`` to 0 (docs/scaling-out.md).
 Threads: the caller's (submit, cancel, close); the Dask client's event loop runs the
 topic handlers (:meth:`DaskPool._on_topic`, :meth:`DaskPool._on_worker`) and waits
 for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attempt.
-``DaskPool._lock`` guards ``_live`` (key -> attempt) and the closed flag; it is never
-held while calling out (into Dask or a callback). An attempt's future is set once, by
-whoever pops it from ``_live`` first. On the Dask worker, the worker's loop runs
-:meth:`WorkerSide.transition` and the worker's threads run :meth:`WorkerSide.run`;
-``WorkerSide._running`` is a plain dict (single operations are atomic).
+``DaskPool._lock`` guards ``_live`` (key -> attempt), ``_pending``, ``_batches``,
+``_to_stop`` and the flags; it is never held while calling out (into Dask or a
+callback). :meth:`DaskPool.flush` runs on the scheduler's thread, or on the client's
+loop when no flush followed a submit within :data:`LATE_FLUSH_S`. An attempt's
+future is set once, by whoever pops it from ``_live`` first. On the Dask worker, the
+worker's loop runs :meth:`WorkerSide.transition` and :meth:`WorkerSide.stop`, and the
+worker's threads run :meth:`WorkerSide.run`; ``WorkerSide``'s dicts and set are plain
+(single operations are atomic).
 """
 
 from __future__ import annotations
@@ -54,7 +68,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -69,11 +83,64 @@ if TYPE_CHECKING:
 
     from distributed import Client
 
-__all__ = ["ClusterLink", "DaskAttempt", "DaskPool", "WorkerSide", "connect"]
+__all__ = [
+    "DASK_TASK_COST_S",
+    "MAX_BATCH",
+    "ClusterLink",
+    "DaskAttempt",
+    "DaskPool",
+    "WorkerSide",
+    "batch_count",
+    "connect",
+]
+
+DASK_TASK_COST_S = 0.002
+"""Seconds of scheduling a Dask task costs beyond its attempts' own time (client,
+scheduler and worker bookkeeping, and the messages between them): the cost that batching
+short attempts spreads (docs/scaling-out.md, "Overhead")."""
+
+MAX_BATCH = 256
+"""Attempts one Dask task carries at most."""
+
+SPREAD = 4
+"""Dask tasks per cluster thread that a flush makes at least, while no attempt has
+ended yet (their durations unknown, a long one must not hold many short ones)."""
+
+LATE_FLUSH_S = 0.005
+"""Seconds after a submit that its attempt is sent even if no flush came."""
 
 _PLUGIN_PREFIX = "actionpool-"
 _STOPPING = frozenset({"cancelled", "released", "forgotten"})
 _BLAS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def batch_count(n: int, threads: int, attempt_s: float | None, running: int = 0) -> int:
+    """How many Dask tasks carry ``n`` attempts sent together (0 for none).
+
+    One attempt per task once attempts are known to run at least
+    :data:`DASK_TASK_COST_S` (then the task's own cost is small beside them). Shorter
+    ones share a task, ``DASK_TASK_COST_S / attempt_s`` to a task (at most
+    :data:`MAX_BATCH`), so that a task's attempts take about as long as scheduling it;
+    still, with the tasks already on the cluster, at least one task per cluster
+    thread, so that every worker gets a share (:data:`SPREAD` per thread before any
+    attempt has ended). Counting those already there keeps a steady run's batches
+    whole: else each batch's results would free its slots at once and its successors
+    would go out split in ``threads``, halving batch after batch.
+
+    Args:
+        n: attempts to send.
+        threads: the cluster's worker threads.
+        attempt_s: seconds an attempt runs on its worker (a moving average), or None.
+        running: this pool's Dask tasks on the cluster now.
+    """
+    if n <= 0:
+        return 0
+    if attempt_s is None:
+        wanted = max(threads * SPREAD - running, -(-n // MAX_BATCH))
+    else:
+        per = max(1, min(MAX_BATCH, int(DASK_TASK_COST_S / max(attempt_s, 1e-9))))
+        wanted = max(threads - running, -(-n // per))
+    return max(1, min(n, wanted))
 
 
 class ClusterLink:
@@ -258,7 +325,9 @@ class WorkerSide(WorkerPlugin):
         self.blas_threads = blas_threads
         self._pool: Any = None
         self._worker: Any = None
-        self._running: dict[str, Any] = {}
+        self._running: dict[str, Any] = {}  # attempt key -> the local pool's attempt
+        self._members: dict[str, list[str]] = {}  # Dask key of a batch -> attempt keys
+        self._withdrawn: set[str] = set()  # attempt keys stopped before they arrived
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -278,43 +347,80 @@ class WorkerSide(WorkerPlugin):
         """A task left ``executing`` for ``released``/``cancelled``/``forgotten``: its
         future was cancelled; kill the process that runs its attempt."""
         if start in ("executing", "long-running") and finish in _STOPPING:
-            att = self._running.get(str(key))
-            if att is not None:
+            self.stop(self._members.get(str(key), [str(key)]))
+
+    def stop(self, keys: list[str]) -> None:
+        """Stop these attempts: kill the process of each that runs here, withdraw each
+        that waits in the pool, and remember the others (their batch may not have
+        arrived yet) so that they never start."""
+        for key in keys:
+            att = self._running.get(key)
+            if att is None:
+                self._withdrawn.add(key)
+            else:
                 att.cancel("cancel")
 
-    def run(self, task: Task, key: str) -> tuple[str, Any]:
-        """Run ``task`` on the pool; wait for it (on this Dask worker thread).
+    def run(self, tasks: list[Task], keys: list[str], dask_key: str) -> list[tuple[str, Any]]:
+        """Run ``tasks`` (one batch, the Dask task ``dask_key``) on the pool, all queued
+        at once; wait for them (on this Dask worker thread).
 
-        Returns ``("result", Result)``, ``("not-started", WorkerCrashed)`` or
-        ``("crashed", WorkerCrashed)``.
+        Returns, per task in order: ``("result", Result)``, ``("not-started",
+        WorkerCrashed)``, ``("crashed", WorkerCrashed)`` or ``("withdrawn", None)``
+        (stopped before it started).
         """
         pool, worker, topic = self._pool, self._worker, self.topic
         if pool is None:
             raise RuntimeError(f"actionpool: the worker plugin {self.name!r} is torn down")
         where = str(worker.address)
+        if len(keys) > 1:
+            self._members[dask_key] = keys
+        atts: list[Any] = []
+        for task, key in zip(tasks, keys, strict=True):
+            if key in self._withdrawn:
+                self._withdrawn.discard(key)
+                atts.append(None)
+                continue
 
-        def on_started(pid: int | str, at: float) -> None:
-            worker.log_event(topic, [key, "started", at, f"{where} pid {pid}"])
+            def on_started(pid: int | str, at: float, key: str = key) -> None:
+                worker.log_event(topic, [key, "started", at, f"{where} pid {pid}"])
 
-        def on_event(kind: str, at: float, data: Any) -> None:
-            worker.log_event(topic, [key, kind, at, dumps(data)])
+            def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
+                worker.log_event(topic, [key, kind, at, dumps(data)])
 
-        task = task._replace(shm_prefix="", shm_threshold=None, announce=True)
-        att = pool.submit(task, False, on_started, on_event)
-        self._running[key] = att
+            task = task._replace(shm_prefix="", shm_threshold=None, announce=True)
+            att = pool.submit(task, False, on_started, on_event)
+            self._running[key] = att
+            atts.append(att)
+        out: list[tuple[str, Any]] = []
+        try:
+            for key, att in zip(keys, atts, strict=True):
+                out.append(self._wait(att, where))
+                self._running.pop(key, None)
+        finally:
+            for key in keys:
+                self._running.pop(key, None)
+            self._members.pop(dask_key, None)
+        return out
+
+    @staticmethod
+    def _wait(att: Any, where: str) -> tuple[str, Any]:
+        if att is None:
+            return "withdrawn", None
         try:
             result: Result = att.future.result()
+        except CancelledError:
+            return "withdrawn", None
         except NotStarted as exc:
             return "not-started", exc.crash
         except WorkerCrashed as exc:
             return "crashed", exc
-        finally:
-            self._running.pop(key, None)
         return "result", result._replace(worker=f"{where} pid {result.worker}")
 
 
-def _run_on_worker(plugin: str, task: Task, key: str) -> tuple[str, Any]:
-    """The Dask task of one attempt: hand it to this worker's :class:`WorkerSide`."""
+def _run_on_worker(
+    plugin: str, tasks: list[Task], keys: list[str], dask_key: str
+) -> list[tuple[str, Any]]:
+    """The Dask task of a batch of attempts: hand it to this worker's :class:`WorkerSide`."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -324,7 +430,15 @@ def _run_on_worker(plugin: str, task: Task, key: str) -> tuple[str, Any]:
             f"actionpool: Dask worker {worker.address} has no plugin {plugin!r}"
             " (it joined after the runner started and did not get it, or the runner closed)"
         )
-    return side.run(task, key)
+    return side.run(tasks, keys, dask_key)
+
+
+async def _stop_on_worker(plugin: str, keys: list[str], dask_worker: Any = None) -> None:
+    """Run by ``client.run`` on a worker's loop: stop these attempts of a batch there
+    (a coroutine: ``client.run`` does not wait only for those)."""
+    side = dask_worker.plugins.get(plugin) if dask_worker is not None else None
+    if isinstance(side, WorkerSide):
+        side.stop(keys)
 
 
 class DaskAttempt:
@@ -338,6 +452,8 @@ class DaskAttempt:
     __slots__ = (
         "__weakref__",
         "_pool",
+        "asks",
+        "batch",
         "dask",
         "direct",
         "future",
@@ -348,12 +464,16 @@ class DaskAttempt:
         "on_started",
         "released",
         "started_at",
+        "task",
         "worker",
     )
 
-    def __init__(self, pool: DaskPool, key: str) -> None:
+    def __init__(self, pool: DaskPool, key: str, task: Task, asks: dict[str, float]) -> None:
         self._pool = pool
         self.key = key
+        self.task: Task | None = task  # dropped once sent
+        self.asks = asks
+        self.batch: _Batch | None = None  # the Dask task it went in
         self.dask: Any = None
         self.future: Future[Result] = Future()
         self.killed = ""
@@ -373,6 +493,17 @@ class DaskAttempt:
 
     def wait_here(self, timeout: float | None) -> None:
         """Nothing to do here: the pool's results thread delivers the result."""
+
+
+class _Batch:
+    """One Dask task: the attempts it carries, in order."""
+
+    __slots__ = ("atts", "dask", "key")
+
+    def __init__(self, key: str, atts: list[DaskAttempt]) -> None:
+        self.key = key
+        self.atts = atts
+        self.dask: Any = None
 
 
 class DaskPool:
@@ -412,6 +543,14 @@ class DaskPool:
         self._closed = False
         self._ids = itertools.count(1)
         self._tag = uuid.uuid4().hex[:8]
+        self._pending: list[DaskAttempt] = []  # submitted, not yet sent (flush)
+        self._flush_armed = False  # a late flush is scheduled on the client's loop
+        self._flushed = 0  # flushes so far
+        self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
+        self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
+        # Seconds an attempt runs on its worker, a moving average (None: none ended
+        # yet): how many attempts one Dask task should carry (flush)
+        self.attempt_s: float | None = None
         self._plugin = f"{link.plugin}-{kind}"
         link.client.register_plugin(
             WorkerSide(self._plugin, link.topic, blas_threads), name=self._plugin
@@ -450,23 +589,96 @@ class DaskPool:
                 f" {task.node!r} cannot run (start workers, or use backend='local')"
             )
         key = f"{task.node}-{self._tag}-{next(self._ids)}"
-        att = DaskAttempt(self, key)
+        att = DaskAttempt(self, key, task, self._asks(task))
         att.on_started, att.on_event = on_started, on_event
-        asks = self._asks(task)
         with self._lock:
             self._live[key] = att
-        att.dask = self.link.client.submit(
-            _run_on_worker,
-            self._plugin,
-            task,
-            key,
-            key=key,
-            pure=False,
-            retries=0,
-            resources=asks or None,
-        )
-        self.link.client.loop.add_callback(self._follow, att)
+            self._pending.append(att)
+            arm = not self._flush_armed
+            self._flush_armed = True
+            gen = self._flushed
+        if arm:  # for a caller that never calls flush: the scheduler always does
+            client.loop.add_callback(self._arm_late_flush, gen)
         return att
+
+    def flush(self) -> None:
+        """Send the attempts submitted since the last flush, several to a Dask task
+        where they are short (the scheduler calls this after each dispatch pass).
+
+        Attempts that ask for Dask resources go one to a task (a batch would hold the
+        resources of one while running several). The others are cut into batches
+        (:func:`batch_count`) from :attr:`attempt_s`, in submission order.
+        """
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._flush_armed = False
+            self._flushed += 1
+            live = self._live
+            pending = [att for att in pending if att.key in live]  # not stopped meanwhile
+        if not pending:
+            return
+        plain = [att for att in pending if not att.asks]
+        for att in pending:
+            if att.asks:
+                self._send([att])
+        n = len(plain)
+        count = batch_count(n, self.threads, self.attempt_s, len(self._batches))
+        start = 0
+        for i in range(count):
+            stop = start + (n - start) // (count - i)
+            self._send(plain[start:stop])
+            start = stop
+
+    def _send(self, atts: list[DaskAttempt]) -> None:
+        """Submit one Dask task that runs ``atts`` (a key of its own: a lone attempt's
+        key, else a batch key)."""
+        client = self.link.client
+        key = atts[0].key if len(atts) == 1 else f"batch-{self._tag}-{next(self._ids)}"
+        batch = _Batch(key, atts)
+        tasks = []
+        for att in atts:
+            assert att.task is not None
+            tasks.append(att.task)
+            att.task = None  # the Dask future holds it now
+            att.batch = batch
+        with self._lock:
+            self._batches[key] = batch
+        try:
+            fut = client.submit(
+                _run_on_worker,
+                self._plugin,
+                tasks,
+                [att.key for att in atts],
+                key,
+                key=key,
+                pure=False,
+                retries=0,
+                resources=atts[0].asks or None,
+            )
+        except Exception as exc:  # noqa: BLE001 - a closed client: these attempts end
+            self._end_batch(batch, None, exc)
+            return
+        batch.dask = fut
+        for att in atts:
+            att.dask = fut
+        client.loop.add_callback(self._follow, batch)
+        with self._lock:  # stopped while being sent (_stop saw no future to cancel)
+            gone = [att.key for att in atts if att.key not in self._live]
+        if len(gone) == len(atts):
+            self.link.cancel(fut)
+        for key in gone if len(gone) < len(atts) else ():
+            self._stop_remote(None, key)
+
+    async def _arm_late_flush(self, gen: int) -> None:
+        """On the client's loop: flush in :data:`LATE_FLUSH_S` unless a flush comes
+        first (``gen``: the flush count when the first of these attempts came)."""
+        import asyncio
+
+        def late() -> None:
+            if self._flushed == gen:
+                self.flush()
+
+        asyncio.get_running_loop().call_later(LATE_FLUSH_S, late)
 
     def submit_if_idle(
         self,
@@ -528,12 +740,24 @@ class DaskPool:
         return asks
 
     def _stop(self, att: DaskAttempt) -> None:
-        """Cancel ``att``'s Dask future and end ``att`` now: killed if it had started
-        (the worker's plugin kills its process), else withdrawn."""
+        """End ``att`` now: killed if it had started, else withdrawn. A lone attempt's
+        Dask future is cancelled (the worker's plugin kills its process); an attempt of
+        a batch is stopped by a message to its worker (to every worker, if it has not
+        started: its batch may be anywhere), and the batch's future is cancelled once
+        none of its attempts is left."""
         with self._lock:
             live = self._live.pop(att.key, None)
-        if att.dask is not None:
-            self.link.cancel(att.dask)
+            batch = att.batch
+            alone = batch is not None and (
+                len(batch.atts) == 1 or not any(a.key in self._live for a in batch.atts)
+            )
+        if batch is not None:
+            if alone:
+                if batch.dask is not None:
+                    self.link.cancel(batch.dask)
+            else:
+                where = str(att.worker).split(" pid ", 1)[0] if att.worker else None
+                self._stop_remote(where, att.key)
         if live is None:
             return
         if att.started_at is None:
@@ -546,38 +770,90 @@ class DaskPool:
             )
         )
 
-    async def _follow(self, att: DaskAttempt) -> None:
-        """On the client's loop: wait for ``att``'s Dask future, fetch its value, and
-        end ``att`` (unless it was stopped first)."""
+    def _stop_remote(self, where: str | None, key: str) -> None:
+        """Ask the worker ``where`` (None: every worker) to stop attempt ``key``; the
+        requests of one loop turn go together."""
+        with self._lock:
+            first = not self._to_stop
+            self._to_stop.append((where, key))
+        if first:
+            with contextlib.suppress(Exception):
+                self.link.client.loop.add_callback(self._send_stops)
+
+    async def _send_stops(self) -> None:
+        """On the client's loop: send the stop requests gathered so far, one
+        ``client.run`` per worker (and one to all for attempts not started)."""
+        with self._lock:
+            todo, self._to_stop = self._to_stop, []
+        by_worker: dict[str | None, list[str]] = {}
+        for where, key in todo:
+            by_worker.setdefault(where, []).append(key)
+        client = self.link.client
+        for where, keys in by_worker.items():
+            with contextlib.suppress(Exception):
+                await client.run(
+                    _stop_on_worker,
+                    self._plugin,
+                    keys,
+                    workers=None if where is None else [where],
+                    wait=False,
+                    asynchronous=True,
+                )
+
+    async def _follow(self, batch: _Batch) -> None:
+        """On the client's loop: wait for ``batch``'s Dask future, fetch its values,
+        and end its attempts (those not stopped first)."""
         client = self.link.client
         try:
-            what, payload = await client.gather(att.dask, direct=True, asynchronous=True)
+            outcomes = await client.gather(batch.dask, direct=True, asynchronous=True)
         except BaseException as exc:  # noqa: BLE001 - every way a task can end
-            outcome: tuple[str, Any] = ("error", exc)
+            self._end_batch(batch, None, exc)
         else:
-            outcome = (what, payload)
+            self._end_batch(batch, outcomes, None)
+
+    def _end_batch(
+        self, batch: _Batch, outcomes: list[tuple[str, Any]] | None, error: BaseException | None
+    ) -> None:
+        """End each attempt of ``batch`` still live: with its outcome, or ``error``."""
         with self._lock:
-            live = self._live.pop(att.key, None)
-        if live is None:
-            return  # stopped (_stop) or lost with its worker (_on_worker) meanwhile
-        what, payload = outcome
+            self._batches.pop(batch.key, None)
+        for i, att in enumerate(batch.atts):
+            with self._lock:
+                live = self._live.pop(att.key, None)
+            if live is None:
+                continue  # stopped (_stop) or lost with its worker (_on_worker) meanwhile
+            if outcomes is not None:
+                self._end(att, *outcomes[i])
+            else:
+                assert error is not None
+                self._fail(att, error)
+
+    def _end(self, att: DaskAttempt, what: str, payload: Any) -> None:
         if what == "result":
+            took = payload.finished_at - payload.started_at
+            mean = self.attempt_s
+            self.attempt_s = took if mean is None else 0.8 * mean + 0.2 * took
             att.future.set_result(payload)
         elif what == "not-started":
             att.future.set_exception(NotStarted(payload))
         elif what == "crashed":
             att.future.set_exception(payload)
-        elif att.dask.status == "cancelled":
+        else:  # "withdrawn": stopped on its worker, but not here: cannot happen
+            att.future.cancel()
+
+    def _fail(self, att: DaskAttempt, exc: BaseException) -> None:
+        """``att``'s Dask task raised ``exc``, or was cancelled or lost."""
+        if att.dask is not None and att.dask.status == "cancelled":
             # not by _stop (it pops the attempt first): the scheduler dropped the task,
             # which it does to every task when the client loses it (a lost cluster)
             crash = WorkerCrashed(
                 f"the Dask cluster at {self.link.address} lost attempt {att.key!r}"
                 f" (the connection to its scheduler was lost, or the task was cancelled"
-                f" there): {payload}"
+                f" there): {exc}"
             )
             att.future.set_exception(crash if att.started_at is not None else NotStarted(crash))
         else:
-            att.future.set_exception(self._lost(att, payload))
+            att.future.set_exception(self._lost(att, exc))
 
     def _lost(self, att: DaskAttempt, exc: BaseException) -> BaseException:
         """What a Dask error of ``att``'s task means here."""
@@ -611,16 +887,22 @@ class DaskPool:
         _, msg = event
         if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             return
-        for key in msg.get("processing-tasks", ()):
-            att = self._live.get(str(key))
-            if att is None or att.started_at is None:
+        for task_key in msg.get("processing-tasks", ()):
+            batch = self._batches.get(str(task_key))
+            if batch is None:
                 continue
-            with self._lock:
-                live = self._live.pop(att.key, None)
-            if live is None:
-                continue
-            self.link.cancel(att.dask)
-            how = "was retired" if msg.get("expected") else "died or lost its scheduler"
-            att.future.set_exception(
-                WorkerCrashed(f"the Dask worker {att.worker} running {att.key!r} {how}")
-            )
+            for att in batch.atts:
+                if att.started_at is None:
+                    continue
+                with self._lock:
+                    live = self._live.pop(att.key, None)
+                if live is None:
+                    continue
+                how = "was retired" if msg.get("expected") else "died or lost its scheduler"
+                att.future.set_exception(
+                    WorkerCrashed(f"the Dask worker {att.worker} running {att.key!r} {how}")
+                )
+                if len(batch.atts) > 1:  # a copy of the batch elsewhere must skip it
+                    self._stop_remote(None, att.key)
+            if not any(att.key in self._live for att in batch.atts) and batch.dask is not None:
+                self.link.cancel(batch.dask)
