@@ -59,7 +59,11 @@ def map_calls(
 ) -> Iterator[Any]:
     """:meth:`Runner.map <actionpool.Runner.map>` (see there)."""
     spec = as_spec(fn)
-    size = runner._pools[spec.kind].size
+    pool = runner._pools[spec.kind]
+    size = pool.size
+    # what runs at once: the pool's size, or a cluster's threads (a Dask pool's size is
+    # the attempts it keeps in flight, most of them waiting)
+    workers: int = getattr(pool, "threads", size)
     for opt, val in (("chunksize", chunksize), ("window", window)):
         if val is None:
             continue
@@ -87,7 +91,7 @@ def map_calls(
     # tasks x chunk size <= window items: a chunk never exceeds window // tasks
     cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
     fn_bytes = dumps_function(spec.name, wire_form(spec))
-    batcher = _Batcher(chunksize, size, total, cap, runner._map_speeds, fn_bytes)
+    batcher = _Batcher(chunksize, workers, total, cap, runner._map_speeds, fn_bytes)
     runs_chunk = ActionSpec(
         _run_chunk, name=spec.name, kind=spec.kind, threads=spec.threads, memory=spec.memory
     )
