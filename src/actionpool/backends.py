@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .pools import Pool
+
+# Imported with the module, not in build(): a Runner's creation is what users time
+# (a cold start), and these imports are most of it; dask's stay in build().
+from .pools.process import ProcessPool
+from .pools.threads import ThreadPool
 from .sizing import Sizing, cluster_sizing, compute_sizing
 
 __all__ = ["BACKENDS", "DASK_IN_FLIGHT", "Backend", "build"]
@@ -67,8 +72,6 @@ def build(
         ImportError: ``backend="dask"`` without ``distributed`` installed.
         OSError: the Dask scheduler at ``address`` could not be reached.
     """
-    from .pools.threads import ThreadPool
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "local":
@@ -84,8 +87,6 @@ def build(
         ]
         if given:
             raise ValueError(f"{', '.join(given)} need backend='dask'")
-        from .pools.process import ProcessPool
-
         sizing = compute_sizing(cpu_workers, io_workers)
         return Backend(
             sizing,
