@@ -535,3 +535,89 @@ def test_cancel_stops_the_running_and_the_queued_attempts_of_every_batch(
             after.add(h.square, i)
         assert r.run(after).status is ap.RunStatus.SUCCEEDED
     assert len(list(folder.iterdir())) == 3, sorted(p.name for p in folder.iterdir())
+
+
+# ---- values stay on the cluster; large arrays are scattered once ---------------------------
+
+
+def big_array(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
+def gated_sum(arr: Any, release: str, mark: str = "") -> float:
+    if mark:
+        Path(mark).touch()
+    h.wait_for_path(release, "the test's release")
+    arr[0] = -1.0  # a private copy: nobody else sees this
+    return float(arr[1:].sum())
+
+
+def io_len(arr: Any) -> int:
+    return len(arr)
+
+
+io_len_action = ap.action(io_len, kind="io")
+
+
+def scheduler_view(dask_scheduler: Any) -> dict[str, list[str]]:
+    return {str(k): [str(d.key) for d in ts.dependencies] for k, ts in dask_scheduler.tasks.items()}
+
+
+def test_a_large_value_goes_from_node_to_node_on_the_cluster_not_through_the_client(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    n = 1 << 19  # 4 MiB of float64, above the 1 MiB threshold
+    release, mark = tmp_path / "release", tmp_path / "started"
+    plan = ap.Plan()
+    produced = plan.add(big_array, n, name="produce")
+    plan.add(gated_sum, produced, str(release), str(mark), name="consume")
+    plan.add(io_len_action, produced, name="local")  # an io node here gets it too
+    result: dict[str, ap.Report] = {}
+    with dask_runner(dask_client) as r:
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        h.wait_for_path(mark, "the consumer to start")
+        deps = dask_client.run_on_scheduler(scheduler_view)
+        consumer = [k for k in deps if k.startswith("consume-")]
+        assert len(consumer) == 1, deps
+        # its Dask task depends on the producer's: its worker fetched the value there
+        assert any(d.startswith("produce-") for d in deps[consumer[0]]), deps
+        release.touch()
+        t.join(timeout=120)
+    report = result["r"]
+    assert report.status is ap.RunStatus.SUCCEEDED, report
+    assert report["consume"] == float(sum(range(1, n)))
+    assert report["local"] == n
+    assert report["produce"][0] == 0.0  # the consumer's write went to its own copy
+
+
+def test_a_large_array_is_scattered_once_for_every_node_that_takes_it(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    arr = big_array(1 << 19)
+    release, mark = tmp_path / "release", tmp_path / "started"
+    plan = ap.Plan()
+    for i in range(6):
+        plan.add(gated_sum, arr, str(release), str(mark), name=f"sum{i}")
+    result: dict[str, ap.Report] = {}
+    with dask_runner(dask_client) as r:
+        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
+        t.start()
+        h.wait_for_path(mark, "a node to start")
+        keys = dask_client.run_on_scheduler(scheduler_view)
+        scattered = [k for k in keys if k.startswith("memoryview-")]
+        assert len(scattered) == 1, keys
+        release.touch()
+        t.join(timeout=120)
+        report = result["r"]
+        assert report.status is ap.RunStatus.SUCCEEDED, report
+        assert {report[f"sum{i}"] for i in range(6)} == {float(arr[1:].sum())}
+        assert arr[0] == 0.0
+        # the run is over: the cluster forgets the array
+        h.wait_for(
+            lambda: not [k for k in dask_client.run_on_scheduler(scheduler_view)
+                         if k.startswith("memoryview-")],
+            what="the scattered array to be released",
+        )  # fmt: skip

@@ -12,8 +12,9 @@ Sized from the cluster (:func:`~actionpool.sizing.cluster_sizing`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .pools import Pool
 
@@ -22,6 +23,9 @@ from .pools import Pool
 from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
 from .sizing import Sizing, cluster_sizing, compute_sizing
+
+if TYPE_CHECKING:
+    from .shm import Arena
 
 __all__ = ["BACKENDS", "DASK_IN_FLIGHT", "Backend", "build"]
 
@@ -43,6 +47,8 @@ class Backend:
     pools: dict[str, Pool]
     link: Any = None
     shared_memory: bool = True  # whether arrays may travel through /dev/shm
+    # makes a run's arena (prefix, threshold) where it is not shared memory's
+    arena: Callable[[str, int | None], Arena] | None = None
     notes: list[str] = field(default_factory=list)
 
     def close_link(self) -> None:
@@ -100,7 +106,7 @@ def build(
                 "io": ThreadPool(sizing.io_workers),
             },
         )
-    from .pools.dask import DaskPool, connect
+    from .pools.dask import ClusterArena, DaskPool, connect
 
     if cpu_workers is not None and (address is not None or client is not None):
         raise ValueError(
@@ -142,4 +148,4 @@ def build(
     except BaseException:
         link.close()
         raise
-    return Backend(sizing, pools, link, shared_memory=False)
+    return Backend(sizing, pools, link, shared_memory=False, arena=ClusterArena)

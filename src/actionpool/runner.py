@@ -112,7 +112,10 @@ class Runner(Executor):
             was raised inside it at its timeout, before its worker is killed.
         shm_threshold: buffers (NumPy arrays...) of at least this many bytes in
             arguments, state and results travel through shared memory, once per run,
-            and arrive read-only; ``None`` pickles everything through the pipes.
+            and arrive read-only; ``None`` pickles everything through the pipes. On
+            a Dask cluster: such buffers are scattered once per run, and values of
+            at least this many pickled bytes stay on the cluster between its nodes
+            (docs/scaling-out.md).
         memory_floor: bytes of available memory (psutil) below which no node is
             dispatched until memory recovers (backpressure); default
             ``MEMORY_FLOOR_FRACTION`` of total memory; 0 turns it off. Settable later
@@ -205,8 +208,10 @@ class Runner(Executor):
             raise
         self._backend = made
         self.backend = backend
-        # no shared memory reaches a cluster's machines: everything is pickled
+        # no shared memory reaches a cluster's machines: large buffers and values
+        # stay on the cluster instead (made.arena)
         self.shm_threshold = shm_threshold if made.shared_memory else None
+        self._out_of_band = shm_threshold
         self.sizing: Sizing = made.sizing
         self._pools: dict[str, Pool] = made.pools
         self._segments = SegmentPool(
@@ -558,7 +563,10 @@ class Runner(Executor):
 
     def _new_arena(self, run_id: str) -> Arena:
         """The shared-memory arena of one run or call, leasing this runner's segments;
-        workers keep its mappings until it closes (then told through ``on_close``)."""
+        workers keep its mappings until it closes (then told through ``on_close``).
+        On a cluster, the backend's (:class:`~actionpool.pools.dask.ClusterArena`)."""
+        if self._backend.arena is not None:
+            return self._backend.arena(f"ap-{os.getpid()}-{run_id}", self._out_of_band)
         arena = Arena(f"ap-{os.getpid()}-{run_id}", self.shm_threshold, pool=self._segments)
         arena.on_close = self._forget
         return arena

@@ -132,6 +132,11 @@ class Arena:
 
     # -- out-of-band pickling ----------------------------------------------------------
 
+    @property
+    def has_refs(self) -> bool:
+        """Whether a call may refer to values kept elsewhere (a cluster's arena)."""
+        return False
+
     def dumps(self, obj: Any) -> Packed:
         """Pickle ``obj``; its large buffers go to shared memory (once per arena)."""
         if _plain(obj):

@@ -104,7 +104,8 @@ def dumps_call(
     """
     if fn_bytes is None:
         fn_bytes = dumps_function(node, fn)
-    if all(map(_plain, args)) and all(map(_plain, kwargs.values())):
+    plain = arena is None or not arena.has_refs
+    if plain and all(map(_plain, args)) and all(map(_plain, kwargs.values())):
         return pickle.dumps((fn_bytes, args, dict(kwargs)), protocol=PROTOCOL), ()
     try:
         if arena is None:

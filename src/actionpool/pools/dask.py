@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -75,7 +76,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
-from ..transfer import dumps, loads
+from ..shm import Arena, _address, arena_for
+from ..transfer import PROTOCOL, Packed, dumps, loads
 from . import NotStarted
 
 if TYPE_CHECKING:
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DASK_TASK_COST_S",
     "MAX_BATCH",
+    "ClusterArena",
     "ClusterLink",
     "DaskAttempt",
     "DaskPool",
@@ -307,6 +310,210 @@ def connect(
     return ClusterLink(made, cluster, True, str(cluster.scheduler_address))
 
 
+# ---- values that stay on the cluster ----------------------------------------------------
+
+_BUFFER, _VALUE, _KEPT = 0, 1, -1  # what a ClusterArena's descriptor stands for
+_REFS = threading.local()  # .resolve: token -> object, while a pickle with refs loads
+
+
+class _Ref:
+    """Stands in a pickled call for a value that stays on the cluster."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _resolve_ref, (self.token,)
+
+
+def _resolve_ref(token: str) -> Any:
+    return _REFS.resolve(token)
+
+
+def _load(packed: Packed, buffers: list[Any], resolve: Callable[[str], Any]) -> Any:
+    """Unpickle ``packed`` with its out-of-band ``buffers``, its value refs resolved
+    by ``resolve(token)``."""
+    _REFS.resolve = resolve
+    try:
+        return pickle.loads(packed[0], buffers=buffers)
+    finally:
+        _REFS.resolve = None
+
+
+class ClusterArena(Arena):
+    """The arena of one run (or call) on a Dask runner: what stays on the cluster.
+
+    Mirrors :class:`~actionpool.shm.Arena` (shared memory), for a cluster:
+
+    * a buffer (a NumPy array's data...) of at least ``threshold`` bytes in a call's
+      arguments or the run's state is pickled out of band and kept here; the first
+      attempt sent to the cluster that needs it scatters it (``client.scatter``),
+      once per arena, and later attempts name the same Dask future;
+    * a value of at least ``threshold`` pickled bytes that a cluster node returned
+      stays on its worker too (its Dask future is kept): a node that takes it as an
+      argument (or inside a list, tuple or dict argument) gets a reference, which
+      its worker fetches from the producer's worker, never through this process.
+
+    This process still receives every value (the report holds it). Attempts that run
+    here (io actions on local threads) resolve the same references here: a buffer to a
+    read-only view, a value to a private copy. Everything is released when the arena
+    closes (the run ends).
+
+    Args:
+        prefix: the run's name, as for :class:`~actionpool.shm.Arena`.
+        threshold: bytes from which buffers and values stay on the cluster; ``None``:
+            never (everything is pickled into each attempt).
+    """
+
+    def __init__(self, prefix: str, threshold: int | None) -> None:
+        super().__init__(prefix, None)  # no shared memory: Task.shm_threshold None
+        self.keep_from = threshold
+        self._tokens = itertools.count()
+        self._buffers: dict[str, tuple[memoryview, Any]] = {}  # token -> (view, source)
+        self._by_address: dict[tuple[int, int], str] = {}  # (address, size) -> token
+        self._scattered: dict[str, Any] = {}  # token -> Dask future
+        self._values: dict[int, tuple[Any, str]] = {}  # id(value) -> (value, token)
+        self._objects: dict[str, Any] = {}  # token -> value
+        self._remote: dict[str, tuple[Any, int]] = {}  # token -> (Dask future, index)
+
+    @property
+    def has_refs(self) -> bool:
+        """Whether a call could hold a value that stays on the cluster."""
+        return bool(self._values)
+
+    def dumps(self, obj: Any) -> Packed:
+        """Pickle ``obj`` (a call, the state, an io attempt's value): large buffers out
+        of band (kept here), values that stay on the cluster as references."""
+        if self.keep_from is None or self.closed:
+            return dumps(obj), ()
+        descs: list[tuple[str, int, int]] = []
+        if self._values:
+            obj = self._swap(obj, descs)
+
+        def out_of_band(pb: pickle.PickleBuffer) -> bool:
+            view = pb.raw()
+            assert self.keep_from is not None
+            if view.nbytes < self.keep_from:
+                return True
+            descs.append((self._keep_buffer(view, pb), _BUFFER, view.nbytes))
+            return False
+
+        import cloudpickle
+
+        data: bytes = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+        return data, tuple(descs)
+
+    def loads(self, packed: Packed) -> Any:
+        """Unpickle here: buffers become read-only views of the originals, references
+        private copies of the values; a value marked as kept on the cluster (a cluster
+        attempt's, see :meth:`keep`) is remembered, so that its consumers refer to it."""
+        data, descs = packed
+        if not descs:
+            return pickle.loads(data)
+        kept = None
+        buffers: list[Any] = []
+        for token, what, _ in descs:
+            if what == _KEPT:
+                kept = token
+            elif what == _BUFFER:
+                buffers.append(self._buffers[token][0].toreadonly())
+        obj = _load(packed, buffers, self._copy_of)
+        if kept is not None:
+            with self._lock:
+                self._values[id(obj)] = (obj, kept)
+                self._objects[kept] = obj
+        return obj
+
+    def keep(self, fut: Any, index: int) -> str:
+        """A cluster attempt's value, outcome ``index`` of Dask future ``fut``, stays
+        there: the token to mark its result with (``(token, -1, size)``)."""
+        token = f"dask-v{next(self._tokens)}"
+        with self._lock:
+            self._remote[token] = (fut, index)
+        return token
+
+    def refs(self, packed: Packed | None, scatter: Callable[[memoryview], Any]) -> dict[str, Any]:
+        """The Dask futures an attempt's ``packed`` call or state refers to (by token),
+        scattering each buffer on its first use (``scatter(view)`` -> future)."""
+        out: dict[str, Any] = {}
+        if packed is None:
+            return out
+        for token, what, _ in packed[1]:
+            if what == _VALUE:
+                out[token] = self._remote[token]
+            elif what == _BUFFER:
+                with self._lock:
+                    fut = self._scattered.get(token)
+                if fut is None:
+                    fut = scatter(self._buffers[token][0])
+                    with self._lock:
+                        fut = self._scattered.setdefault(token, fut)
+                out[token] = fut
+        return out
+
+    def close(self) -> None:
+        """Release what this arena keeps (the cluster forgets its futures)."""
+        super().close()
+        with self._lock:
+            for table in (self._buffers, self._by_address, self._scattered, self._values):
+                table.clear()
+            self._objects.clear()
+            self._remote.clear()
+
+    def _keep_buffer(self, view: memoryview, source: Any) -> str:
+        at = (_address(view), view.nbytes)
+        with self._lock:
+            token = self._by_address.get(at)
+            if token is None:
+                token = f"dask-b{next(self._tokens)}"
+                self._by_address[at] = token
+                # the source stays alive: its address cannot be reused meanwhile
+                self._buffers[token] = (view, source)
+            return token
+
+    def _swap(self, obj: Any, descs: list[tuple[str, int, int]]) -> Any:
+        """``obj`` with each value that stays on the cluster replaced by a reference,
+        looking into lists, tuples and dicts (as plans place node values)."""
+        hit = self._values.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            descs.append((hit[1], _VALUE, 0))
+            return _Ref(hit[1])
+        t = type(obj)
+        if t is list or t is tuple:
+            items = [self._swap(x, descs) for x in obj]
+            if all(a is b for a, b in zip(items, obj, strict=True)):
+                return obj
+            return items if t is list else tuple(items)
+        if t is dict:
+            pairs = {k: self._swap(v, descs) for k, v in obj.items()}
+            if all(pairs[k] is v for k, v in obj.items()):
+                return obj
+            return pairs
+        return obj
+
+    def _copy_of(self, token: str) -> Any:
+        return loads(dumps(self._objects[token]))
+
+
+def _localize(packed: Packed, refs: dict[str, Any]) -> Packed:
+    """On a Dask worker: ``packed`` with its references resolved (``refs``: token ->
+    the scattered buffer, or ``(outcomes of the producer's Dask task, index)``),
+    pickled again whole for the worker's own pool."""
+    if not packed[1]:
+        return packed
+    buffers = [refs[token] for token, what, _ in packed[1] if what == _BUFFER]
+
+    def value(token: str) -> Any:
+        outcomes, index = refs[token]
+        what, result = outcomes[index]
+        assert what == "result" and result.value is not None, (token, what)
+        return pickle.loads(result.value[0])
+
+    return dumps(_load(packed, buffers, value)), ()
+
+
 class WorkerSide(WorkerPlugin):
     """The worker-local half: a Dask ``WorkerPlugin`` that owns an actionpool
     :class:`~actionpool.pools.process.ProcessPool` in each Dask worker, and runs the
@@ -360,9 +567,13 @@ class WorkerSide(WorkerPlugin):
             else:
                 att.cancel("cancel")
 
-    def run(self, tasks: list[Task], keys: list[str], dask_key: str) -> list[tuple[str, Any]]:
+    def run(
+        self, tasks: list[Task], keys: list[str], dask_key: str, refs: dict[str, Any]
+    ) -> list[tuple[str, Any]]:
         """Run ``tasks`` (one batch, the Dask task ``dask_key``) on the pool, all queued
-        at once; wait for them (on this Dask worker thread).
+        at once; wait for them (on this Dask worker thread). ``refs``: what their
+        calls and states refer to on the cluster (:class:`ClusterArena`), fetched by
+        Dask before this runs.
 
         Returns, per task in order: ``("result", Result)``, ``("not-started",
         WorkerCrashed)``, ``("crashed", WorkerCrashed)`` or ``("withdrawn", None)``
@@ -388,6 +599,9 @@ class WorkerSide(WorkerPlugin):
                 worker.log_event(topic, [key, kind, at, dumps(data)])
 
             task = task._replace(shm_prefix="", shm_threshold=None, announce=True)
+            if refs:
+                state = None if task.state is None else _localize(task.state, refs)
+                task = task._replace(call=_localize(task.call, refs), state=state)
             att = pool.submit(task, False, on_started, on_event)
             self._running[key] = att
             atts.append(att)
@@ -418,7 +632,7 @@ class WorkerSide(WorkerPlugin):
 
 
 def _run_on_worker(
-    plugin: str, tasks: list[Task], keys: list[str], dask_key: str
+    plugin: str, tasks: list[Task], keys: list[str], dask_key: str, refs: dict[str, Any]
 ) -> list[tuple[str, Any]]:
     """The Dask task of a batch of attempts: hand it to this worker's :class:`WorkerSide`."""
     from distributed import get_worker
@@ -430,7 +644,7 @@ def _run_on_worker(
             f"actionpool: Dask worker {worker.address} has no plugin {plugin!r}"
             " (it joined after the runner started and did not get it, or the runner closed)"
         )
-    return side.run(tasks, keys, dask_key)
+    return side.run(tasks, keys, dask_key, refs)
 
 
 async def _stop_on_worker(plugin: str, keys: list[str], dask_worker: Any = None) -> None:
@@ -452,6 +666,7 @@ class DaskAttempt:
     __slots__ = (
         "__weakref__",
         "_pool",
+        "arena",
         "asks",
         "batch",
         "dask",
@@ -462,6 +677,7 @@ class DaskAttempt:
         "on_event",
         "on_result",
         "on_started",
+        "refs",
         "released",
         "started_at",
         "task",
@@ -474,6 +690,8 @@ class DaskAttempt:
         self.task: Task | None = task  # dropped once sent
         self.asks = asks
         self.batch: _Batch | None = None  # the Dask task it went in
+        self.arena: ClusterArena | None = None  # its run's, where values stay
+        self.refs: dict[str, Any] = {}  # what its call and state refer to there
         self.dask: Any = None
         self.future: Future[Result] = Future()
         self.killed = ""
@@ -591,6 +809,12 @@ class DaskPool:
         key = f"{task.node}-{self._tag}-{next(self._ids)}"
         att = DaskAttempt(self, key, task, self._asks(task))
         att.on_started, att.on_event = on_started, on_event
+        arena = arena_for(task.shm_prefix, None)
+        if isinstance(arena, ClusterArena):
+            att.arena = arena
+            if task.call[1] or (task.state is not None and task.state[1]):
+                att.refs = arena.refs(task.call, self._scatter)
+                att.refs.update(arena.refs(task.state, self._scatter))
         with self._lock:
             self._live[key] = att
             self._pending.append(att)
@@ -641,6 +865,9 @@ class DaskPool:
             tasks.append(att.task)
             att.task = None  # the Dask future holds it now
             att.batch = batch
+        refs: dict[str, Any] = {}
+        for att in atts:
+            refs.update(att.refs)
         with self._lock:
             self._batches[key] = batch
         try:
@@ -650,6 +877,7 @@ class DaskPool:
                 tasks,
                 [att.key for att in atts],
                 key,
+                refs,
                 key=key,
                 pure=False,
                 retries=0,
@@ -668,6 +896,10 @@ class DaskPool:
             self.link.cancel(fut)
         for key in gone if len(gone) < len(atts) else ():
             self._stop_remote(None, key)
+
+    def _scatter(self, view: memoryview) -> Any:
+        """Send a large buffer to the cluster once (its workers share it from there)."""
+        return self.link.client.scatter(view, hash=False)
 
     async def _arm_late_flush(self, gen: int) -> None:
         """On the client's loop: flush in :data:`LATE_FLUSH_S` unless a flush comes
@@ -823,16 +1055,22 @@ class DaskPool:
             if live is None:
                 continue  # stopped (_stop) or lost with its worker (_on_worker) meanwhile
             if outcomes is not None:
-                self._end(att, *outcomes[i])
+                self._end(att, *outcomes[i], i)
             else:
                 assert error is not None
                 self._fail(att, error)
 
-    def _end(self, att: DaskAttempt, what: str, payload: Any) -> None:
+    def _end(self, att: DaskAttempt, what: str, payload: Any, index: int) -> None:
+        """End ``att`` with ``(what, payload)``, outcome ``index`` of its Dask task."""
         if what == "result":
             took = payload.finished_at - payload.started_at
             mean = self.attempt_s
             self.attempt_s = took if mean is None else 0.8 * mean + 0.2 * took
+            arena, value = att.arena, payload.value
+            size = 0 if value is None else len(value[0])
+            if arena is not None and arena.keep_from is not None and size >= arena.keep_from:
+                token = arena.keep(att.dask, index)  # it stays there for its consumers
+                payload = payload._replace(value=(value[0], ((token, _KEPT, size),)))
             att.future.set_result(payload)
         elif what == "not-started":
             att.future.set_exception(NotStarted(payload))
