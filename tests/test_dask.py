@@ -11,6 +11,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,33 @@ pytestmark = pytest.mark.slow
 
 def dask_runner(client: Any, **kwargs: Any) -> ap.Runner:
     return ap.Runner(backend="dask", client=client, **kwargs)
+
+
+@contextlib.contextmanager
+def cluster_runner(**cluster_kw: Any) -> Iterator[tuple[Any, Any, ap.Runner]]:
+    """A LocalCluster of the test's own (loopback, one thread per worker, no
+    dashboard), its client, and a dask runner on it; all closed after."""
+    cluster_kw.setdefault("threads_per_worker", 1)
+    with (
+        distributed.LocalCluster(host="127.0.0.1", dashboard_address=None, **cluster_kw) as cluster,
+        distributed.Client(cluster) as client,
+        dask_runner(client) as r,
+    ):
+        yield cluster, client, r
+
+
+def in_background(r: ap.Runner, plan: ap.Plan) -> Future[ap.Report]:
+    """``r.run(plan)`` on a thread of its own, while the test acts on the run."""
+    fut: Future[ap.Report] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(r.run(plan))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
 
 
 def worker_pids(client: Any) -> dict[str, int]:
@@ -112,13 +141,7 @@ def test_an_unreachable_address_fails_within_the_connect_timeout_naming_it() -> 
 
 
 def test_a_cluster_without_workers_fails_each_node_clearly_instead_of_hanging() -> None:
-    with (
-        distributed.LocalCluster(
-            n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        dask_runner(client) as r,
-    ):
+    with cluster_runner(n_workers=0) as (_, _, r):
         with pytest.raises(RuntimeError, match="has no workers: node 'square'"):
             r.submit(h.square, 2).result(timeout=60)
         plan = ap.Plan()
@@ -295,15 +318,11 @@ def test_a_dead_dask_worker_ends_its_running_node_crashed_and_the_run_goes_on(
     plan.add(pid_then_sleep, str(mark), name="doomed")
     plan.add(h.square, 2, name="a")
     plan.add(h.square, 3, name="b")
-    result: dict[str, ap.Report] = {}
     with dask_runner(dask_client) as r:
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+        running = in_background(r, plan)
         victim = dask_worker_of(h.pid_in(mark), dask_client)
         os.kill(victim, 9)  # the machine under it is gone
-        t.join(timeout=120)
-        assert not t.is_alive()
-        report = result["r"]
+        report = running.result(timeout=120)
         out = report.outcome("doomed")
         assert out.status is ap.Status.CRASHED, out.error
         assert "died" in str(out.error)
@@ -350,18 +369,15 @@ def test_a_lost_cluster_ends_the_running_nodes_crashed_and_the_report_says_so(
     mark = tmp_path / "pid"
     plan = ap.Plan()
     plan.add(pid_then_sleep, str(mark), name="running")
-    result: dict[str, ap.Report] = {}
     cluster = distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
     )
     with distributed.Client(cluster) as client, dask_runner(client) as r:
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+        running = in_background(r, plan)
         pid = h.pid_in(mark)
         cluster.close()  # scheduler and workers gone, mid-run
-        t.join(timeout=120)
-        assert not t.is_alive()
-        out = result["r"].outcome("running")
+        report = running.result(timeout=120)
+        out = report.outcome("running")
         assert out.status is ap.Status.CRASHED
         # whichever the client heard first: the workers' removal, or the lost scheduler
         assert "Dask" in str(out.error) and "lost" in str(out.error), out.error
@@ -375,17 +391,8 @@ def test_memory_and_threads_become_dask_resources_where_workers_declare_them(
 ) -> None:
     mark = tmp_path / "pid"
     heavy = ap.action(pid_then_sleep, memory=2**30, threads=1)
-    with (
-        distributed.LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address=None,
-            resources={"memory": 4 * 2**30, "threads": 1},
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        dask_runner(client) as r,
-    ):
+    resources = {"memory": 4 * 2**30, "threads": 1}
+    with cluster_runner(n_workers=1, resources=resources) as (_, client, r):
         assert r.sizing.cluster_resources == {"memory", "threads"}
         fut = r.submit(heavy, str(mark))
         h.pid_in(mark)
@@ -437,24 +444,15 @@ def test_a_retired_worker_ends_its_started_node_crashed_and_no_copy_runs_on(
     log = tmp_path / "starts"
     plan = ap.Plan()
     plan.add(log_pid_then_sleep, str(log), name="long")
-    result: dict[str, ap.Report] = {}
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        dask_runner(client) as r,
-    ):
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+    with cluster_runner(n_workers=2) as (_, client, r):
+        running = in_background(r, plan)
         h.wait_for(lambda: log.exists() and log.read_text().strip() != "", what="the start")
         first = int(log.read_text().split()[0])
         victim = dask_worker_of(first, client)
         address = next(a for a, pid in worker_pids(client).items() if pid == victim)
         client.retire_workers([address])
-        t.join(timeout=120)
-        assert not t.is_alive()
-        out = result["r"].outcome("long")
+        report = running.result(timeout=120)
+        out = report.outcome("long")
         assert out.status is ap.Status.CRASHED
         assert "was retired" in str(out.error), out.error
         for pid in map(int, log.read_text().split()):  # a copy Dask started is stopped
@@ -514,16 +512,12 @@ def test_cancel_stops_the_running_and_the_queued_attempts_of_every_batch(
     plan = ap.Plan()
     for i in range(24):
         plan.add(mark_then_sleep, str(folder), i, name=f"n{i}")
-    result: dict[str, ap.Report] = {}
     with dask_runner(dask_client) as r:
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+        running = in_background(r, plan)
         h.wait_for(lambda: len(list(folder.iterdir())) == 3, what="three attempts to start")
         pids = [int(p.read_text()) for p in folder.iterdir()]
         r.cancel()
-        t.join(timeout=120)
-        assert not t.is_alive()
-        report = result["r"]
+        report = running.result(timeout=120)
         assert report.status is ap.RunStatus.CANCELLED
         assert all(o.status is not ap.Status.SUCCEEDED for o in report.outcomes)
         for pid in pids:
@@ -574,10 +568,8 @@ def test_a_large_value_goes_from_node_to_node_on_the_cluster_not_through_the_cli
     produced = plan.add(big_array, n, name="produce")
     plan.add(gated_sum, produced, str(release), str(mark), name="consume")
     plan.add(io_len_action, produced, name="local")  # an io node here gets it too
-    result: dict[str, ap.Report] = {}
     with dask_runner(dask_client) as r:
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+        running = in_background(r, plan)
         h.wait_for_path(mark, "the consumer to start")
         deps = dask_client.run_on_scheduler(scheduler_view)
         consumer = [k for k in deps if k.startswith("consume-")]
@@ -585,8 +577,7 @@ def test_a_large_value_goes_from_node_to_node_on_the_cluster_not_through_the_cli
         # its Dask task depends on the producer's: its worker fetched the value there
         assert any(d.startswith("produce-") for d in deps[consumer[0]]), deps
         release.touch()
-        t.join(timeout=120)
-    report = result["r"]
+        report = running.result(timeout=120)
     assert report.status is ap.RunStatus.SUCCEEDED, report
     assert report["consume"] == float(sum(range(1, n)))
     assert report["local"] == n
@@ -601,17 +592,14 @@ def test_a_large_array_is_scattered_once_for_every_node_that_takes_it(
     plan = ap.Plan()
     for i in range(6):
         plan.add(gated_sum, arr, str(release), str(mark), name=f"sum{i}")
-    result: dict[str, ap.Report] = {}
     with dask_runner(dask_client) as r:
-        t = threading.Thread(target=lambda: result.update(r=r.run(plan)))
-        t.start()
+        running = in_background(r, plan)
         h.wait_for_path(mark, "a node to start")
         keys = dask_client.run_on_scheduler(scheduler_view)
         scattered = [k for k in keys if k.startswith("memoryview-")]
         assert len(scattered) == 1, keys
         release.touch()
-        t.join(timeout=120)
-        report = result["r"]
+        report = running.result(timeout=120)
         assert report.status is ap.RunStatus.SUCCEEDED, report
         assert {report[f"sum{i}"] for i in range(6)} == {float(arr[1:].sum())}
         assert arr[0] == 0.0
