@@ -609,3 +609,56 @@ def test_a_large_array_is_scattered_once_for_every_node_that_takes_it(
                          if k.startswith("memoryview-")],
             what="the scattered array to be released",
         )  # fmt: skip
+
+
+# ---- a runner whose process dies leaves nothing on the cluster -------------------------------
+
+_ABANDONING = """
+import os, sys, time
+import actionpool as ap
+
+def pid() -> int:
+    return os.getpid()
+
+r = ap.Runner(backend="dask", address=sys.argv[1])
+print(r.submit(pid).result(timeout=60), flush=True)
+time.sleep(600)
+"""
+
+
+def plugins_on_workers(dask_worker: Any) -> list[str]:
+    return [str(name) for name in dask_worker.plugins]
+
+
+def test_a_runner_killed_without_closing_leaves_no_plugin_or_process_on_the_workers(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "abandon.py"
+    script.write_text(_ABANDONING)
+    before = {name for names in dask_client.run(plugins_on_workers).values() for name in names}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), dask_client.scheduler.address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        local = int(proc.stdout.readline())  # the action's process, under a Dask worker
+        assert psutil.pid_exists(local)
+        added = {
+            name for names in dask_client.run(plugins_on_workers).values() for name in names
+        } - before
+        assert added, "the runner registered no worker plugin"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    h.wait_for(lambda: h.gone(local), timeout=60, what=f"the dead runner's process {local}")
+
+    def plugins_left() -> set[str]:
+        now = {name for names in dask_client.run(plugins_on_workers).values() for name in names}
+        return now & added
+
+    h.wait_for(lambda: not plugins_left(), timeout=60, what="its worker plugins to go")

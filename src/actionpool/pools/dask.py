@@ -72,7 +72,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
@@ -92,6 +92,7 @@ __all__ = [
     "ClusterLink",
     "DaskAttempt",
     "DaskPool",
+    "SchedulerSide",
     "WorkerSide",
     "batch_count",
     "connect",
@@ -631,6 +632,39 @@ class WorkerSide(WorkerPlugin):
         return "result", result._replace(worker=f"{where} pid {result.worker}")
 
 
+class SchedulerSide(SchedulerPlugin):
+    """On the scheduler: removes a runner's worker plugin (and so its processes on
+    every worker) when the runner's client leaves without doing it, its process
+    killed or its connection lost. A runner that closes removes both itself.
+
+    Args:
+        name: this plugin's name.
+        client_id: the runner's ``Client.id``.
+        worker_plugin: the name of the :class:`WorkerSide` to remove.
+    """
+
+    def __init__(self, name: str, client_id: str, worker_plugin: str) -> None:
+        self.name = name
+        self.client_id = client_id
+        self.worker_plugin = worker_plugin
+        self._cleanup: Any = None  # the cleanup task, held until it ends
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        """A client left (on the scheduler's loop): if it is the runner's, clean up."""
+        if client != self.client_id or self._cleanup is not None:
+            return
+
+        async def cleanup() -> None:
+            with contextlib.suppress(Exception):
+                await scheduler.unregister_worker_plugin(None, self.worker_plugin)
+            with contextlib.suppress(Exception):
+                await scheduler.unregister_scheduler_plugin(self.name)
+
+        import asyncio
+
+        self._cleanup = asyncio.ensure_future(cleanup())
+
+
 def _run_on_worker(
     plugin: str, tasks: list[Task], keys: list[str], dask_key: str, refs: dict[str, Any]
 ) -> list[tuple[str, Any]]:
@@ -770,8 +804,12 @@ class DaskPool:
         # yet): how many attempts one Dask task should carry (flush)
         self.attempt_s: float | None = None
         self._plugin = f"{link.plugin}-{kind}"
+        self._guard = f"{self._plugin}-guard"
         link.client.register_plugin(
             WorkerSide(self._plugin, link.topic, blas_threads), name=self._plugin
+        )
+        link.client.register_plugin(
+            SchedulerSide(self._guard, link.client.id, self._plugin), name=self._guard
         )
         link.pools.append(self)
 
@@ -941,6 +979,8 @@ class DaskPool:
         client = self.link.client
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(self._plugin)
+        with contextlib.suppress(Exception):
+            client.unregister_scheduler_plugin(self._guard)
         with contextlib.suppress(ValueError):
             self.link.pools.remove(self)
 
