@@ -251,7 +251,9 @@ def connect(
         ImportError: ``distributed`` is not installed (with the install command).
         ValueError: both ``address`` and ``client`` given.
         OSError: the scheduler at ``address`` could not be reached within
-            ``distributed.comm.timeouts.connect``; the message names the address.
+            ``distributed.comm.timeouts.connect``, or refused this client's TLS
+            certificates, or is a ``tls://`` address and ``security`` has no
+            certificates; the message names the address and the cause.
     """
     try:
         import dask
@@ -279,9 +281,17 @@ def connect(
         try:
             made = distributed.Client(address, security=security, timeout=timeout)
         except (OSError, TimeoutError) as exc:
+            # a refused or silent address retries until the timeout; a TLS handshake
+            # that fails (certificates of another CA) ends at once, with its reason
             raise OSError(
                 f"backend='dask': could not reach the Dask scheduler at {address!r}"
                 f" within {timeout} ({type(exc).__name__}: {exc})"
+            ) from exc
+        except TypeError as exc:  # distributed's complaint of a tls:// address, no context
+            raise OSError(
+                f"backend='dask': the Dask scheduler at {address!r} is reached over TLS:"
+                " give security=distributed.Security(...) with the cluster's CA, and this"
+                f" client's certificate and key ({exc})"
             ) from exc
         return ClusterLink(made, None, True, address)
     before = {var: os.environ.get(var) for var in _BLAS_VARS}
