@@ -71,6 +71,7 @@ class Task(NamedTuple):
     announce: bool = True  # send a "started" message (else only the start page knows)
     memory: int = 0  # bytes the action declared (a cluster's "memory" resource)
     threads: int = 1  # slots the action declared (a cluster's "threads" resource)
+    action: str = ""  # the action's name (a cluster pool measures durations by it)
 
 
 class Result(NamedTuple):

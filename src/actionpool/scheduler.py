@@ -670,6 +670,7 @@ class Scheduler:
             spec.timeout is not None or run.on_event is not None,
             spec.memory or 0,
             spec.threads,
+            spec.name,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

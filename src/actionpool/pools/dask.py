@@ -66,10 +66,10 @@ import itertools
 import os
 import pickle
 import threading
-import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, wait
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
@@ -172,16 +172,16 @@ class ClusterLink:
         # scheduler logs that worker's removal, subscribed to when an attempt first
         # starts there (the cluster-wide "all" would displace a user's handler).
         self._watched: set[str] = set()  # worker addresses: touched on the client's loop
-        self._workers_seen = (0.0, 0)  # (monotonic time, worker count)
         client.subscribe_topic(self.topic, self._on_topic)
 
     def _on_topic(self, event: tuple[float, list[Any]]) -> None:
         _, (_key, kind, _at, data) = event
-        if kind == "started":
-            where = str(data).split(" pid ", 1)[0]
-            if where not in self._watched:
-                self._watched.add(where)
-                self.client.subscribe_topic(where, self._on_worker)
+        if kind == "started":  # data: [(attempt key, time, "<address> pid <pid>")...]
+            for _, _, running in data:
+                where = str(running).split(" pid ", 1)[0]
+                if where not in self._watched:
+                    self._watched.add(where)
+                    self.client.subscribe_topic(where, self._on_worker)
         for pool in self.pools:
             pool._on_topic(event)
 
@@ -195,15 +195,15 @@ class ClusterLink:
         return dict(self.client.scheduler_info(n_workers=-1)["workers"])
 
     def has_workers(self) -> bool:
-        """Whether the cluster has a worker, asking the scheduler at most once a second
-        while it has (every time while it has none, so that a new one is seen)."""
-        at, count = self._workers_seen
-        now = time.monotonic()
-        if count and now - at < 1.0:
+        """Whether the cluster has a worker. The client refreshes its view of the
+        scheduler on its own loop (``distributed.client.scheduler-info-interval``);
+        while that view counts a worker, no request is made (one on every submit
+        delayed a burst of them by a round trip). Only while it counts none is the
+        scheduler asked, every time, so that a new worker is seen at once."""
+        seen = getattr(self.client, "_scheduler_identity", None) or {}
+        if int(seen.get("n_workers", 0) or 0) > 0:
             return True
-        count = int(self.client.scheduler_info(n_workers=0).get("n_workers", 0))
-        self._workers_seen = (now, count)
-        return count > 0
+        return int(self.client.scheduler_info(n_workers=0).get("n_workers", 0)) > 0
 
     def cancel(self, fut: Any) -> None:
         """Cancel a Dask future from any thread, without waiting (on the client's loop,
@@ -546,6 +546,8 @@ class WorkerSide(WorkerPlugin):
         self._running: dict[str, Any] = {}  # attempt key -> the local pool's attempt
         self._members: dict[str, list[str]] = {}  # Dask key of a batch -> attempt keys
         self._withdrawn: set[str] = set()  # attempt keys stopped before they arrived
+        self._started: deque[tuple[str, float, str]] = deque()  # (key, time, where)
+        self._started_due = False  # a _send_started is scheduled on the worker's loop
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -604,7 +606,10 @@ class WorkerSide(WorkerPlugin):
                 continue
 
             def on_started(pid: int | str, at: float, key: str = key) -> None:
-                worker.log_event(topic, [key, "started", at, f"{where} pid {pid}"])
+                self._started.append((key, at, f"{where} pid {pid}"))
+                if not self._started_due:  # see _send_started
+                    self._started_due = True
+                    worker.loop.add_callback(self._send_started)
 
             def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
                 worker.log_event(topic, [key, kind, at, dumps(data)])
@@ -616,16 +621,28 @@ class WorkerSide(WorkerPlugin):
             att = pool.submit(task, False, on_started, on_event)
             self._running[key] = att
             atts.append(att)
-        out: list[tuple[str, Any]] = []
         try:
-            for key, att in zip(keys, atts, strict=True):
-                out.append(self._wait(att, where))
-                self._running.pop(key, None)
+            # one wake-up of this thread for the batch, not one per attempt: each
+            # contends for the GIL with the worker's loop, which is busy meanwhile
+            wait([att.future for att in atts if att is not None])
+            return [self._wait(att, where) for att in atts]
         finally:
             for key in keys:
                 self._running.pop(key, None)
             self._members.pop(dask_key, None)
-        return out
+
+    def _send_started(self) -> None:
+        """On the worker's loop: send the "started" of every attempt that started since
+        the last call, as one event (one per attempt kept the loop and the pool's
+        reader thread handing the GIL back and forth through a batch of short ones).
+        The flag is cleared before the queue is drained: an attempt queued after the
+        drain finds it clear and schedules the next call."""
+        self._started_due = False
+        items = []
+        while self._started:
+            items.append(self._started.popleft())
+        if items and self._worker is not None:
+            self._worker.log_event(self.topic, ["", "started", items[0][1], items])
 
     @staticmethod
     def _wait(att: Any, where: str) -> tuple[str, Any]:
@@ -710,6 +727,7 @@ class DaskAttempt:
     __slots__ = (
         "__weakref__",
         "_pool",
+        "action",
         "arena",
         "asks",
         "batch",
@@ -732,6 +750,7 @@ class DaskAttempt:
         self._pool = pool
         self.key = key
         self.task: Task | None = task  # dropped once sent
+        self.action = task.action
         self.asks = asks
         self.batch: _Batch | None = None  # the Dask task it went in
         self.arena: ClusterArena | None = None  # its run's, where values stay
@@ -810,9 +829,10 @@ class DaskPool:
         self._flushed = 0  # flushes so far
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
         self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
-        # Seconds an attempt runs on its worker, a moving average (None: none ended
-        # yet): how many attempts one Dask task should carry (flush)
-        self.attempt_s: float | None = None
+        # Seconds an attempt of each action runs on its worker, a moving average (by
+        # the action's name; absent: none ended yet): how many attempts of it one Dask
+        # task should carry (flush). Written on the client's loop, read by flush.
+        self.attempt_s: dict[str, float] = {}
         self._plugin = f"{link.plugin}-{kind}"
         self._guard = f"{self._plugin}-guard"
         link.client.register_plugin(
@@ -878,8 +898,9 @@ class DaskPool:
         where they are short (the scheduler calls this after each dispatch pass).
 
         Attempts that ask for Dask resources go one to a task (a batch would hold the
-        resources of one while running several). The others are cut into batches
-        (:func:`batch_count`) from :attr:`attempt_s`, in submission order.
+        resources of one while running several). The others are cut into batches of
+        one action each (:func:`batch_count`), from that action's :attr:`attempt_s`,
+        in submission order.
         """
         with self._lock:
             pending, self._pending = self._pending, []
@@ -889,17 +910,20 @@ class DaskPool:
             pending = [att for att in pending if att.key in live]  # not stopped meanwhile
         if not pending:
             return
-        plain = [att for att in pending if not att.asks]
+        by_action: dict[str, list[DaskAttempt]] = {}
         for att in pending:
             if att.asks:
                 self._send([att])
-        n = len(plain)
-        count = batch_count(n, self.threads, self.attempt_s, len(self._batches))
-        start = 0
-        for i in range(count):
-            stop = start + (n - start) // (count - i)
-            self._send(plain[start:stop])
-            start = stop
+            else:
+                by_action.setdefault(att.action, []).append(att)
+        for action, atts in by_action.items():
+            n = len(atts)
+            count = batch_count(n, self.threads, self.attempt_s.get(action), len(self._batches))
+            start = 0
+            for i in range(count):
+                stop = start + (n - start) // (count - i)
+                self._send(atts[start:stop])
+                start = stop
 
     def _send(self, atts: list[DaskAttempt]) -> None:
         """Submit one Dask task that runs ``atts`` (a key of its own: a lone attempt's
@@ -1099,6 +1123,8 @@ class DaskPool:
         """End each attempt of ``batch`` still live: with its outcome, or ``error``."""
         with self._lock:
             self._batches.pop(batch.key, None)
+        for att in batch.atts:  # no cycle for the GC to find (attempt <-> batch)
+            att.batch = None
         for i, att in enumerate(batch.atts):
             with self._lock:
                 live = self._live.pop(att.key, None)
@@ -1114,8 +1140,8 @@ class DaskPool:
         """End ``att`` with ``(what, payload)``, outcome ``index`` of its Dask task."""
         if what == "result":
             took = payload.finished_at - payload.started_at
-            mean = self.attempt_s
-            self.attempt_s = took if mean is None else 0.8 * mean + 0.2 * took
+            mean = self.attempt_s.get(att.action)
+            self.attempt_s[att.action] = took if mean is None else 0.8 * mean + 0.2 * took
             arena, value = att.arena, payload.value
             size = 0 if value is None else len(value[0])
             if arena is not None and arena.keep_from is not None and size >= arena.keep_from:
@@ -1153,17 +1179,19 @@ class DaskPool:
         return exc
 
     def _on_topic(self, event: tuple[float, list[Any]]) -> None:
-        """An attempt's event from its worker (on the client's loop): ``started``,
-        or a ``ctx.emit`` / ``ctx.progress``."""
+        """Events from a worker (on the client's loop): ``started`` (of several
+        attempts at once), or an attempt's ``ctx.emit`` / ``ctx.progress``."""
         _, (key, kind, at, data) = event
-        att = self._live.get(key)
-        if att is None:
-            return
         if kind == "started":
-            att.started_at, att.worker = at, data
-            if att.on_started is not None:
-                att.on_started(data, at)
-        elif att.on_event is not None:
+            for key, at, running in data:
+                att = self._live.get(key)
+                if att is not None:
+                    att.started_at, att.worker = at, running
+                    if att.on_started is not None:
+                        att.on_started(running, at)
+            return
+        att = self._live.get(key)
+        if att is not None and att.on_event is not None:
             att.on_event(kind, at, loads(data))
 
     def _on_worker(self, event: tuple[float, dict[str, Any]]) -> None:
