@@ -31,7 +31,7 @@ __all__ = ["BACKENDS", "DASK_IN_FLIGHT", "Backend", "build"]
 
 BACKENDS = ("local", "dask")
 
-DASK_IN_FLIGHT = 64
+DASK_IN_FLIGHT = 128
 """Attempts a dask runner keeps in flight per thread of the cluster (docs/scaling-out.md,
 "Overhead"): one runs, the others wait on Dask's scheduler or on their worker, where
 short ones travel several to a Dask task (:func:`~actionpool.pools.dask.batch_count`);
