@@ -584,6 +584,31 @@ def test_a_large_value_goes_from_node_to_node_on_the_cluster_not_through_the_cli
     assert report["produce"][0] == 0.0  # the consumer's write went to its own copy
 
 
+def test_a_value_that_is_not_idempotent_never_waits_on_the_cluster_to_be_recomputed(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    # Dask recomputes a lost value that a consumer needs, running its action again:
+    # only an idempotent action's value is left on the cluster for its consumers
+    n = 1 << 19
+    release, mark = tmp_path / "release", tmp_path / "started"
+    plan = ap.Plan()
+    produced = plan.add(ap.action(big_array, idempotent=False), n, name="produce")
+    plan.add(gated_sum, produced, str(release), str(mark), name="consume")
+    with dask_runner(dask_client) as r:
+        running = in_background(r, plan)
+        h.wait_for_path(mark, "the consumer to start")
+        deps = dask_client.run_on_scheduler(scheduler_view)
+        consumer = [k for k in deps if k.startswith("consume-")]
+        assert len(consumer) == 1, deps
+        # it came from here (scattered, so without lineage), not from the producer's task
+        assert not any(d.startswith("produce-") for d in deps[consumer[0]]), deps
+        assert all(d.startswith("memoryview-") for d in deps[consumer[0]]), deps
+        release.touch()
+        report = running.result(timeout=120)
+    assert report.status is ap.RunStatus.SUCCEEDED, report
+    assert report["consume"] == float(sum(range(1, n)))
+
+
 def test_a_large_array_is_scattered_once_for_every_node_that_takes_it(
     dask_client: Any, tmp_path: Path
 ) -> None:

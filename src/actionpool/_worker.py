@@ -72,6 +72,7 @@ class Task(NamedTuple):
     memory: int = 0  # bytes the action declared (a cluster's "memory" resource)
     threads: int = 1  # slots the action declared (a cluster's "threads" resource)
     action: str = ""  # the action's name (a cluster pool measures durations by it)
+    idempotent: bool = False  # it may run again unasked (a cluster keeps its value)
 
 
 class Result(NamedTuple):

@@ -671,6 +671,7 @@ class Scheduler:
             spec.memory or 0,
             spec.threads,
             spec.name,
+            bool(spec.idempotent),
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -362,10 +362,13 @@ class ClusterArena(Arena):
       arguments or the run's state is pickled out of band and kept here; the first
       attempt sent to the cluster that needs it scatters it (``client.scatter``),
       once per arena, and later attempts name the same Dask future;
-    * a value of at least ``threshold`` pickled bytes that a cluster node returned
-      stays on its worker too (its Dask future is kept): a node that takes it as an
-      argument (or inside a list, tuple or dict argument) gets a reference, which
-      its worker fetches from the producer's worker, never through this process.
+    * a value of at least ``threshold`` pickled bytes that a cluster node of an
+      idempotent action returned stays on its worker too (its Dask future is kept):
+      a node that takes it as an argument (or inside a list, tuple or dict argument)
+      gets a reference, which its worker fetches from the producer's worker, never
+      through this process. Only an idempotent action's: if the worker holding the
+      value is lost before a consumer fetched it, Dask recomputes it, running the
+      action again.
 
     This process still receives every value (the report holds it). Attempts that run
     here (io actions on local threads) resolve the same references here: a buffer to a
@@ -734,6 +737,7 @@ class DaskAttempt:
         "dask",
         "direct",
         "future",
+        "idempotent",
         "key",
         "killed",
         "on_event",
@@ -751,6 +755,7 @@ class DaskAttempt:
         self.key = key
         self.task: Task | None = task  # dropped once sent
         self.action = task.action
+        self.idempotent = task.idempotent
         self.asks = asks
         self.batch: _Batch | None = None  # the Dask task it went in
         self.arena: ClusterArena | None = None  # its run's, where values stay
@@ -1144,7 +1149,10 @@ class DaskPool:
             self.attempt_s[att.action] = took if mean is None else 0.8 * mean + 0.2 * took
             arena, value = att.arena, payload.value
             size = 0 if value is None else len(value[0])
-            if arena is not None and arena.keep_from is not None and size >= arena.keep_from:
+            # Only an idempotent action's: Dask recomputes a value whose worker was lost
+            # when a consumer needs it, which runs the action again, unasked
+            keep_from = arena.keep_from if arena is not None and att.idempotent else None
+            if arena is not None and keep_from is not None and size >= keep_from:
                 token = arena.keep(att.dask, index)  # it stays there for its consumers
                 payload = payload._replace(value=(value[0], ((token, _KEPT, size),)))
             att.future.set_result(payload)
