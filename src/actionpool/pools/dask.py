@@ -915,13 +915,15 @@ class DaskPool:
             pending = [att for att in pending if att.key in live]  # not stopped meanwhile
         if not pending:
             return
-        by_action: dict[str, list[DaskAttempt]] = {}
+        # (a batch is recomputed whole if Dask loses a value kept from it: never one
+        # that mixes idempotent attempts with others, even of actions of one name)
+        by_action: dict[tuple[str, bool], list[DaskAttempt]] = {}
         for att in pending:
             if att.asks:
                 self._send([att])
             else:
-                by_action.setdefault(att.action, []).append(att)
-        for action, atts in by_action.items():
+                by_action.setdefault((att.action, att.idempotent), []).append(att)
+        for (action, _), atts in by_action.items():
             n = len(atts)
             count = batch_count(n, self.threads, self.attempt_s.get(action), len(self._batches))
             start = 0
