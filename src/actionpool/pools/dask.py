@@ -5,8 +5,9 @@ Data flow::
 
     Scheduler ─submit(Task)─► DaskPool ─client.submit(_run_on_worker, key unique)─►
         Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
-        │  started, ctx.emit, ctx.progress: worker.log_event(topic) ─► client's
-        │      subscribe_topic handler ─► on_started / on_event
+        │  started (those of one loop turn together), ctx.emit, ctx.progress:
+        │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
+        │      on_started / on_event
         └► ("result", Result) | ("not-started", crash) | ("crashed", crash) ─►
            the client's loop (gather) ─► attempt.future
 
@@ -34,6 +35,14 @@ attempt of a batch is a ``client.run`` message to its worker (to every worker wh
 has not started: the batch may not have arrived anywhere yet); the batch's Dask task
 is cancelled once none of its attempts is left.
 
+Values. A run's arena is a :class:`ClusterArena`: large buffers in calls and state
+are scattered once, and large values of idempotent actions stay on their workers, the
+Dask futures of both passed to the tasks that need them (``refs``), whose
+:class:`WorkerSide` resolves them before handing the attempt to its pool.
+
+Cleanup. :class:`SchedulerSide`, a scheduler plugin registered with the worker plugin,
+removes the latter when the runner's client leaves without doing so.
+
 A Dask worker that dies (a killed machine) takes its attempts with it: one that had
 started ends ``CRASHED`` with :class:`~actionpool.WorkerCrashed` (the scheduler re-runs
 it only for an action that consents, as locally); one that had not is reported
@@ -54,9 +63,12 @@ for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attemp
 callback). :meth:`DaskPool.flush` runs on the scheduler's thread, or on the client's
 loop when no flush followed a submit within :data:`LATE_FLUSH_S`. An attempt's
 future is set once, by whoever pops it from ``_live`` first. On the Dask worker, the
-worker's loop runs :meth:`WorkerSide.transition` and :meth:`WorkerSide.stop`, and the
-worker's threads run :meth:`WorkerSide.run`; ``WorkerSide``'s dicts and set are plain
-(single operations are atomic).
+worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop` and
+:meth:`WorkerSide._send_started`, the worker's threads run :meth:`WorkerSide.run`, and
+its pool's reader thread queues starts (``_started``, a deque, with the flag protocol
+of ``_send_started``); ``WorkerSide``'s dicts and set are plain (single operations are
+atomic). :class:`ClusterArena` is the runner's, shared by the scheduler's thread and
+io threads under its lock.
 """
 
 from __future__ import annotations
