@@ -278,7 +278,7 @@ def dask_contenders(a: np.ndarray, args: argparse.Namespace, tmp: Path) -> list[
             n_workers=args.workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.ERROR,
         )
         client = Client(cluster)

@@ -138,7 +138,7 @@ def cold_dask(w: int, tmp: Path) -> Callable[[], Any]:
                 n_workers=w,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
             )
             client = Client(cluster)

@@ -358,7 +358,7 @@ class DaskDriver(Driver):
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)

@@ -152,7 +152,7 @@ def dask_client() -> Iterator[object]:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
         )
     for var, value in before.items():  # LocalCluster sets them to 1 in this process
         if value is None:

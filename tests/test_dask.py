@@ -37,8 +37,9 @@ def cluster_runner(**cluster_kw: Any) -> Iterator[tuple[Any, Any, ap.Runner]]:
     """A LocalCluster of the test's own (loopback, one thread per worker, no
     dashboard), its client, and a dask runner on it; all closed after."""
     cluster_kw.setdefault("threads_per_worker", 1)
+    cluster_kw.setdefault("dashboard_address", "127.0.0.1:0")
     with (
-        distributed.LocalCluster(host="127.0.0.1", dashboard_address=None, **cluster_kw) as cluster,
+        distributed.LocalCluster(host="127.0.0.1", **cluster_kw) as cluster,
         distributed.Client(cluster) as client,
         dask_runner(client) as r,
     ):
@@ -370,7 +371,7 @@ def test_a_lost_cluster_ends_the_running_nodes_crashed_and_the_report_says_so(
     plan = ap.Plan()
     plan.add(pid_then_sleep, str(mark), name="running")
     cluster = distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+        n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
     )
     with distributed.Client(cluster) as client, dask_runner(client) as r:
         running = in_background(r, plan)

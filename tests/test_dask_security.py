@@ -75,7 +75,7 @@ def tls_cluster() -> Iterator[TLSCluster]:
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
         security=security,
     )
     try:

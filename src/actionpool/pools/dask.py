@@ -319,7 +319,9 @@ def connect(
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                # loopback, and a free port: None means 8787, and a second runner
+                # (or the user's own cluster) there prints a warning
+                dashboard_address="127.0.0.1:0",
                 memory_limit=memory_limit if memory_limit else "auto",
                 security=security,
             )
