@@ -230,3 +230,128 @@ def test_cpu_workers_get_blas_env_despite_parent_settings(monkeypatch, cpu_worke
     assert pools, "numpy loaded no BLAS that threadpoolctl can see"
     for api, threads in pools:
         assert threads <= blas, (api, threads, blas)
+
+
+# ---- container-aware memory: cgroup limits ---------------------------------------------
+
+GiB = 1 << 30
+
+
+def _cgroup_tree(root, files):
+    """Lay out cgroup files under ``root``: ``{"relative/path": "content"}``."""
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _proc(tmp_path, text):
+    path = tmp_path / "proc-self-cgroup"
+    path.write_text(text)
+    return path
+
+
+def test_cgroup_v2_limit_and_usage_are_read(tmp_path):
+    root = tmp_path / "cg"
+    _cgroup_tree(
+        root,
+        {
+            "cgroup.controllers": "cpu memory\n",
+            "app/memory.max": f"{2 * GiB}\n",
+            "app/memory.current": f"{GiB // 2}\n",
+        },
+    )
+    cg = sizing.cgroup_memory(root, _proc(tmp_path, "0::/app\n"))
+    assert cg == sizing.CgroupMemory(2 * GiB, GiB // 2, 2, str(root / "app"))
+    assert cg.free == 3 * GiB // 2
+
+
+def test_cgroup_v2_max_is_no_limit_and_an_ancestor_can_be_tighter(tmp_path):
+    root = tmp_path / "cg"
+    _cgroup_tree(
+        root,
+        {
+            "cgroup.controllers": "memory\n",
+            "a/memory.max": "max\n",
+            "a/memory.current": "100\n",
+            "b/memory.max": f"{GiB}\n",
+            "b/c/memory.max": "max\n",
+            "b/c/memory.current": "300\n",
+        },
+    )
+    unlimited = sizing.cgroup_memory(root, _proc(tmp_path, "0::/a\n"))
+    assert unlimited is not None and unlimited.limit is None and unlimited.free is None
+    nested = sizing.cgroup_memory(root, _proc(tmp_path, "0::/b/c\n"))
+    assert nested is not None and nested.limit == GiB and nested.usage == 300
+
+
+def test_cgroup_v1_and_the_hybrid_layout_are_read(tmp_path):
+    root = tmp_path / "cg"
+    _cgroup_tree(
+        root,
+        {
+            "unified/cgroup.procs": "",  # v2 mounted beside v1, without memory
+            "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+            "memory/job/memory.limit_in_bytes": f"{4 * GiB}\n",
+            "memory/job/memory.usage_in_bytes": f"{GiB}\n",
+        },
+    )
+    proc = _proc(tmp_path, "4:memory:/job\n1:cpu,cpuacct:/job\n0::/job\n")
+    cg = sizing.cgroup_memory(root, proc)
+    assert cg == sizing.CgroupMemory(4 * GiB, GiB, 1, str(root / "memory" / "job"))
+
+
+def test_a_container_sees_its_own_cgroup_at_the_root_of_the_mount(tmp_path):
+    # /proc/self/cgroup names the host's path; the container's mount holds only its own
+    root = tmp_path / "cg"
+    _cgroup_tree(
+        root,
+        {
+            "cgroup.controllers": "memory\n",
+            "memory.max": f"{2 * GiB}\n",
+            "memory.current": f"{GiB}\n",
+        },
+    )
+    cg = sizing.cgroup_memory(root, _proc(tmp_path, "0::/kubepods/pod42/ctr\n"))
+    assert cg == sizing.CgroupMemory(2 * GiB, GiB, 2, str(root))
+
+
+def test_no_cgroup_means_none(tmp_path):
+    assert sizing.cgroup_memory(tmp_path / "absent", tmp_path / "absent-proc") is None
+    empty = tmp_path / "cg"
+    empty.mkdir()
+    assert sizing.cgroup_memory(empty, _proc(tmp_path, "0::/\n")) is None
+
+
+def test_this_machines_own_cgroup_reads_plausibly():
+    cg = sizing.cgroup_memory()
+    if cg is None:
+        pytest.skip("this process is in no readable cgroup memory controller")
+    assert cg.version in (1, 2)
+    assert cg.usage > 0
+    assert cg.limit is None or cg.limit > 0
+    s = compute_sizing()
+    assert s.available_memory <= psutil.virtual_memory().total
+    if cg.free is not None and cg.free < psutil.virtual_memory().available:
+        assert f"cgroup v{cg.version} limit" in s.reason
+
+
+def test_a_cgroup_limit_below_the_hosts_memory_bounds_the_budget(tmp_path, monkeypatch):
+    host = psutil.virtual_memory().available
+    limit = min(2 * GiB, host // 4)
+    root = tmp_path / "cg"
+    _cgroup_tree(
+        root,
+        {
+            "cgroup.controllers": "memory\n",
+            "box/memory.max": f"{limit}\n",
+            "box/memory.current": f"{limit // 4}\n",
+        },
+    )
+    monkeypatch.setattr(sizing, "CGROUP_ROOT", root)
+    monkeypatch.setattr(sizing, "PROC_CGROUP", _proc(tmp_path, "0::/box\n"))
+    s = compute_sizing(cpu_workers=1)
+    assert s.available_memory == limit - limit // 4
+    assert s.memory_budget == int(s.available_memory * sizing.MEMORY_FRACTION)
+    assert "cgroup v2 limit" in s.reason and str(root / "box") in s.reason
+    assert "below the host's" in s.reason

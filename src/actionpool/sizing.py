@@ -5,7 +5,10 @@ Formulas (each number's origin is repeated in :attr:`Sizing.reason`):
 * ``usable_cores = loky.cpu_count()``: logical CPUs this process may use, after CPU
   affinity and cgroup CPU quotas (loky implements both; we do not re-implement them).
 * ``physical_cores = loky.cpu_count(only_physical_cores=True)``, same limits applied.
-* ``memory_budget = MEMORY_FRACTION x psutil.virtual_memory().available`` (bytes).
+* ``memory_budget = MEMORY_FRACTION x available``, ``available`` the smaller of
+  ``psutil.virtual_memory().available`` (the host's) and, in a cgroup with a memory
+  limit (a container), that limit minus the cgroup's usage (:func:`cgroup_memory`;
+  psutil reads the host's ``/proc/meminfo``, which a container does not change), bytes.
 * ``worker_footprint``: bytes one worker needs. First estimated, for free, as this
   process's RSS (a worker imports at most what its parent imported, so this is an
   upper bound in practice); only when that estimate would make memory the binding
@@ -31,6 +34,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import loky
 import psutil
@@ -40,7 +44,9 @@ __all__ = [
     "IO_THREADS_PER_CORE",
     "MEMORY_FLOOR_FRACTION",
     "MEMORY_FRACTION",
+    "CgroupMemory",
     "Sizing",
+    "cgroup_memory",
     "cluster_sizing",
     "compute_sizing",
     "worker_env",
@@ -56,6 +62,14 @@ share of total memory (see ``Runner(memory_floor=...)``)."""
 
 IO_THREADS_PER_CORE = 8
 """I/O threads per usable core beyond CPython's floor of 32."""
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where Linux mounts the cgroup hierarchies."""
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+"""This process's cgroups, one line per hierarchy."""
+
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as LONG_MAX rounded down to a page
 
 _FOOTPRINT: int | None = None
 _FOOTPRINT_PROBE = (
@@ -77,7 +91,8 @@ class Sizing:
         reason: one line per number saying where it came from.
         usable_cores: logical CPUs usable by this process (affinity, cgroups).
         physical_cores: physical cores among them.
-        available_memory: ``psutil.virtual_memory().available`` when measured, bytes.
+        available_memory: bytes available when measured: ``psutil.virtual_memory()
+            .available``, or less in a cgroup with a memory limit (:func:`cgroup_memory`).
         worker_footprint: measured memory of one idle worker, bytes (0 if not measured).
         total_memory: ``psutil.virtual_memory().total``, bytes, read with
             ``available_memory`` (0: not measured).
@@ -171,6 +186,104 @@ def _override(arg: int | None, var: str) -> tuple[int | None, str]:
     return value, var
 
 
+@dataclass(frozen=True)
+class CgroupMemory:
+    """This process's cgroup memory, as :func:`cgroup_memory` read it.
+
+    Attributes:
+        limit: bytes, the tightest limit of the cgroup and its ancestors; None: none.
+        usage: bytes the cgroup uses now (page cache included, as the kernel counts it).
+        version: 1 or 2, the cgroup hierarchy read.
+        path: the cgroup directory whose usage was read.
+    """
+
+    limit: int | None
+    usage: int
+    version: int
+    path: str
+
+    @property
+    def free(self) -> int | None:
+        """Bytes left below the limit (``limit - usage``, at least 0); None: no limit."""
+        return None if self.limit is None else max(0, self.limit - self.usage)
+
+
+def _read_int(path: Path) -> int | None:
+    """An int file of a cgroup (None: absent, unreadable, or ``max``: no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return None if value >= _NO_LIMIT else value
+
+
+def _tightest(leaf: Path, top: Path, name: str) -> int | None:
+    """The smallest limit in file ``name`` of ``leaf`` and its ancestors up to ``top``."""
+    limits = []
+    here = leaf
+    while True:
+        value = _read_int(here / name)
+        if value is not None:
+            limits.append(value)
+        if here == top or top not in here.parents:
+            break
+        here = here.parent
+    return min(limits) if limits else None
+
+
+def cgroup_memory(root: Path | None = None, proc_cgroup: Path | None = None) -> CgroupMemory | None:
+    """This process's cgroup memory limit and usage, or None where none can be read
+    (not Linux, no cgroup filesystem, no memory controller).
+
+    Reads ``proc_cgroup`` for the process's cgroup, then under ``root``: the v1 memory
+    controller where there is one (``memory/<path>/memory.limit_in_bytes`` and
+    ``memory.usage_in_bytes``; also the hybrid layout, v2 mounted at ``unified``),
+    else v2 (``<path>/memory.max`` and ``memory.current``). A container sees its own
+    cgroup at the root of the mount while ``/proc/self/cgroup`` may show the host's
+    path, so the root is tried when the path is not there. The limit is the tightest
+    of the cgroup and its ancestors within the mount (kernel docs,
+    admin-guide/cgroup-v2.rst "memory.max"; cgroup-v1/memory.rst).
+
+    Args:
+        root: the cgroup mount; default :data:`CGROUP_ROOT`.
+        proc_cgroup: the process's cgroup file; default :data:`PROC_CGROUP`.
+    """
+    root = CGROUP_ROOT if root is None else root
+    proc_cgroup = PROC_CGROUP if proc_cgroup is None else proc_cgroup
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v1_path = v2_path = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if "memory" in controllers.split(","):
+            v1_path = path
+        elif hierarchy == "0" and controllers == "":
+            v2_path = path
+    if v1_path is not None:
+        top = root / "memory"
+        for leaf in (top / v1_path.lstrip("/"), top):
+            usage = _read_int(leaf / "memory.usage_in_bytes")
+            if usage is not None:
+                limit = _tightest(leaf, top, "memory.limit_in_bytes")
+                return CgroupMemory(limit, usage, 1, str(leaf))
+    if v2_path is not None:
+        top = root if (root / "cgroup.controllers").exists() else root / "unified"
+        for leaf in (top / v2_path.lstrip("/"), top):
+            usage = _read_int(leaf / "memory.current")
+            if usage is not None:
+                limit = _tightest(leaf, top, "memory.max")
+                return CgroupMemory(limit, usage, 2, str(leaf))
+    return None
+
+
 def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None) -> Sizing:
     """Size the pools from this machine's cores and memory (see the module docstring).
 
@@ -192,6 +305,16 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
     physical = max(1, min(usable, loky.cpu_count(only_physical_cores=True)))
     memory = psutil.virtual_memory()
     available = int(memory.available)
+    source = f"{_fmt_bytes(available)} available [psutil]"
+    cgroup = cgroup_memory()
+    if cgroup is not None and cgroup.free is not None and cgroup.free < available:
+        assert cgroup.limit is not None
+        available = cgroup.free
+        source = (
+            f"{_fmt_bytes(available)} = cgroup v{cgroup.version} limit"
+            f" {_fmt_bytes(cgroup.limit)} - usage {_fmt_bytes(cgroup.usage)} [{cgroup.path}],"
+            f" below the host's {_fmt_bytes(int(memory.available))} available [psutil]"
+        )
     budget = int(available * MEMORY_FRACTION)
     reasons: list[str] = []
     footprint = 0
@@ -232,10 +355,7 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         if cap < wanted:
             why += f", capped at a quarter of the open-file limit ({cap})"
         reasons.append(f"io_workers={io} = {why}")
-    reasons.append(
-        f"memory_budget={_fmt_bytes(budget)} = {MEMORY_FRACTION:.0%} of"
-        f" {_fmt_bytes(available)} available [psutil]"
-    )
+    reasons.append(f"memory_budget={_fmt_bytes(budget)} = {MEMORY_FRACTION:.0%} of {source}")
     return Sizing(
         cpu_workers=cpu,
         io_workers=io,
