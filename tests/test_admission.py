@@ -7,8 +7,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 import actionpool as ap
@@ -151,3 +153,38 @@ def test_a_call_from_the_callers_thread_is_admitted_on_a_recent_or_a_fresh_memor
     finally:
         pool.close()
         loop.close()
+
+
+def test_backpressure_reads_a_containers_cgroup_not_only_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A container's free memory is its cgroup limit minus its usage, whatever the
+    # host's /proc/meminfo says: laid out here as cgroup v2 files the test rewrites
+    from actionpool import sizing
+
+    gib = 1 << 30
+    root = tmp_path / "cg"
+    (root / "box").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("memory\n")
+    (root / "box" / "memory.max").write_text(f"{8 * gib}\n")
+    usage = root / "box" / "memory.current"
+    usage.write_text(f"{8 * gib - gib // 2}\n")  # half a GiB left: below the floor
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/box\n")
+    monkeypatch.setattr(sizing, "CGROUP_ROOT", root)
+    monkeypatch.setattr(sizing, "PROC_CGROUP", proc)
+    events: list[ap.Event] = []
+    plan = ap.Plan()
+    n = plan.add(h.square, 6)
+    with ap.Runner(cpu_workers=1, io_workers=1, memory_floor=gib) as r:
+        assert r.sizing.total_memory == min(8 * gib, psutil.virtual_memory().total)
+        result: list[ap.Report] = []
+        t = threading.Thread(target=lambda: result.append(r.run(plan, on_event=events.append)))
+        t.start()
+        h.wait_for(lambda: any(e.kind == "paused" for e in events), what="the pause")
+        assert not any(e.kind == "started" for e in events)
+        usage.write_text(f"{gib}\n")  # the container freed memory: 7 GiB left
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert result and result[0][n] == 36
+    assert [e.kind for e in events if e.kind in ("paused", "resumed")] == ["paused", "resumed"]

@@ -4,7 +4,7 @@ Data flow::
 
     Scheduler ─push(rec)─► ready heaps (one per pool, run then plan order)
     Scheduler._dispatch_ready ◄─ may_take(rec) ◄─ free slots per pool, memory budget,
-                                                  backpressure (psutil's available memory)
+                                                  backpressure (available memory, cgroup-aware)
     CallRun.start_direct ─admits_at_once(kind)─┘   (a direct call: from its own thread)
     direct calls ─direct_started / direct_ended─► slots they hold without a record
 
@@ -35,9 +35,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from .records import NodeState
+from .sizing import available_memory
 
 if TYPE_CHECKING:
     from .action import ActionSpec
@@ -137,9 +136,10 @@ class Admission:
         that kind waits, a slot is free, and available memory was checked recently and
         is above the floor. Read from any thread (see the module's contract).
 
-        Available memory is read here (psutil) when the last reading is stale; that
-        reading then counts as the dispatcher's too, so that a call submitted after a
-        pause does not go the loop's way only to have memory read there.
+        Available memory is read here (:func:`~actionpool.sizing.available_memory`)
+        when the last reading is stale; that reading then counts as the dispatcher's
+        too, so that a call submitted after a pause does not go the loop's way only to
+        have memory read there.
         """
         if self.ready[kind] or self.free_slots(kind) <= 0 or self.paused:
             return False
@@ -148,7 +148,7 @@ class Admission:
         now = time.monotonic()
         if now - self.mem_checked < MEM_RECHECK_S:
             return True
-        if psutil.virtual_memory().available < self.memory_floor:
+        if available_memory() < self.memory_floor:
             return False  # the dispatcher pauses, and says so to the runs
         self.mem_checked = now
         return True
@@ -163,7 +163,7 @@ class Admission:
         if not self.paused and now - self.mem_checked < MEM_RECHECK_S:
             return False, None
         self.mem_checked = now
-        available = int(psutil.virtual_memory().available)
+        available = available_memory()
         low = available < self.memory_floor
         changed = low != self.paused
         self.paused = low

@@ -46,6 +46,7 @@ __all__ = [
     "MEMORY_FRACTION",
     "CgroupMemory",
     "Sizing",
+    "available_memory",
     "cgroup_memory",
     "cluster_sizing",
     "compute_sizing",
@@ -94,8 +95,8 @@ class Sizing:
         available_memory: bytes available when measured: ``psutil.virtual_memory()
             .available``, or less in a cgroup with a memory limit (:func:`cgroup_memory`).
         worker_footprint: measured memory of one idle worker, bytes (0 if not measured).
-        total_memory: ``psutil.virtual_memory().total``, bytes, read with
-            ``available_memory`` (0: not measured).
+        total_memory: ``psutil.virtual_memory().total``, or a cgroup's memory limit
+            when smaller, bytes, read with ``available_memory`` (0: not measured).
         backend: ``"local"`` or ``"dask"``; for ``"dask"``, ``cpu_workers`` is the
             cluster's threads (the cpu attempts it runs at once), and the memory
             figures are the sum of its workers' memory limits.
@@ -284,6 +285,36 @@ def cgroup_memory(root: Path | None = None, proc_cgroup: Path | None = None) -> 
     return None
 
 
+# (usage file, limit) of this process's cgroup, found once by available_memory; None:
+# no limit to respect. Found again when CGROUP_ROOT or PROC_CGROUP change (tests).
+_CGROUP_SEEN: tuple[Path, Path, tuple[Path, int] | None] | None = None
+
+
+def available_memory() -> int:
+    """Bytes of memory available now: the host's (``psutil.virtual_memory()
+    .available``), or, in a cgroup with a memory limit, that limit minus the cgroup's
+    current usage when smaller. Backpressure reads this (:mod:`actionpool.admission`).
+
+    The cgroup and its limit are found once (:func:`cgroup_memory`); later calls read
+    only the usage file.
+    """
+    global _CGROUP_SEEN
+    host = int(psutil.virtual_memory().available)
+    seen = _CGROUP_SEEN
+    if seen is None or seen[0] != CGROUP_ROOT or seen[1] != PROC_CGROUP:
+        cg = cgroup_memory()
+        where = None
+        if cg is not None and cg.limit is not None:
+            name = "memory.usage_in_bytes" if cg.version == 1 else "memory.current"
+            where = (Path(cg.path) / name, cg.limit)
+        seen = _CGROUP_SEEN = (CGROUP_ROOT, PROC_CGROUP, where)
+    if seen[2] is None:
+        return host
+    usage_file, limit = seen[2]
+    usage = _read_int(usage_file)
+    return host if usage is None else min(host, max(0, limit - usage))
+
+
 def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None) -> Sizing:
     """Size the pools from this machine's cores and memory (see the module docstring).
 
@@ -366,7 +397,10 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
         physical_cores=physical,
         available_memory=available,
         worker_footprint=footprint,
-        total_memory=int(memory.total),
+        total_memory=min(
+            int(memory.total),
+            cgroup.limit if cgroup is not None and cgroup.limit is not None else int(memory.total),
+        ),
     )
 
 
