@@ -8,6 +8,7 @@ naming the action and the option, instead of in the middle of a run.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import math
@@ -37,6 +38,7 @@ _OPTIONS = (
     "memory",
     "threads",
     "validate",
+    "reconcile",
 )
 
 _UNITS = {
@@ -159,6 +161,11 @@ class ActionSpec:
         threads: CPU slots the action uses (its BLAS/OpenMP thread cap).
         validate: ``(state, *args, **kwargs) -> bool``, run in the parent before
             dispatch; ``False`` ends the node ``SKIPPED``.
+        reconcile: ``(ctx) -> "done" | "retry"``, asked in the parent when a run
+            resumed from a journal finds this action's node started but never ended
+            and the action is not idempotent: ``"retry"`` runs it again, ``"done"``
+            ends it ``SUCCEEDED`` with the value ``None``; without it such a node ends
+            ``IN_DOUBT``.
     """
 
     fn: Callable[..., Any]
@@ -172,6 +179,7 @@ class ActionSpec:
     memory: int | None = None
     threads: int = 1
     validate: Callable[..., bool] | None = None
+    reconcile: Callable[..., str] | None = None
     idempotent_by_default: bool = field(default=False, init=False, repr=False)
     wants_context: bool = field(default=False, init=False)
     is_async: bool = field(default=False, init=False)
@@ -229,6 +237,8 @@ class ActionSpec:
             raise bad("threads", f"must be an int >= 1, got {self.threads!r}")
         if self.validate is not None and not callable(self.validate):
             raise bad("validate", f"must be callable or None, got {self.validate!r}")
+        if self.reconcile is not None and not callable(self.reconcile):
+            raise bad("reconcile", f"must be callable or None, got {self.reconcile!r}")
         set_(self, "wants_context", _wants_context(fn))
         set_(self, "is_async", inspect.iscoroutinefunction(fn))
 
@@ -291,7 +301,7 @@ def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         fn: the callable; omitted when used as ``@action(...)``.
         **options: ``kind``, ``name``, ``timeout`` (seconds), ``retries``, ``retry_on``,
             ``backoff`` (seconds), ``idempotent``, ``memory`` (bytes or ``"512MiB"``),
-            ``threads``, ``validate``; see :class:`ActionSpec`.
+            ``threads``, ``validate``, ``reconcile``; see :class:`ActionSpec`.
 
     Returns:
         An :class:`ActionSpec` (or a decorator that makes one).
@@ -426,7 +436,8 @@ class Context:
         state: this action's private copy of the run's state (a fresh unpickled copy:
             mutate it freely, nobody else sees it).
         node: the name of the node being run.
-        run_id: the id of the run (a hex string).
+        run_id: the id of the run (a hex string; a run resumed from a journal keeps
+            the id it had when it was first started).
         attempt: which attempt this is, starting at 1.
     """
 
@@ -499,6 +510,15 @@ class Context:
         if self._cancel is not None and self._cancel.is_set():
             return True
         return self._deadline is not None and time.time() >= self._deadline
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key for this node of this run, the same for every attempt and after a
+        resume from a journal (32 hex characters: the SHA-256 of the run id and the
+        node's name, cut to 128 bits). Pass it to outside systems that deduplicate
+        requests (payment APIs, queues), so that a re-run is recognized there."""
+        digest = hashlib.sha256(f"{self.run_id}\x00{self.node}".encode()).hexdigest()
+        return digest[:32]
 
     def __repr__(self) -> str:
         return f"<Context node={self.node!r} run_id={self.run_id!r} attempt={self.attempt}>"

@@ -29,6 +29,9 @@ class Status(StrEnum):
     CRASHED = "crashed"  # its worker process died
     CANCELLED = "cancelled"  # the run was cancelled before or while it ran
     SKIPPED = "skipped"  # an upstream node did not succeed, or validate said no
+    # a run resumed from a journal found it started but never ended, and it is not
+    # idempotent: whether its side effect happened is unknown
+    IN_DOUBT = "in_doubt"
 
     def __str__(self) -> str:
         return self.value
