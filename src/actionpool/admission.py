@@ -234,7 +234,7 @@ class Admission:
                 rec = entry[1]
                 if rec.state is not ready_state:
                     continue  # cancelled while it waited
-                if not self.fits(rec.spec):
+                if not self.fits(rec.spec) or not rec.run.has_room():
                     waiting.append(entry)
                     continue
                 start(rec)

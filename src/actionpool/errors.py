@@ -24,6 +24,7 @@ __all__ = [
     "ActionFailed",
     "ActionTimeout",
     "ActionpoolError",
+    "JournalError",
     "PlanError",
     "RemoteError",
     "SerializationError",
@@ -123,3 +124,14 @@ class RemoteError(ActionpoolError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (RemoteError, (self.type_name, self.message, self.remote_traceback))
+
+
+class JournalError(ActionpoolError):
+    """A run's journal cannot be used: it belongs to another plan or initial state, it
+    is damaged or not a journal, it is in use by another run, or it cannot be written.
+
+    Raised by :meth:`Runner.run <actionpool.Runner.run>` before anything runs; the
+    message names the file and what is wrong, and the file is left as it was. A
+    journal that fails while a run writes it stops that run (its nodes end
+    ``CANCELLED`` naming this error).
+    """

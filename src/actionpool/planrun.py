@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ActionFailed, PlanError, SerializationError, StateConflict
 from .events import Event
@@ -31,7 +31,14 @@ from .shm import Arena
 from .state import merge_state
 from .transfer import Packed
 
+if TYPE_CHECKING:
+    from .journal import Journal, Resume
+
 __all__ = ["PlanRun", "check_failure_policy", "run_status"]
+
+
+_FAILED = frozenset((NodeState.FAILED, NodeState.TIMED_OUT, NodeState.CRASHED, NodeState.IN_DOUBT))
+"""The ends that make a ``fail_fast`` run stop."""
 
 
 class PlanRun(RunBase):
@@ -49,8 +56,19 @@ class PlanRun(RunBase):
         failure: str,
         on_event: Callable[[Event], Any] | None,
         reducers: Mapping[str, Callable[[Any, Any], Any]] | None,
+        max_parallel: int | None = None,
+        journal: Journal | None = None,
+        reconciled: Mapping[str, str | BaseException] | None = None,
     ) -> None:
         self.sched = sched
+        self.max_parallel = max_parallel
+        self.journal = journal
+        # what reconcile said of in-doubt nodes: "done", "retry", or what it raised
+        self.reconciled = dict(reconciled or {})
+        # nodes a resumed run settles at its start (loaded, in doubt, lost): no
+        # upstream's end may make them ready
+        self._settled: set[int] = set()
+        self.journal_error: BaseException | None = None
         self.graph = graph
         self.seq = sched.next_seq()
         self.run_id = run_id
@@ -73,16 +91,92 @@ class PlanRun(RunBase):
         self._draining = False
 
     def start(self) -> None:
-        """Mark the nodes without dependencies ready (call on the loop thread)."""
+        """Mark the nodes without dependencies ready (call on the loop thread); on a
+        resume, first settle what the journal knows (:meth:`_resume`)."""
         if not self.recs:
             self._finish()
             return
+        if self.journal is not None and self.journal.resume.session > 0:
+            self._resume(self.journal.resume)
         for rec in self.recs:
             if rec.deps_left == 0 and rec.state is NodeState.PENDING:
                 if rec.node is not None and rec.node.join is not None:
                     self._decide_join(rec)  # a race of nothing
                 else:
                     self.sched.transition(rec, NodeState.READY)
+
+    def _resume(self, resume: Resume) -> None:
+        """Settle, in dependency order, the nodes whose fate the journal decides: load
+        the succeeded ones, end lost race/quorum inputs ``CANCELLED`` again, and end
+        ``IN_DOUBT`` the non-idempotent ones that started and never ended (unless
+        ``reconcile`` said ``"done"``, or ``"retry"``: then they run like the rest)."""
+        settle: list[tuple[NodeRecord, str]] = []
+        for i in self.graph.order:
+            rec = self.recs[i]
+            name = rec.name
+            if name in resume.done:
+                settle.append((rec, "done"))
+            elif name in resume.lost:
+                settle.append((rec, "lost"))
+            elif name in resume.in_doubt and not rec.spec.idempotent:
+                said = self.reconciled.get(name)
+                if said == "done":
+                    settle.append((rec, "reconciled"))
+                elif said != "retry":
+                    settle.append((rec, "in_doubt"))
+        self._settled = {rec.index for rec, _ in settle}
+        for rec, how in settle:
+            if rec.state is not NodeState.PENDING:
+                continue  # cancelled meanwhile
+            name = rec.name
+            if how == "done":
+                end = resume.done[name]
+                rec.value, rec.deltas = end["value"], end["deltas"]
+                rec.attempts = end["attempts"]
+                rec.started_at, rec.pool, rec.worker = end["started_at"], end["pool"], end["worker"]
+                rec.loaded = True
+                self.sched.transition(rec, NodeState.SUCCEEDED)
+                rec.finished_at = end["finished_at"]
+            elif how == "reconciled":
+                rec.value = None
+                self.sched.transition(rec, NodeState.SUCCEEDED)
+            elif how == "lost":
+                rec.lost = True
+                rec.loaded = True
+                text = resume.lost[name].removeprefix("ActionFailed: ")
+                self.sched.transition(rec, NodeState.CANCELLED, error=ActionFailed(text))
+            else:
+                said = self.reconciled.get(name)
+                attempt = resume.in_doubt[name]
+                why = (
+                    f"node {name!r} is in doubt: attempt {attempt} started in an earlier"
+                    " session of this run and never ended, and its action is not"
+                    " idempotent, so it was not run again"
+                )
+                if isinstance(said, BaseException):
+                    why += f" (its reconcile raised {type(said).__name__}: {said})"
+                elif said is not None:
+                    why += f" (its reconcile answered {said!r}, not 'done' or 'retry')"
+                else:
+                    why += " (declare reconcile= on the action to decide)"
+                err = ActionFailed(why)
+                if isinstance(said, BaseException):
+                    err.__cause__ = said
+                self.sched.transition(rec, NodeState.IN_DOUBT, error=err)
+
+    def journal_ended(self, rec: NodeRecord) -> None:
+        """Commit ``rec``'s end to the journal (not for an end loaded from it). A journal
+        that cannot be written stops the run: no node starts that it could not record."""
+        if rec.loaded or self.journal is None or self.journal_error is not None:
+            return
+        try:
+            self.journal.ended(rec)
+        except Exception as exc:  # noqa: BLE001 - the outcome stays; the run stops
+            self.journal_error = exc
+            self.sched.loop.call_soon(self.cancel, f"its journal failed: {exc}")
+
+    def may_start(self, rec: NodeRecord) -> bool:
+        return not self.cancelled and self.journal_error is None
 
     def live_records(self) -> list[NodeRecord]:
         return [r for r in self.recs if r.state not in TERMINAL]
@@ -118,7 +212,7 @@ class PlanRun(RunBase):
         ok = rec.state is NodeState.SUCCEEDED
         for j in self.graph.dependents[rec.index]:
             dep = self.recs[j]
-            if dep.state is not NodeState.PENDING:
+            if dep.state is not NodeState.PENDING or j in self._settled:
                 continue
             if dep.node is not None and dep.node.join is not None:
                 if ok:
@@ -138,7 +232,7 @@ class PlanRun(RunBase):
                     why += f" ({type(rec.error).__name__}: {rec.error})"
                 err = ActionFailed(f"node {dep.name!r} skipped: {why}")
                 self.sched.transition(dep, NodeState.SKIPPED, error=err, traceback=why)
-        failed = rec.state in (NodeState.FAILED, NodeState.TIMED_OUT, NodeState.CRASHED)
+        failed = rec.state in _FAILED
         if failed and self.failure == "fail_fast" and not self.failed_fast:
             self.failed_fast = True
             for other in self.live_records():

@@ -42,6 +42,7 @@ class NodeState(Enum):
     CRASHED = "crashed"
     CANCELLED = "cancelled"
     SKIPPED = "skipped"
+    IN_DOUBT = "in_doubt"  # resumed: started, never ended, not idempotent
 
 
 class NodeRecord:
@@ -51,7 +52,8 @@ class NodeRecord:
     states: ``stop_reason`` (why the scheduler stopped it: ``"timeout"``,
     ``"cancel"``), ``early`` (a call's value went to its future before the outcome was
     recorded), ``lost`` (cancelled because a race or quorum was decided without it),
-    ``resubmits`` (times its worker died before starting the current attempt).
+    ``resubmits`` (times its worker died before starting the current attempt),
+    ``loaded`` (a resumed run took its end from the journal: it did not run).
     """
 
     __slots__ = (
@@ -68,6 +70,7 @@ class NodeRecord:
         "join_losses",
         "join_wins",
         "key",
+        "loaded",
         "lost",
         "name",
         "node",
@@ -118,6 +121,7 @@ class NodeRecord:
         self.handle: Attempt | None = None
         self.stop_reason = ""
         self.lost = False
+        self.loaded = False  # its end was loaded from a journal (a resumed run)
         self.join_wins: list[NodeRecord] = []
         self.join_losses = 0
 
@@ -140,6 +144,9 @@ class RunBase:
     on_event: Callable[[Event], Any] | None
     cancelled: bool = False
     cancel_reason: str = ""
+    max_parallel: int | None = None  # attempts of this run in flight at once, at most
+    running: int = 0  # attempts of this run in flight now (the scheduler counts them)
+    journal: Any = None  # a plan run's journal (actionpool.journal.Journal), or None
     functions: dict[ActionSpec, bytes]  # each action's pickled function, for this run
 
     def arguments(self, rec: NodeRecord) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -147,6 +154,13 @@ class RunBase:
 
     def may_start(self, rec: NodeRecord) -> bool:
         return not self.cancelled
+
+    def journal_ended(self, rec: NodeRecord) -> None:
+        """Record ``rec``'s end in this run's journal (a run with a journal only)."""
+
+    def has_room(self) -> bool:
+        """Whether another attempt of this run may start now (``max_parallel``)."""
+        return self.max_parallel is None or self.running < self.max_parallel
 
     def state_for_validate(self) -> Any:
         """A private copy of the state for a ``validate`` callable."""

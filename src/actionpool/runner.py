@@ -38,12 +38,12 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
 from ._threads import wait_thread_gone
-from .action import ActionSpec, as_spec, wire_bytes, wire_form
+from .action import ActionSpec, Context, as_spec, wire_bytes, wire_form
 from .backends import BACKENDS, build
 from .calls import CallFuture, CallRun
 from .errors import PlanError, SerializationError
@@ -65,7 +65,7 @@ from .records import NodeRecord, NodeState
 from .scheduler import Scheduler
 from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, pool_free_limit
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing
-from .transfer import Packed, dumps_call, dumps_state
+from .transfer import Packed, dumps, dumps_call, dumps_state, loads
 
 __all__ = [
     "MAP_MAX_CHUNK",
@@ -75,6 +75,9 @@ __all__ = [
     "Runner",
     "_Batcher",
 ]
+
+if TYPE_CHECKING:
+    from .journal import Journal, Resume
 
 T = TypeVar("T")
 
@@ -623,6 +626,8 @@ class Runner(Executor):
         on_event: Callable[[Event], Any] | None = None,
         progress: bool = False,
         reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+        max_parallel: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
     ) -> Report:
         """Run every node of ``plan`` and return the :class:`~actionpool.Report`.
 
@@ -642,6 +647,13 @@ class Runner(Executor):
             progress: show a progress bar (tqdm; notebook-aware).
             reducers: ``{state key: fn(current, new)}`` to combine updates of a key
                 from nodes that the plan does not order.
+            max_parallel: at most this many of the run's attempts in flight at once
+                (None: as many as the pools' slots allow).
+            journal: a SQLite file that records the run (created owner-only when it
+                does not exist). Given a journal of an earlier, interrupted run of the
+                same plan and initial state, the run resumes: nodes that succeeded are
+                loaded, not run again; see :mod:`actionpool.journal` and
+                ``docs/durable-runs.md``. Journals hold pickles: use only your own.
 
         Returns:
             The report: an outcome per node in plan order, the merged state, a status.
@@ -651,12 +663,16 @@ class Runner(Executor):
                 option is bad; nothing has run.
             StateConflict: two unordered nodes updated the same key without a reducer
                 (the report is attached as ``.report``).
+            JournalError: the journal belongs to another plan or initial state, is
+                damaged, is not a journal, or is in use by another run; nothing has run.
             RuntimeError: the runner is closed, or this is called from an ``on_event``
                 callback (the scheduler thread).
         """
         if self._on_scheduler_thread():
             raise RuntimeError("Runner.run cannot be called from the scheduler thread (on_event)")
-        run = self._start_run(plan, state, failure, on_event, progress, reducers)
+        run = self._start_run(
+            plan, state, failure, on_event, progress, reducers, max_parallel, journal
+        )
         cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
         try:
             return cf.result()
@@ -676,13 +692,20 @@ class Runner(Executor):
         on_event: Callable[[Event], Any] | None = None,
         progress: bool = False,
         reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+        max_parallel: int | None = None,
+        journal: str | os.PathLike[str] | None = None,
     ) -> Report:
         """The same as :meth:`run`, for ``async`` code and notebooks.
 
         ``report = await runner.arun(plan)``; the run goes on on the runner's own
-        scheduler thread, so a notebook's running loop is never blocked.
+        scheduler thread, so a notebook's running loop is never blocked (opening a
+        journal, and the ``reconcile`` calls of a resume, run on a worker thread).
         """
-        run = self._start_run(plan, state, failure, on_event, progress, reducers)
+        args = (plan, state, failure, on_event, progress, reducers, max_parallel, journal)
+        if journal is None:
+            run = self._start_run(*args)
+        else:
+            run = await asyncio.to_thread(self._start_run, *args)
         cf = asyncio.run_coroutine_threadsafe(self._await_run(run), self._loop)
         return await asyncio.wrap_future(cf)
 
@@ -694,10 +717,18 @@ class Runner(Executor):
         on_event: Callable[[Event], Any] | None,
         progress: bool,
         reducers: Mapping[str, Callable[[Any, Any], Any]] | None,
+        max_parallel: int | None = None,
+        journal_path: str | os.PathLike[str] | None = None,
     ) -> PlanRun:
         if not isinstance(plan, Plan):
             raise PlanError(f"run() takes a Plan, got {type(plan).__name__}")
         check_failure_policy(failure)
+        if max_parallel is not None and (
+            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+        ):
+            raise PlanError(f"max_parallel must be an int >= 1 or None, got {max_parallel!r}")
+        if journal_path is not None and not isinstance(journal_path, (str, os.PathLike)):
+            raise PlanError(f"journal must be a file path, got {journal_path!r}")
         if on_event is not None and not callable(on_event):
             raise PlanError(f"on_event must be callable, got {on_event!r}")
         if reducers is not None:
@@ -713,7 +744,7 @@ class Runner(Executor):
             if node.join is None:
                 self._check_fits(node.action, node.name)
         run_id = uuid.uuid4().hex[:12]
-        arena = self._new_arena(run_id)
+        arena = self._new_arena(run_id)  # per session: a resumed run's id is not unique
         state_bytes: Packed | None = None
         state_error: SerializationError | None = None
         if any(n.action.wants_context or n.action.validate for n in graph.nodes):
@@ -721,9 +752,23 @@ class Runner(Executor):
                 state_bytes = dumps_state({} if state is None else state, arena)
             except SerializationError as exc:
                 state_error = exc
+        journal: Journal | None = None
+        reconciled: dict[str, str | BaseException] = {}
+        if journal_path is not None:
+            from .journal import Journal  # sqlite3: only for runs that keep a journal
+
+            journal = Journal(journal_path, graph, state, run_id)
+            try:
+                run_id = journal.resume.run_id
+                reconciled = _reconcile(graph, journal.resume, state, run_id)
+            except BaseException:
+                journal.close()
+                raise
         on_event = _with_progress(on_event, len(graph.nodes)) if progress else on_event
         with self._lock:
             if self._closed:
+                if journal is not None:
+                    journal.close()
                 raise RuntimeError("cannot run a plan on a closed Runner")
             run = PlanRun(
                 self._sched,
@@ -736,6 +781,9 @@ class Runner(Executor):
                 failure,
                 on_event,
                 reducers,
+                max_parallel,
+                journal,
+                reconciled,
             )
             self._runs.add(run)
         return run
@@ -749,6 +797,8 @@ class Runner(Executor):
             raise
         finally:
             self._runs.discard(run)
+            if run.journal is not None:
+                run.journal.close()
             close = getattr(run.on_event, "close", None)
             if close is not None:
                 close()
@@ -800,6 +850,26 @@ class Runner(Executor):
                 await asyncio.sleep(0)  # let finished runs leave self._runs
 
         asyncio.run_coroutine_threadsafe(idle(), self._loop).result()
+
+
+def _reconcile(
+    graph: Any, resume: Resume, state: Any, run_id: str
+) -> dict[str, str | BaseException]:
+    """Ask the ``reconcile`` of each non-idempotent node in doubt what to do, here in
+    the caller's thread, before the run starts: ``{node name: answer or what it
+    raised}`` (an answer other than "done" or "retry" is kept and reported)."""
+    answers: dict[str, str | BaseException] = {}
+    for node in graph.nodes:
+        spec = node.action
+        attempt = resume.in_doubt.get(node.name)
+        if attempt is None or spec.idempotent or spec.reconcile is None:
+            continue
+        ctx = Context(loads(dumps({} if state is None else state)), node.name, run_id, attempt)
+        try:
+            answers[node.name] = spec.reconcile(ctx)
+        except Exception as exc:  # noqa: BLE001 - reported in the node's IN_DOUBT outcome
+            answers[node.name] = exc
+    return answers
 
 
 def _check_memory_floor(value: Any) -> None:

@@ -17,7 +17,8 @@ moves, :data:`MOVES`, each with one function::
        │          │  └────────┘ (retry after backoff; or its worker died before starting it)
        │          └──► SKIPPED (validate said no) | FAILED (cannot be serialized) | CANCELLED
        └──► SKIPPED (an upstream did not succeed) | CANCELLED
-            | SUCCEEDED / FAILED (race and quorum nodes, decided by their inputs)
+            | SUCCEEDED / FAILED (race and quorum nodes, decided by their inputs;
+              nodes loaded from a journal) | IN_DOUBT (resumed: see actionpool.journal)
 
 Only :meth:`Scheduler.transition` changes a record's state: it looks the move up in
 :data:`MOVES` (refusing one the table does not list) and calls that move's function,
@@ -221,6 +222,11 @@ class Scheduler:
             raise AssertionError(
                 f"node {rec.name!r}: illegal transition {rec.state.value} -> {to.value}"
             )
+        if rec.state is NodeState.RUNNING:
+            run = rec.run
+            run.running -= 1
+            if run.max_parallel is not None and self.admission.waiting():
+                self.schedule_dispatch()  # a node of this run may wait for the room
         rec.state = to
         move(self, rec, **info)
 
@@ -236,10 +242,18 @@ class Scheduler:
         spec = rec.spec
         kind = spec.kind
         rec.attempts += 1
+        rec.run.running += 1
         rec.pool = self.pools[kind].label
         rec.stop_reason = ""
         rec.started_at = None
         rec.worker = None
+        journal = rec.run.journal
+        if journal is not None:  # committed before the attempt can start anywhere
+            try:
+                journal.started(rec)
+            except Exception as exc:  # noqa: BLE001 - the node fails; nothing was sent
+                self.transition(rec, NodeState.FAILED, error=exc)
+                return
         self.admission.take(spec)
         if kind == "cpu":  # a worker may write result segments until its attempt is over
             rec.arena.hold()
@@ -351,7 +365,13 @@ class Scheduler:
         self._end(rec, error)
 
     def _join_decided(self, rec: NodeRecord, error: BaseException | None = None) -> None:
-        """PENDING -> SUCCEEDED / FAILED: a race or quorum node decided by its inputs."""
+        """PENDING -> SUCCEEDED / FAILED: a race or quorum node decided by its inputs,
+        or a node whose end a resumed run loaded from its journal."""
+        self._end(rec, error)
+
+    def _in_doubt(self, rec: NodeRecord, error: BaseException) -> None:
+        """PENDING -> IN_DOUBT: a resumed run found it started but never ended, and it
+        may not run again unasked (not idempotent, and no ``reconcile`` said so)."""
         self._end(rec, error)
 
     def _end(
@@ -368,6 +388,8 @@ class Scheduler:
         rec.handle = None
         rec.call = None
         rec.finished_at = time.time()
+        if rec.run.journal is not None:  # committed before any dependent can start
+            rec.run.journal_ended(rec)
         self.emit(rec, "finished", Status(rec.state.value))
         rec.run.node_finished(rec)
 
@@ -723,6 +745,7 @@ MOVES: dict[tuple[NodeState, NodeState], Callable[..., None]] = {
     (_P, NodeState.CANCELLED): S._cancel_waiting,
     (_P, NodeState.SUCCEEDED): S._join_decided,
     (_P, NodeState.FAILED): S._join_decided,
+    (_P, NodeState.IN_DOUBT): S._in_doubt,
     (_R, _X): S._start_attempt,
     (_R, NodeState.SKIPPED): S._skip,
     (_R, NodeState.FAILED): S._fail_unstarted,
@@ -735,7 +758,8 @@ MOVES: dict[tuple[NodeState, NodeState], Callable[..., None]] = {
     (_X, NodeState.CANCELLED): S._cancel_running,
 }
 """The node lifecycle: every legal move ``(from, to)`` and the one function that makes
-it. ``PENDING -> SUCCEEDED/FAILED`` is only taken by race and quorum nodes."""
+it. ``PENDING -> SUCCEEDED/FAILED`` is only taken by race and quorum nodes and by
+nodes a resumed run loads from its journal; ``PENDING -> IN_DOUBT`` only on resume."""
 del S
 
 TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
