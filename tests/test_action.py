@@ -30,6 +30,10 @@ def double(x):
     return 2 * x
 
 
+def _decide(ctx):
+    return "retry"
+
+
 @ap.action(
     kind="io",
     name="fetch-it",
@@ -41,6 +45,7 @@ def double(x):
     memory="512MiB",
     threads=2,
     validate=_always,
+    reconcile=_decide,
 )
 def full_options(x):
     return x
@@ -104,6 +109,7 @@ def test_decorator_with_every_option():
     assert s.memory == 512 * 1024**2
     assert s.threads == 2
     assert s.validate is _always
+    assert s.reconcile is _decide
     assert s.options() == {
         "kind": "io",
         "name": "fetch-it",
@@ -115,6 +121,7 @@ def test_decorator_with_every_option():
         "memory": 512 * 1024**2,
         "threads": 2,
         "validate": _always,
+        "reconcile": _decide,
     }
 
 
@@ -187,6 +194,7 @@ BAD_OPTIONS = [
     ("threads", 1.5),
     ("validate", 42),
     ("validate", "always"),
+    ("reconcile", "done"),
 ]
 
 

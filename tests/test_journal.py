@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -161,8 +160,9 @@ def _run_and_kill(folder: Path, journal: Path) -> None:
     )
     try:
         wait_for(
-            lambda: all((folder / f"{n}.started").exists() for n in ja.SLOW)
-            or child.poll() is not None,
+            lambda: (
+                all((folder / f"{n}.started").exists() for n in ja.SLOW) or child.poll() is not None
+            ),
             timeout=60,
             what="the slow nodes to start in the child",
         )
@@ -296,9 +296,8 @@ def test_a_damaged_or_foreign_file_is_refused_and_left_as_it_is(
         data = journal.read_bytes()
         journal.write_bytes(data[: len(data) // 2])
     before = journal.read_bytes()
-    with ap.Runner(cpu_workers=1, io_workers=1) as runner:
-        with pytest.raises(ap.JournalError) as info:
-            runner.run(plan, journal=journal)
+    with ap.Runner(cpu_workers=1, io_workers=1) as runner, pytest.raises(ap.JournalError) as info:
+        runner.run(plan, journal=journal)
     assert str(journal) in str(info.value)
     assert journal.read_bytes() == before
 

@@ -216,6 +216,7 @@ def test_the_table_lists_every_move_once_and_nothing_leaves_a_terminal_state() -
         (P, NodeState.CANCELLED),
         (P, NodeState.SUCCEEDED),
         (P, NodeState.FAILED),
+        (P, NodeState.IN_DOUBT),  # a resumed run: see tests/test_journal.py
         (R, X),
         (R, NodeState.SKIPPED),
         (R, NodeState.FAILED),
