@@ -8,6 +8,8 @@ Data flow of one attempt::
                         ◄─────────────────   (STARTED, id, time)
                                              unpickle call  -> private args
                                              unpickle state -> private Context.state
+                                             Context.resources -> this process's
+                                               registry (made once: resources.py)
                                              arm SIGALRM at the timeout (soft timeout)
                                              run the action
                         ◄─────────────────   (EVENT, id, kind, time, data)  (ctx.emit/progress)
@@ -47,6 +49,7 @@ from typing import Any, NamedTuple
 from . import _link
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
+from .resources import close_process_registries, view
 from .shm import Arena, arena_for, forget, keep_mappings, unlink_worker_segments
 from .transfer import Packed, dumps, loads
 
@@ -73,6 +76,7 @@ class Task(NamedTuple):
     threads: int = 1  # slots the action declared (a cluster's "threads" resource)
     action: str = ""  # the action's name (a cluster pool measures durations by it)
     idempotent: bool = False  # it may run again unasked (a cluster keeps its value)
+    resources: bytes | None = None  # the runner's resource factories (resources.pack)
 
 
 class Result(NamedTuple):
@@ -302,7 +306,10 @@ def _prepare(
                     f"node {task.node!r}: the state could not be unpickled in the worker"
                     f" ({type(exc).__name__}: {exc})"
                 ) from exc
-        ctx = Context(state, task.node, task.run_id, task.attempt, None, cancel, sink)
+        # the registry of this process (cpu) or of the runner (io threads): the
+        # same instances for every attempt here, whatever its Context
+        resources = view(task.resources, task.node)
+        ctx = Context(state, task.node, task.run_id, task.attempt, None, cancel, sink, resources)
     return fn, args, kwargs, ctx
 
 
@@ -584,6 +591,9 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
         except (EOFError, OSError):
             _die_with_parent()
         if not data:  # _link.STOP: the pool is closing
+            # a worker that is killed (hard timeout, crash, cancel) never gets here:
+            # its resources die with it, unclosed
+            close_process_registries()
             return
         msg = _link.decode(data)
         if msg[0] == _link.FORGET:  # a run is over: drop its shared-memory mappings

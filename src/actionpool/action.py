@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, TypeVar, overload
 
+from .resources import Resources
+
 __all__ = ["ActionSpec", "Context", "action", "as_spec", "parse_memory"]
 
 KINDS: tuple[str, ...] = ("cpu", "io")
@@ -439,6 +441,15 @@ class Context:
         run_id: the id of the run (a hex string; a run resumed from a journal keeps
             the id it had when it was first started).
         attempt: which attempt this is, starting at 1.
+        resources: the runner's worker resources (``Runner(resources={name:
+            factory})``), a read-only mapping of name -> instance: ``ctx.resources["db"]``
+            makes the resource on its first use (once per cpu worker process; once
+            per runner for io actions, shared by its threads) and returns the same
+            instance afterwards; ``"db" in ctx.resources`` and ``list(ctx.resources)``
+            make nothing. Unlike ``state``, a resource is shared, never copied:
+            see ``docs/resources.md``. ``ctx.resources[name]`` raises ``KeyError`` for
+            a name that was not declared (naming the declared ones) and
+            :class:`~actionpool.ResourceError` when the factory raised.
     """
 
     __slots__ = (
@@ -449,6 +460,7 @@ class Context:
         "_sink",
         "attempt",
         "node",
+        "resources",
         "run_id",
         "state",
     )
@@ -462,9 +474,11 @@ class Context:
         deadline: float | None = None,
         cancel_event: threading.Event | None = None,
         sink: Callable[[str, float, Any], None] | None = None,
+        resources: Resources | None = None,
     ) -> None:
         self.state = state
         self.node = node
+        self.resources = resources if resources is not None else Resources(None, node)
         self.run_id = run_id
         self.attempt = attempt
         self._deadline = deadline

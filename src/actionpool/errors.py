@@ -27,6 +27,7 @@ __all__ = [
     "JournalError",
     "PlanError",
     "RemoteError",
+    "ResourceError",
     "SerializationError",
     "StateConflict",
     "WorkerCrashed",
@@ -102,6 +103,18 @@ class SerializationError(ActionpoolError, pickle.PicklingError):
 
     The message names the node and which argument, state key or return value failed.
     Also a ``pickle.PicklingError``, what ``ProcessPoolExecutor`` raises there.
+    """
+
+
+class ResourceError(ActionpoolError):
+    """A worker resource (``Runner(resources=...)``) could not be made for an action.
+
+    Raised inside the action by ``ctx.resources[name]`` when the resource's factory
+    raised (the original exception is the ``__cause__``), when the factory could not be
+    unpickled in the worker, or when the resources were already closed (a thread left
+    running after its runner closed). The message names the resource and the node:
+    ``resource 'db' of node 'load': its factory raised ConnectionError: ...``. Nothing
+    is cached after a failure: the next access (a retry) calls the factory again.
     """
 
 

@@ -35,6 +35,7 @@ from .transfer import dumps_function
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from .resources import Resources
     from .runner import Runner
 
 __all__ = [
@@ -112,12 +113,14 @@ def map_calls(
         batcher.single,
     )
     state = MapState(iter(()), tasks, total is not None)
+    # the items of a chunk that take a Context share the worker's resources
+    resources = runner._resource_payload if spec.wants_context else None
 
     def send(chunk: Any, budget: float | None, rest: bool = False) -> _Call:
         """Submit one chunk; a chunk with a time ``budget`` may come back with only
         its first items run, and :func:`_send_rest` then sends the others."""
         fut = runner._submit(
-            runs_chunk, (*head, chunk, kwargs, budget), {}, chunk_fn, closing_ok=rest
+            runs_chunk, (*head, chunk, kwargs, budget, resources), {}, chunk_fn, closing_ok=rest
         )
         hold = None
         if budget is not None:
@@ -604,6 +607,7 @@ def _run_chunk(
     chunk: Sequence[Any],
     kwargs: dict[str, Any],
     budget: float | None = None,
+    resources: bytes | None = None,
 ) -> tuple[float, list[Any], dict[int, BaseException]]:
     """Run an action (its pickled function) over a chunk of items or argument tuples.
 
@@ -613,13 +617,18 @@ def _run_chunk(
     then covers only the first items, and the parent sends the others again
     (:func:`_send_rest`). After an error it resumes at the next item, so no item ever
     runs twice.
+
+    ``resources``: the runner's resource factories (``Task.resources``): the items
+    that take a Context share this worker's resources, as separate tasks would.
     """
     from ._worker import _function
 
     start = time.perf_counter()
     fn: Callable[..., Any] = _function(fn_bytes)
     if wants_context:  # a fresh Context per call, as a direct call of the action gets
-        fn = partial(_with_context, fn, name)
+        from .resources import view
+
+        fn = partial(_with_context, fn, name, view(resources, name))
     values: list[Any] = []
     errors: dict[int, BaseException] = {}
     if budget is None:
@@ -665,7 +674,9 @@ def _run_items(
             break
 
 
-def _with_context(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+def _with_context(
+    fn: Callable[..., Any], name: str, resources: Resources, *args: Any, **kwargs: Any
+) -> Any:
     from .action import Context
 
-    return fn(Context(state={}, node=name), *args, **kwargs)
+    return fn(Context(state={}, node=name, resources=resources), *args, **kwargs)

@@ -62,6 +62,7 @@ from .plan import Plan
 from .planrun import PlanRun, check_failure_policy
 from .pools import Pool
 from .records import NodeRecord, NodeState
+from .resources import ResourceRegistry, pack, register, unregister, view
 from .scheduler import Scheduler
 from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, pool_free_limit
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing
@@ -144,6 +145,16 @@ class Runner(Executor):
             passed to the client (and to the ``LocalCluster`` the runner starts).
         io_on_cluster: ``backend="dask"``: run io actions on the cluster too, instead
             of on this machine's threads.
+        resources: ``{name: factory}``: objects that actions share on purpose (an
+            HTTP session, a connection pool, a loaded model, a lock), which an action
+            reads as ``ctx.resources[name]``. Each factory is a callable taking no
+            arguments, called on a resource's first use: once per cpu worker
+            process, once per runner for io actions (shared by the io threads, so
+            the resource must be thread-safe). A resource is never pickled, copied
+            or merged into the state; it is closed (its ``close()``, else its
+            ``__exit__``) when its worker exits or, for io, when the runner closes.
+            A factory is pickled now, once (cpu workers each call their own copy):
+            see ``docs/resources.md``.
 
     Raises:
         ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
@@ -153,6 +164,10 @@ class Runner(Executor):
         OSError: ``backend="dask"``: the scheduler at ``address`` could not be reached
             within Dask's connect timeout (``distributed.comm.timeouts.connect``).
         RuntimeError: ``worker_start="fork"`` while this process runs other threads.
+        TypeError: ``resources`` is not a mapping, or one of its names is not a str,
+            or one of its factories is not a callable taking no arguments (an
+            empty name is a ValueError).
+        SerializationError: a resource's factory cannot be pickled (naming it).
     """
 
     def __init__(
@@ -169,7 +184,10 @@ class Runner(Executor):
         client: Any = None,
         security: Any = None,
         io_on_cluster: bool = False,
+        resources: Mapping[str, Callable[[], Any]] | None = None,
     ) -> None:
+        # checked and pickled before any process or thread starts
+        self._resource_payload = pack(resources)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if (
@@ -257,6 +275,13 @@ class Runner(Executor):
         self._closer: threading.Thread | None = None  # shutdown(wait=False)'s thread
         self._maps: weakref.WeakSet[MapState] = weakref.WeakSet()  # maps in progress
         self._lock = threading.Lock()
+        # Made only now, after the pools forked this process: no worker inherits the
+        # registry of this runner's io threads (resources.registry_for guards anyway).
+        self._resources: ResourceRegistry | None = None
+        if self._resource_payload is not None:
+            assert resources is not None
+            self._resources = register(self._resource_payload, resources)
+            self._sched.resources = self._resource_payload
         _LIVE.add(self)
 
     # ---- Executor API ----------------------------------------------------------------
@@ -457,6 +482,10 @@ class Runner(Executor):
             self._pools_closing = True
         for pool in self._pools.values():  # their workers gone; helpers reaped below
             pool.close(reap=False)
+        if self._resource_payload is not None:  # the io threads are gone (but abandoned ones)
+            unregister(self._resource_payload)
+            if self._resources is not None:
+                self._resources.close()
         self._segments.close()  # unlinks the reusable shared-memory segments
         self._loop.call_soon_threadsafe(self._loop.stop)
         for pool in self._pools.values():  # a zygote exits while the loop's thread does
@@ -760,7 +789,9 @@ class Runner(Executor):
             journal = Journal(journal_path, graph, state, run_id)
             try:
                 run_id = journal.resume.run_id
-                reconciled = _reconcile(graph, journal.resume, state, run_id)
+                reconciled = _reconcile(
+                    graph, journal.resume, state, run_id, self._resource_payload
+                )
             except BaseException:
                 journal.close()
                 raise
@@ -853,18 +884,20 @@ class Runner(Executor):
 
 
 def _reconcile(
-    graph: Any, resume: Resume, state: Any, run_id: str
+    graph: Any, resume: Resume, state: Any, run_id: str, resources: bytes | None
 ) -> dict[str, str | BaseException]:
     """Ask the ``reconcile`` of each non-idempotent node in doubt what to do, here in
     the caller's thread, before the run starts: ``{node name: answer or what it
-    raised}`` (an answer other than "done" or "retry" is kept and reported)."""
+    raised}`` (an answer other than "done" or "retry" is kept and reported). Its
+    context has the runner's io resources (``ctx.resources``)."""
     answers: dict[str, str | BaseException] = {}
     for node in graph.nodes:
         spec = node.action
         attempt = resume.in_doubt.get(node.name)
         if attempt is None or spec.idempotent or spec.reconcile is None:
             continue
-        ctx = Context(loads(dumps({} if state is None else state)), node.name, run_id, attempt)
+        copy = loads(dumps({} if state is None else state))
+        ctx = Context(copy, node.name, run_id, attempt, resources=view(resources, node.name))
         try:
             answers[node.name] = spec.reconcile(ctx)
         except Exception as exc:  # noqa: BLE001 - reported in the node's IN_DOUBT outcome

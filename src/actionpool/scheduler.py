@@ -127,6 +127,10 @@ class Scheduler:
             None; above ``memory_floor``, it counts as this loop's first check.
     """
 
+    resources: bytes | None = None
+    """The runner's resource factories (:func:`actionpool.resources.pack`), set by the
+    runner: what a task of an action that takes a Context carries to its worker."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -694,6 +698,7 @@ class Scheduler:
             spec.threads,
             spec.name,
             bool(spec.idempotent),
+            self.resources if spec.wants_context else None,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

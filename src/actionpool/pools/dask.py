@@ -575,10 +575,14 @@ class WorkerSide(WorkerPlugin):
         self._pool = ProcessPool(max(1, int(worker.state.nthreads)), self.blas_threads, "fresh")
 
     def teardown(self, worker: Any) -> None:
-        """Stop the pool and its processes (running attempts are killed)."""
+        """Stop the pool and its processes (running attempts are killed; idle
+        processes are told to stop, so that each closes its resources first)."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.close(cancel=True)
+            # A runner that closes has no attempt left here: its processes then exit
+            # at their stop, after closing what ctx.resources made in them (one that
+            # ignores it is killed 10 s on). A worker that leaves mid-attempt kills.
+            pool.close(cancel=bool(self._running))
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """A task left ``executing`` for ``released``/``cancelled``/``forgotten``: its
