@@ -28,6 +28,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 MARKER = "ACTIONPOOL_EXAMPLE_RUN"
 
 ARGS: dict[str, list[str]] = {
+    "agent_tool_calls.py": [],
     "numpy_fanout.py": ["--parts", "4", "--size", "20000"],
     "mixed_plan.py": ["--files", "3", "--lines", "200"],
     "dask_cluster.py": ["--tasks", "4", "--samples", "50000"],
@@ -50,6 +51,15 @@ EXPECT: dict[str, list[str]] = {
         "status: succeeded",
         "3 files, 600 lines",
         "_SUCCESS, summary.json, top_words.csv",
+    ],
+    "agent_tool_calls.py": [
+        "chat (sync): 3 results in",
+        "anthropic (async): 2 results in",
+        "Error: unknown tool 'book_flight'",
+        "Error: tool 'fetch_page' timed out after 0.5 s",
+        "Error: ValueError: no forecast for 'Atlantis'",
+        "'status': 'success'",
+        "8 of 8 conversations came back right",
     ],
     "dask_cluster.py": [
         "sizing: dask: 2 workers, cpu_workers=2 threads",

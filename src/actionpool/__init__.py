@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         JournalError,
         PlanError,
         RemoteError,
+        ResourceError,
         SerializationError,
         StateConflict,
         WorkerCrashed,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from .plan import Node, Plan
     from .runner import Runner
     from .sizing import Sizing
+    from .tools import arun_tool_calls, run_tool_calls
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,7 @@ _WHERE = {
     "JournalError": "errors",
     "PlanError": "errors",
     "RemoteError": "errors",
+    "ResourceError": "errors",
     "SerializationError": "errors",
     "StateConflict": "errors",
     "WorkerCrashed": "errors",
@@ -60,6 +63,8 @@ _WHERE = {
     "Plan": "plan",
     "Runner": "runner",
     "Sizing": "sizing",
+    "arun_tool_calls": "tools",
+    "run_tool_calls": "tools",
 }
 
 __all__ = [
@@ -75,6 +80,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "RemoteError",
+    "ResourceError",
     "Report",
     "RunStatus",
     "Runner",
@@ -85,6 +91,8 @@ __all__ = [
     "WorkerCrashed",
     "__version__",
     "action",
+    "arun_tool_calls",
+    "run_tool_calls",
 ]
 
 
