@@ -64,6 +64,7 @@ __all__ = ["FORMAT", "Journal", "JournalError", "Resume", "fingerprint"]
 FORMAT = "actionpool-journal/1"
 """The format written in a journal's header; a journal of another format is refused."""
 
+# No index: they are read once, on resume; every write of a run would update one.
 _SCHEMA = """
 CREATE TABLE header (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE starts (
@@ -74,9 +75,12 @@ CREATE TABLE ends (
     status TEXT NOT NULL, attempts INTEGER NOT NULL, started_at REAL, finished_at REAL,
     pool TEXT, worker TEXT, value BLOB, sha256 TEXT, deltas BLOB, error TEXT,
     lost INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX starts_node ON starts (node, id);
-CREATE INDEX ends_node ON ends (node, id);
 """
+
+_CHECKPOINT_PAGES = 4096
+"""Pages (4 KiB) the write-ahead log may hold before SQLite copies it into the file: a
+checkpoint syncs the file to disk, and at SQLite's default of 1000 a large plan's
+commits paid for one every few hundred nodes."""
 
 # A stopped attempt (killed, abandoned or cut short) may have done its side effect.
 _STOPPED = ("crashed", "timed_out", "cancelled", "in_doubt")
@@ -271,6 +275,7 @@ class Journal:
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
             self._conn.execute("BEGIN")
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
@@ -315,6 +320,7 @@ class Journal:
                 )
             session = int(header["sessions"])
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
             conn.execute("UPDATE header SET value = ? WHERE key = 'sessions'", (str(session + 1),))
             resume = Resume(header["run_id"], session)
             last_end = {
