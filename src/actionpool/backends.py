@@ -67,6 +67,8 @@ def build(
     client: Any = None,
     security: Any = None,
     io_on_cluster: bool = False,
+    max_tasks_per_worker: int | None = None,
+    max_worker_memory: int | None = None,
 ) -> Backend:
     """Make the pools of ``backend`` (see the module docstring).
 
@@ -102,9 +104,25 @@ def build(
                     sizing.blas_threads,
                     worker_start,
                     cores=sizing.usable_cores,
+                    max_tasks=max_tasks_per_worker,
+                    max_memory=max_worker_memory,
                 ),
                 "io": ThreadPool(sizing.io_workers),
             },
+        )
+    recycling = [
+        name
+        for name, value in (
+            ("max_tasks_per_worker", max_tasks_per_worker),
+            ("max_worker_memory", max_worker_memory),
+        )
+        if value is not None
+    ]
+    if recycling:
+        raise ValueError(
+            f"{', '.join(recycling)} recycle this machine's worker processes and need"
+            " backend='local' (on Dask, use its own worker lifetime options:"
+            " distributed.worker.lifetime)"
         )
     from .pools.dask import ClusterArena, DaskPool, connect
 

@@ -109,6 +109,12 @@ class Report:
         state: the run's state after the fan-in (deltas merged in plan order).
         run_id: the id of the run.
         started_at, finished_at: ``time.time()`` seconds of the run.
+        recycled: the worker processes replaced during the run
+            (``Runner(max_tasks_per_worker=..., max_worker_memory=...)``), in order: one
+            dict per worker, ``{"node": the name of the node whose attempt was its
+            last, "worker": pid, "reason": "max_tasks_per_worker" |
+            "max_worker_memory", "tasks": attempts it ran, "rss": its resident set in
+            bytes when measured, else None}``.
     """
 
     def __init__(
@@ -119,7 +125,9 @@ class Report:
         run_id: str,
         started_at: float,
         finished_at: float,
+        recycled: list[dict[str, Any]] | None = None,
     ) -> None:
+        self.recycled: tuple[dict[str, Any], ...] = tuple(recycled or ())
         self.outcomes = tuple(outcomes)
         self.state = state
         self.status = status

@@ -69,6 +69,7 @@ class PlanRun(RunBase):
         # upstream's end may make them ready
         self._settled: set[int] = set()
         self.journal_error: BaseException | None = None
+        self.recycled: list[dict[str, Any]] = []  # workers replaced after its attempts
         self.graph = graph
         self.seq = sched.next_seq()
         self.run_id = run_id
@@ -178,6 +179,9 @@ class PlanRun(RunBase):
     def may_start(self, rec: NodeRecord) -> bool:
         return not self.cancelled and self.journal_error is None
 
+    def note_recycled(self, rec: NodeRecord, data: dict[str, Any]) -> None:
+        self.recycled.append({"node": rec.name, **data})
+
     def live_records(self) -> list[NodeRecord]:
         return [r for r in self.recs if r.state not in TERMINAL]
 
@@ -278,13 +282,21 @@ class PlanRun(RunBase):
             state = merge_state(self.initial_state, deltas, self.graph.ancestors, self.reducers)  # type: ignore[arg-type]
         except (StateConflict, TypeError) as exc:
             report = Report(
-                outcomes, self.initial_state, status, self.run_id, self.started_at, time.time()
+                outcomes,
+                self.initial_state,
+                status,
+                self.run_id,
+                self.started_at,
+                time.time(),
+                self.recycled,
             )
             setattr(exc, "report", report)  # noqa: B010 - no result is lost
             self.done.set_exception(exc)
             return
         self.done.set_result(
-            Report(outcomes, state, status, self.run_id, self.started_at, time.time())
+            Report(
+                outcomes, state, status, self.run_id, self.started_at, time.time(), self.recycled
+            )
         )
 
 

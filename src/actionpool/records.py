@@ -155,6 +155,9 @@ class RunBase:
     def may_start(self, rec: NodeRecord) -> bool:
         return not self.cancelled
 
+    def note_recycled(self, rec: NodeRecord, data: dict[str, Any]) -> None:
+        """The worker that ran ``rec``'s attempt was replaced after it (recycling)."""
+
     def journal_ended(self, rec: NodeRecord) -> None:
         """Record ``rec``'s end in this run's journal (a run with a journal only)."""
 

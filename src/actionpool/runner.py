@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psutil
 
 from ._threads import wait_thread_gone
-from .action import ActionSpec, Context, as_spec, wire_bytes, wire_form
+from .action import ActionSpec, Context, as_spec, parse_memory, wire_bytes, wire_form
 from .backends import BACKENDS, build
 from .calls import CallFuture, CallRun
 from .errors import PlanError, SerializationError
@@ -155,6 +155,17 @@ class Runner(Executor):
             ``__exit__``) when its worker exits or, for io, when the runner closes.
             A factory is pickled now, once (cpu workers each call their own copy):
             see ``docs/resources.md``.
+        max_tasks_per_worker: replace a cpu worker process after it ran this many
+            attempts (None: never), as ``multiprocessing.Pool(maxtasksperchild=)``
+            does: for actions that leak memory or other resources.
+        max_worker_memory: replace a cpu worker process after an attempt when its
+            resident set size (RSS) is above this, in bytes or a string such as
+            ``"2GiB"``; measured (psutil) when the attempt's result arrives. Both
+            act between attempts, never in the middle of one (a hard limit is the
+            job of ``timeout`` and of the OOM rules); the worker closes its resources
+            and exits, a fresh one takes its place, and each replacement is a
+            ``"recycled"`` event and an entry of ``Report.recycled``. Local backend
+            only.
 
     Raises:
         ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
@@ -164,6 +175,8 @@ class Runner(Executor):
         OSError: ``backend="dask"``: the scheduler at ``address`` could not be reached
             within Dask's connect timeout (``distributed.comm.timeouts.connect``).
         RuntimeError: ``worker_start="fork"`` while this process runs other threads.
+        ValueError: ``max_tasks_per_worker`` is not an int >= 1, ``max_worker_memory``
+            is not a positive size, or either is given with ``backend="dask"``.
         TypeError: ``resources`` is not a mapping, or one of its names is not a str,
             or one of its factories is not a callable taking no arguments (an
             empty name is a ValueError).
@@ -185,9 +198,27 @@ class Runner(Executor):
         security: Any = None,
         io_on_cluster: bool = False,
         resources: Mapping[str, Callable[[], Any]] | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
     ) -> None:
         # checked and pickled before any process or thread starts
         self._resource_payload = pack(resources)
+        if max_tasks_per_worker is not None and (
+            isinstance(max_tasks_per_worker, bool)
+            or not isinstance(max_tasks_per_worker, int)
+            or max_tasks_per_worker < 1
+        ):
+            raise ValueError(
+                f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}"
+            )
+        worker_memory = None
+        if max_worker_memory is not None:
+            try:
+                worker_memory = parse_memory(max_worker_memory)
+            except ValueError as exc:
+                raise ValueError(f"max_worker_memory: {exc}") from None
+            if worker_memory <= 0:
+                raise ValueError(f"max_worker_memory must be positive, got {max_worker_memory!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if (
@@ -223,6 +254,8 @@ class Runner(Executor):
                 client=client,
                 security=security,
                 io_on_cluster=io_on_cluster,
+                max_tasks_per_worker=max_tasks_per_worker,
+                max_worker_memory=worker_memory,
             )
         except BaseException:
             self._loop.close()

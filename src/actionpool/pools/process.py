@@ -73,6 +73,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import loky
+import psutil
 
 from .. import _link
 from .._worker import Result, Task
@@ -111,6 +112,7 @@ class WorkerState(Enum):
     IDLE = "idle"
     BUSY = "busy"
     KILLED = "killed"  # SIGKILL sent, its exit not seen yet: it takes no attempt
+    RETIRING = "retiring"  # recycled: told to stop after its last result; takes none
     GONE = "gone"
 
 
@@ -125,6 +127,7 @@ class _Worker:
         "reading",
         "slot",
         "state",
+        "tasks",
         "wake",
         "zygote",
     )
@@ -142,6 +145,7 @@ class _Worker:
         self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
         self.attempt: ProcessAttempt | None = None
+        self.tasks = 0  # results it sent (for max_tasks recycling)
         # Held by whoever reads the socket: the loop's reader, or a thread waiting for
         # its attempt's result (ProcessPool.read_result), which the loop asks to let go
         # by writing to ``wake``.
@@ -195,6 +199,7 @@ class ProcessAttempt:
         "on_event",
         "on_result",
         "on_started",
+        "recycled",
         "released",
         "started",
         "started_at",
@@ -224,6 +229,9 @@ class ProcessAttempt:
         self.released = False  # the scheduler freed this attempt's slot
         self.direct = False  # resolved by a reader on the pool's loop (see ProcessPool.attach)
         self.holder: _Worker | None = None  # the worker it was sent to
+        # why its worker was replaced right after it ({"reason", "worker", "tasks",
+        # "rss"}), or None: set before its result is delivered
+        self.recycled: dict[str, Any] | None = None
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop this attempt now: withdraw it, or kill its worker's process group."""
@@ -253,13 +261,19 @@ class ProcessPool:
         blas_threads: int,
         worker_start: str | None = None,
         cores: int | None = None,
+        max_tasks: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
         """Start the pool; its zygote at once if it forks this process (see
         :func:`resolve_worker_start`, whose errors it raises), else on first use.
         ``cores``: the logical CPUs this process may use (default
         ``loky.cpu_count()``), which bounds when a waiting thread may spin
-        (:meth:`read_result`)."""
+        (:meth:`read_result`). ``max_tasks``: a worker is replaced after this many
+        attempts; ``max_memory``: after an attempt whose result arrives while the
+        worker's resident set is above this many bytes (None: never)."""
         self.size = size
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
         self.blas_threads = blas_threads
         self.worker_start = resolve_worker_start(worker_start)
         self._lock = threading.RLock()
@@ -532,7 +546,7 @@ class ProcessPool:
         for w in self._workers.values():
             # Not a killed one: a result it sent before the kill frees it, and an
             # attempt sent to it then would die with it, never started.
-            if w.attempt is None and w.state not in (WorkerState.GONE, WorkerState.KILLED):
+            if w.attempt is None and w.state not in _TAKES_NONE:
                 return w
         return None
 
@@ -646,11 +660,34 @@ class ProcessPool:
                 reader = self._reader
                 reader.recent_s += 0.2 * (res.finished_at - res.started_at - reader.recent_s)
                 w.attempt = None
+                w.tasks += 1
                 if w.state is not WorkerState.KILLED:
                     w.state = WorkerState.IDLE
+                    if self.max_tasks is not None or self.max_memory is not None:
+                        self._recycle_if_due(w, att)
                 if not self._closed:
                     self._assign()
         return att, w, msg
+
+    def _recycle_if_due(self, w: _Worker, att: ProcessAttempt) -> None:
+        """Between two attempts (its result just read, lock held): retire ``w`` if it
+        ran ``max_tasks`` attempts or its resident set is above ``max_memory``. It is
+        told to stop, as at a pool's close: it closes its resources and exits, and its
+        exit notice frees its place for a fresh worker (:meth:`_on_death`)."""
+        reason = ""
+        rss = None
+        if self.max_tasks is not None and w.tasks >= self.max_tasks:
+            reason = "max_tasks_per_worker"
+        if self.max_memory is not None:
+            with contextlib.suppress(psutil.Error):  # gone already: its death says so
+                rss = psutil.Process(w.pid).memory_info().rss
+            if not reason and rss is not None and rss > self.max_memory:
+                reason = "max_worker_memory"
+        if not reason:
+            return
+        w.state = WorkerState.RETIRING
+        att.recycled = {"reason": reason, "worker": w.pid, "tasks": w.tasks, "rss": rss}
+        _link.send_stop(w.conn)  # (nothing if it died meanwhile: its notice says so)
 
     def _on_death(self, w: _Worker, returncode: int | None) -> None:
         """Worker ``w`` exited with ``returncode`` (its zygote killed its group and
@@ -692,6 +729,11 @@ class ProcessPool:
             exc = NotStarted(crash)
         with contextlib.suppress(InvalidStateError):
             att.future.set_exception(exc)
+
+
+_TAKES_NONE = frozenset((WorkerState.GONE, WorkerState.KILLED, WorkerState.RETIRING))
+"""Worker states that never take another attempt (a killed worker's last result frees
+it, and an attempt sent then would die with it, never started)."""
 
 
 def _kill_worker(w: _Worker) -> None:
