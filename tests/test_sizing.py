@@ -355,3 +355,23 @@ def test_a_cgroup_limit_below_the_hosts_memory_bounds_the_budget(tmp_path, monke
     assert s.memory_budget == int(s.available_memory * sizing.MEMORY_FRACTION)
     assert "cgroup v2 limit" in s.reason and str(root / "box") in s.reason
     assert "below the host's" in s.reason
+
+
+def _nested_sizing(_: int = 0) -> tuple[int, int, str]:
+    """Make a Runner inside an action, as a library that uses actionpool would."""
+    with ap.Runner() as inner:
+        s = inner.sizing
+        inner.submit(abs, -1).result(timeout=60)  # it runs, too
+    return s.cpu_workers, s.usable_cores, s.reason
+
+
+def test_a_runner_made_inside_a_worker_takes_the_cores_of_its_action() -> None:
+    with ap.Runner(cpu_workers=2, io_workers=1) as runner:
+        cpu, usable, reason = runner.submit(_nested_sizing).result(timeout=120)
+        assert (cpu, usable) == (1, 1)
+        assert "inside an action of another runner's worker process" in reason
+        if runner.sizing.usable_cores >= 2:  # an action that declares 2 slots gets 2
+            two = ap.action(_nested_sizing, threads=2)
+            cpu2, usable2, _ = runner.submit(two).result(timeout=120)
+            assert usable2 == 2 and 1 <= cpu2 <= 2
+    assert "inside an action" not in compute_sizing().reason  # here, in no worker

@@ -109,6 +109,10 @@ class _Alarm:
 
 _IN_PROCESS = False
 _BLAS_DEFAULT = 0  # the cap set in this worker's environment (0: not a worker)
+# CPU slots the attempt running in this worker process declared (its action's
+# ``threads=``), 0 between attempts: a Runner made inside the action sizes itself by
+# it (sizing.nested_cores), not by the machine's cores, which its own runner shares out.
+_ATTEMPT_THREADS = 0
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -430,6 +434,9 @@ def _execute(
             _Alarm.node, _Alarm.timeout, _Alarm.armed = task.node, task.timeout, True
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, started + task.timeout - time.time()))
         limits = _blas_limits(task.blas_threads)
+        global _ATTEMPT_THREADS
+        if _IN_PROCESS:
+            _ATTEMPT_THREADS = task.threads
         try:
             value = fn(*args, **kwargs)
             if inspect.iscoroutine(value):
@@ -437,6 +444,7 @@ def _execute(
 
                 value = asyncio.run(value)
         finally:
+            _ATTEMPT_THREADS = 0
             if limits is not None:
                 limits.restore_original_limits()
             if alarm:

@@ -315,6 +315,19 @@ def available_memory() -> int:
     return host if usage is None else min(host, max(0, limit - usage))
 
 
+def nested_cores() -> int | None:
+    """The CPU slots of the attempt this process runs, when it is an actionpool
+    worker process in the middle of an attempt (its action's ``threads=``, at least
+    1); None elsewhere. A runner made inside an action takes that many cores, not the
+    machine's: its parent runner already gave each of its workers their share, and
+    ``workers x workers`` processes would oversubscribe the machine."""
+    worker = sys.modules.get("actionpool._worker")
+    if worker is None or not getattr(worker, "_IN_PROCESS", False):
+        return None
+    threads = int(getattr(worker, "_ATTEMPT_THREADS", 0))
+    return max(1, threads) if threads else None
+
+
 def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None) -> Sizing:
     """Size the pools from this machine's cores and memory (see the module docstring).
 
@@ -334,6 +347,15 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
     io_forced, io_src = _override(io_workers, "ACTIONPOOL_IO_WORKERS")
     usable = max(1, loky.cpu_count())
     physical = max(1, min(usable, loky.cpu_count(only_physical_cores=True)))
+    reasons: list[str] = []
+    nested = nested_cores()
+    if nested is not None and nested < usable:
+        usable, physical = nested, min(physical, nested)
+        reasons.append(
+            f"{nested} usable core{'s' if nested > 1 else ''}: this runner was made inside"
+            f" an action of another runner's worker process, which may use {nested}"
+            " (its threads=)"
+        )
     memory = psutil.virtual_memory()
     available = int(memory.available)
     source = f"{_fmt_bytes(available)} available [psutil]"
@@ -347,7 +369,6 @@ def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None
             f" below the host's {_fmt_bytes(int(memory.available))} available [psutil]"
         )
     budget = int(available * MEMORY_FRACTION)
-    reasons: list[str] = []
     footprint = 0
     if cpu_forced is not None:
         cpu = cpu_forced
