@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .pools import Pool
-
 # Imported with the module, not in build(): a Runner's creation is what users time
 # (a cold start), and these imports are most of it; dask's stay in build().
+from .platforms import missing_for_processes
+from .pools import Pool
 from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
+from .pools.unavailable import UnavailablePool
+from .shm import SHARED_MEMORY
 from .sizing import Sizing, cluster_sizing, compute_sizing
 
 if TYPE_CHECKING:
@@ -96,19 +98,23 @@ def build(
         if given:
             raise ValueError(f"{', '.join(given)} need backend='dask'")
         sizing = compute_sizing(cpu_workers, io_workers)
+        missing = missing_for_processes()
+        cpu: Pool
+        if missing:  # io actions still run; each cpu action fails, saying why
+            cpu = UnavailablePool(sizing.cpu_workers, missing)
+        else:
+            cpu = ProcessPool(
+                sizing.cpu_workers,
+                sizing.blas_threads,
+                worker_start,
+                cores=sizing.usable_cores,
+                max_tasks=max_tasks_per_worker,
+                max_memory=max_worker_memory,
+            )
         return Backend(
             sizing,
-            {
-                "cpu": ProcessPool(
-                    sizing.cpu_workers,
-                    sizing.blas_threads,
-                    worker_start,
-                    cores=sizing.usable_cores,
-                    max_tasks=max_tasks_per_worker,
-                    max_memory=max_worker_memory,
-                ),
-                "io": ThreadPool(sizing.io_workers),
-            },
+            {"cpu": cpu, "io": ThreadPool(sizing.io_workers)},
+            shared_memory=SHARED_MEMORY,
         )
     recycling = [
         name

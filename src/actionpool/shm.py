@@ -10,7 +10,6 @@ guarded by ``_ARENAS_LOCK``, taken last.
 
 from __future__ import annotations
 
-import _posixshmem
 import contextlib
 import errno
 import itertools
@@ -28,6 +27,15 @@ import cloudpickle
 
 from ._threads import in_parallel
 from .transfer import PROTOCOL, Packed, _plain, dumps
+
+try:  # POSIX shared memory: absent on Windows, where arrays travel in the pickle
+    import _posixshmem
+except ImportError:  # pragma: no cover - exercised by tests/test_platforms.py in a child
+    _posixshmem = None
+
+SHARED_MEMORY = _posixshmem is not None
+"""Whether this platform offers POSIX shared memory (``shm_open``): without it, a
+runner sends every buffer inside its pickle (``shm_threshold`` is ignored)."""
 
 __all__ = [
     "DEFAULT_SHM_THRESHOLD",
