@@ -25,6 +25,7 @@ __all__ = [
     "ActionTimeout",
     "ActionpoolError",
     "JournalError",
+    "PlatformUnsupported",
     "PlanError",
     "RemoteError",
     "ResourceError",
@@ -148,3 +149,9 @@ class JournalError(ActionpoolError):
     journal that fails while a run writes it stops that run (its nodes end
     ``CANCELLED`` naming this error).
     """
+
+
+class PlatformUnsupported(ActionpoolError, NotImplementedError):
+    """What a cpu action ends with where this platform cannot start actionpool's
+    worker processes (see the README's "Platforms"); the message names the platform,
+    what it lacks, and what to use instead (``kind="io"``, ``backend="dask"``)."""

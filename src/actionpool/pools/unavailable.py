@@ -12,14 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .._worker import Task
-from ..errors import ActionpoolError
+from ..errors import PlatformUnsupported
 from ..platforms import cpu_unavailable
 
-__all__ = ["PlatformUnsupported", "UnavailablePool"]
-
-
-class PlatformUnsupported(ActionpoolError, NotImplementedError):
-    """What a cpu action ends with where worker processes cannot be started here."""
+__all__ = ["UnavailablePool"]
 
 
 class UnavailablePool:
