@@ -18,6 +18,19 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+PYTHONS = ["3.11", "3.12", "3.13"]
+
+
+@nox.session(python=PYTHONS, name="tests-python")
+def tests_python(session: nox.Session) -> None:
+    """The whole suite under each of Python 3.11, 3.12, 3.13 (those installed), with
+    DeprecationWarning as an error (Python 3.12+ warns about a fork with threads):
+    ``nox -s tests-python-3.13``. CI runs the core of it on the Pythons besides its
+    main one (``.ci/cross_version_tests.txt``)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-W", "error::DeprecationWarning", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy --strict on src/."""
