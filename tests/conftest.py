@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
+
+# A shell that starts the suite in the background (`cmd &` without job control) hands
+# it SIGINT ignored, as POSIX says, and Python then installs no KeyboardInterrupt
+# handler, and its children inherit the ignore: the Ctrl-C tests need the real one.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _TRACKERS = ("resource_tracker",)
 
