@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s bench``.
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s bench``,
+``nox -s soak``, ``nox -s tests-python-3.13``.
 
 ``docs`` arrives with the issue that fills it.
 """
@@ -29,6 +30,15 @@ def tests_python(session: nox.Session) -> None:
     main one (``.ci/cross_version_tests.txt``)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-W", "error::DeprecationWarning", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """100,000 tiny map items and a 10,000-node plan per round, twice after a warm-up:
+    RSS must grow < 10%, fds, threads and /dev/shm entries must come back
+    (``benchmarks/soak.py``; ``-- --rounds 8`` for longer)."""
+    session.install("-e", ".")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
 
 
 @nox.session

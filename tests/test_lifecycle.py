@@ -148,6 +148,7 @@ class Harness:
         self.sched = Scheduler(self.loop, self.pools, grace, 1 << 40, 1, 0)
         self.events: list[Event] = []
         self.arenas: list[Arena] = []
+        self.records: dict[int, list[NodeRecord]] = {}
 
     def start(self, plan: ap.Plan, failure: str = "collect", state: Any = None) -> PlanRun:
         from actionpool.transfer import dumps_state
@@ -168,6 +169,8 @@ class Harness:
             self.events.append,
             None,
         )
+        # a finished run lets go of its records (PlanRun._finish): keep them to look at
+        self.records[id(run)] = list(run.recs)
         run.start()
         self.turn()
         return run
@@ -179,7 +182,7 @@ class Harness:
             self.loop.run_until_complete(asyncio.sleep(0))
 
     def rec(self, run: PlanRun, name: str) -> NodeRecord:
-        return next(r for r in run.recs if r.name == name)
+        return next(r for r in self.records[id(run)] if r.name == name)
 
     def close(self) -> None:
         for arena in self.arenas:
@@ -526,8 +529,8 @@ def test_running_to_cancelled_kills_a_process_and_abandons_a_thread(hx: Harness)
     assert hx.sched.admission.free_slots("io") == 2  # abandoned at once
     hx.turn()
     assert hx.sched.admission.free_slots("cpu") == 2  # freed once the kill is reported
-    assert {r.state for r in run.recs} == {NodeState.CANCELLED}
-    assert all(r.started_at is not None for r in run.recs)
+    assert {r.state for r in hx.records[id(run)]} == {NodeState.CANCELLED}
+    assert all(r.started_at is not None for r in hx.records[id(run)])
 
 
 def test_fail_fast_cancels_the_running_siblings(hx: Harness) -> None:

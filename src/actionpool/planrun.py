@@ -271,12 +271,16 @@ class PlanRun(RunBase):
     def _finish(self) -> None:
         self.arena.close_when_idle()  # report values keep the segments they use mapped
         outcomes = [_outcome(rec) for rec in self.recs]
+        # The records refer to this run and it to them: a cycle that only the cyclic GC's
+        # rarest pass would free, keeping every value of a large plan alive (and the
+        # parent's memory growing run after run) long after the report was handed out.
+        recs, self.recs = self.recs, []
         deltas = [
-            (i, self.recs[i].name, self.recs[i].deltas)
+            (i, recs[i].name, recs[i].deltas)
             for i in self.graph.order
-            if self.recs[i].deltas and self.recs[i].state is NodeState.SUCCEEDED
+            if recs[i].deltas and recs[i].state is NodeState.SUCCEEDED
         ]
-        counted = [o for o, rec in zip(outcomes, self.recs, strict=True) if not rec.lost]
+        counted = [o for o, rec in zip(outcomes, recs, strict=True) if not rec.lost]
         status = run_status(counted, self.failed_fast, self.cancelled)
         try:
             state = merge_state(self.initial_state, deltas, self.graph.ancestors, self.reducers)  # type: ignore[arg-type]
