@@ -8,7 +8,6 @@ naming the action and the option, instead of in the middle of a run.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import math
@@ -531,6 +530,8 @@ class Context:
         resume from a journal (32 hex characters: the SHA-256 of the run id and the
         node's name, cut to 128 bits). Pass it to outside systems that deduplicate
         requests (payment APIs, queues), so that a re-run is recognized there."""
+        import hashlib  # here: loading OpenSSL costs a cold start milliseconds
+
         digest = hashlib.sha256(f"{self.run_id}\x00{self.node}".encode()).hexdigest()
         return digest[:32]
 
