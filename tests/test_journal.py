@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -416,3 +417,23 @@ def test_max_parallel_caps_the_attempts_of_a_run(tmp_path: Path, kind: str) -> N
             plan2.add(act, str(free), i, 0.3, name=f"n{i}")
         runner.run(plan2)
     assert _most_at_once(free, 6) >= 3  # without the cap the same runner runs more at once
+
+
+def test_a_journal_records_and_resumes_a_run_on_a_dask_cluster(
+    dask_client: Any, tmp_path: Path
+) -> None:
+    # The journal is the scheduler's, whatever pool runs the attempts: the same records
+    # on a cluster, and a resume loads them (here on the local backend: a journal does
+    # not belong to a backend).
+    journal = tmp_path / "run.db"
+    effects = tmp_path / "effects.txt"
+    plan, t = small_plan(effects)
+    with ap.Runner(backend="dask", client=dask_client) as r:
+        first = r.run(plan, journal=journal)
+    assert first.status is ap.RunStatus.SUCCEEDED
+    assert {o.pool for o in first.outcomes} == {"dask", "io"}
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        again = r.run(plan, journal=journal)
+    assert again[t] == first[t] == 14
+    assert [o.pool for o in again.outcomes] == [o.pool for o in first.outcomes]
+    assert effects.read_text().splitlines() == ["io-effect"]
