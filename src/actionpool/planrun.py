@@ -34,7 +34,7 @@ from .transfer import Packed
 if TYPE_CHECKING:
     from .journal import Journal, Resume
 
-__all__ = ["PlanRun", "check_failure_policy", "run_status"]
+__all__ = ["PlanRun", "check_failure_policy", "check_max_parallel", "run_status"]
 
 
 _FAILED = frozenset((NodeState.FAILED, NodeState.TIMED_OUT, NodeState.CRASHED, NodeState.IN_DOUBT))
@@ -338,6 +338,14 @@ def run_status(
     if failed_fast or ok == 0:
         return RunStatus.FAILED
     return RunStatus.PARTIAL
+
+
+def check_max_parallel(max_parallel: Any) -> None:
+    """Raise :class:`PlanError` unless ``max_parallel`` is None or an int >= 1."""
+    if max_parallel is not None and (
+        isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+    ):
+        raise PlanError(f"max_parallel must be an int >= 1 or None, got {max_parallel!r}")
 
 
 def check_failure_policy(failure: str) -> None:

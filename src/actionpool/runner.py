@@ -59,7 +59,7 @@ from .maps import (
 )
 from .outcome import Report
 from .plan import Plan
-from .planrun import PlanRun, check_failure_policy
+from .planrun import PlanRun, check_failure_policy, check_max_parallel
 from .pools import Pool
 from .records import NodeRecord, NodeState
 from .resources import ResourceRegistry, pack, register, unregister, view
@@ -785,10 +785,7 @@ class Runner(Executor):
         if not isinstance(plan, Plan):
             raise PlanError(f"run() takes a Plan, got {type(plan).__name__}")
         check_failure_policy(failure)
-        if max_parallel is not None and (
-            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
-        ):
-            raise PlanError(f"max_parallel must be an int >= 1 or None, got {max_parallel!r}")
+        check_max_parallel(max_parallel)
         if journal_path is not None and not isinstance(journal_path, (str, os.PathLike)):
             raise PlanError(f"journal must be a file path, got {journal_path!r}")
         if on_event is not None and not callable(on_event):

@@ -41,6 +41,7 @@ from .action import ActionSpec, as_spec
 from .errors import RemoteError, WorkerCrashed
 from .outcome import Outcome, Report, RunStatus, Status
 from .plan import Node, Plan
+from .planrun import check_max_parallel
 from .runner import Runner
 
 __all__ = ["ToolResults", "arun_tool_calls", "run_tool_calls"]
@@ -387,10 +388,7 @@ def _check_limits(timeout: Any, max_parallel: Any) -> None:
         or not 0 < timeout < float("inf")
     ):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    if max_parallel is not None and (
-        isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
-    ):
-        raise ValueError(f"max_parallel must be an int >= 1 or None, got {max_parallel!r}")
+    check_max_parallel(max_parallel)  # a PlanError, which is a ValueError
 
 
 class _Batch:
@@ -613,10 +611,7 @@ def run_tool_calls(
         return batch.finish(batch.empty_report())
     if runner is None:
         runner = _default_runner()
-    options: dict[str, Any] = {}
-    if max_parallel is not None:
-        options["max_parallel"] = max_parallel
-    report = runner.run(batch.plan, failure="collect", **options)
+    report = runner.run(batch.plan, failure="collect", max_parallel=max_parallel)
     return batch.finish(report)
 
 
@@ -641,8 +636,5 @@ async def arun_tool_calls(
         return batch.finish(batch.empty_report())
     if runner is None:
         runner = await asyncio.to_thread(_default_runner)
-    options: dict[str, Any] = {}
-    if max_parallel is not None:
-        options["max_parallel"] = max_parallel
-    report = await runner.arun(batch.plan, failure="collect", **options)
+    report = await runner.arun(batch.plan, failure="collect", max_parallel=max_parallel)
     return batch.finish(report)
