@@ -921,12 +921,15 @@ def _reconcile(
     raised}`` (an answer other than "done" or "retry" is kept and reported). Its
     context has the runner's io resources (``ctx.resources``)."""
     answers: dict[str, str | BaseException] = {}
+    state_bytes: bytes | None = None  # pickled once, unpickled for each context
     for node in graph.nodes:
         spec = node.action
         attempt = resume.in_doubt.get(node.name)
         if attempt is None or spec.idempotent or spec.reconcile is None:
             continue
-        copy = loads(dumps({} if state is None else state))
+        if state_bytes is None:
+            state_bytes = dumps({} if state is None else state)
+        copy = loads(state_bytes)
         ctx = Context(copy, node.name, run_id, attempt, resources=view(resources, node.name))
         try:
             answers[node.name] = spec.reconcile(ctx)
