@@ -227,6 +227,8 @@ class Journal:
             # The exclusive lock is taken by the first write and held until close.
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("COMMIT")
+            conn.execute("PRAGMA synchronous=NORMAL")  # this connection's, new or resumed
+            conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
         except sqlite3.OperationalError as exc:
             conn.close()
             if "locked" in str(exc):
@@ -273,9 +275,7 @@ class Journal:
     def _create(self, fp: dict[str, Any], run_id: str) -> None:
         assert self._conn is not None
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+            self._conn.execute("PRAGMA journal_mode=WAL")  # kept in the file
             self._conn.execute("BEGIN")
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
@@ -319,8 +319,6 @@ class Journal:
                     f"journal {name} was written for another plan: " + "; ".join(diff)
                 )
             session = int(header["sessions"])
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
             conn.execute("UPDATE header SET value = ? WHERE key = 'sessions'", (str(session + 1),))
             resume = Resume(header["run_id"], session)
             last_end = {
