@@ -203,10 +203,6 @@ class ResourceRegistry:
             self._made[name] = value
             return value
 
-    def made(self, name: str) -> bool:
-        """Whether ``name`` has been made (and not closed) in this registry."""
-        return name in self._made
-
     def close(self) -> None:
         """Close every resource made, the last made first (its ``close()``, else its
         ``__exit__(None, None, None)``); nothing is made afterwards. An error from a

@@ -324,8 +324,8 @@ def nested_cores() -> int | None:
     worker = sys.modules.get("actionpool._worker")
     if worker is None or not getattr(worker, "_IN_PROCESS", False):
         return None
-    threads = int(getattr(worker, "_ATTEMPT_THREADS", 0))
-    return max(1, threads) if threads else None
+    threads: int = getattr(worker, "_ATTEMPT_THREADS", 0)  # 0 between attempts
+    return threads or None
 
 
 def compute_sizing(cpu_workers: int | None = None, io_workers: int | None = None) -> Sizing:
