@@ -147,22 +147,7 @@ class PlanRun(RunBase):
                 text = resume.lost[name].removeprefix("ActionFailed: ")
                 self.sched.transition(rec, NodeState.CANCELLED, error=ActionFailed(text))
             else:
-                said = self.reconciled.get(name)
-                attempt = resume.in_doubt[name]
-                why = (
-                    f"node {name!r} is in doubt: attempt {attempt} started in an earlier"
-                    " session of this run and never ended, and its action is not"
-                    " idempotent, so it was not run again"
-                )
-                if isinstance(said, BaseException):
-                    why += f" (its reconcile raised {type(said).__name__}: {said})"
-                elif said is not None:
-                    why += f" (its reconcile answered {said!r}, not 'done' or 'retry')"
-                else:
-                    why += " (declare reconcile= on the action to decide)"
-                err = ActionFailed(why)
-                if isinstance(said, BaseException):
-                    err.__cause__ = said
+                err = _in_doubt(name, resume.in_doubt[name], self.reconciled.get(name))
                 self.sched.transition(rec, NodeState.IN_DOUBT, error=err)
 
     def journal_ended(self, rec: NodeRecord) -> None:
@@ -302,6 +287,25 @@ class PlanRun(RunBase):
                 outcomes, state, status, self.run_id, self.started_at, time.time(), self.recycled
             )
         )
+
+
+def _in_doubt(name: str, attempt: int, said: str | BaseException | None) -> ActionFailed:
+    """The error of a node left ``IN_DOUBT``, saying what its ``reconcile`` did."""
+    why = (
+        f"node {name!r} is in doubt: attempt {attempt} started in an earlier session of"
+        " this run and never ended, and its action is not idempotent, so it was not run"
+        " again"
+    )
+    if isinstance(said, BaseException):
+        why += f" (its reconcile raised {type(said).__name__}: {said})"
+    elif said is not None:
+        why += f" (its reconcile answered {said!r}, not 'done' or 'retry')"
+    else:
+        why += " (declare reconcile= on the action to decide)"
+    err = ActionFailed(why)
+    if isinstance(said, BaseException):
+        err.__cause__ = said
+    return err
 
 
 def _outcome(rec: NodeRecord) -> Outcome:
