@@ -232,3 +232,14 @@ def pid_in(path: Path) -> int:
     """The pid an action wrote to ``path``, once it is there."""
     wait_for(lambda: path.exists() and path.read_text().strip().isdigit(), what=f"a pid in {path}")
     return int(path.read_text())
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most ``(start, end)`` spans that overlapped at one instant (an end sorts
+    before a start at the same instant)."""
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most

@@ -23,7 +23,7 @@ import pytest
 
 import actionpool as ap
 from tests import journal_actions as ja
-from tests.helpers import wait_for
+from tests.helpers import most_at_once, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "ACTIONPOOL_JOURNAL_TEST"
@@ -392,12 +392,7 @@ def _most_at_once(folder: Path, n: int) -> int:
         (float((folder / f"{i}.in").read_text()), float((folder / f"{i}.out").read_text()))
         for i in range(n)
     ]
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    most = now = 0
-    for _, step in events:
-        now += step
-        most = max(most, now)
-    return most
+    return most_at_once(spans)
 
 
 @pytest.mark.parametrize("kind", ["io", "cpu"])

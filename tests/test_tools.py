@@ -21,7 +21,7 @@ import pytest
 
 import actionpool as ap
 from actionpool import tools as tools_mod
-from tests.helpers import wait_for_path
+from tests.helpers import most_at_once, wait_for_path
 
 pytestmark = pytest.mark.slow
 
@@ -242,13 +242,24 @@ def test_input_order_is_kept_when_later_calls_finish_first(runner: ap.Runner) ->
     assert [o.name for o in results.outcomes] == ["nap#0", "nap#1", "nap#2"]
 
 
-def test_a_batch_takes_about_as_long_as_its_slowest_call(runner: ap.Runner) -> None:
-    calls = [anthropic(f"t{i}", "nap", {"seconds": 0.5}) for i in range(8)]
-    start = time.monotonic()
+def _spans(folder: Path, n: int) -> list[tuple[float, float]]:
+    """The (start, end) times that ``record`` wrote for calls 0..n-1."""
+    spans = []
+    for i in range(n):
+        start, end = (folder / str(i)).read_text().split()
+        spans.append((float(start), float(end)))
+    return spans
+
+
+def test_a_batch_runs_its_calls_side_by_side(runner: ap.Runner, tmp_path: Path) -> None:
+    # so a batch takes about as long as its slowest call: all 8 run at one moment
+    calls = [
+        anthropic(f"t{i}", "record", {"folder": str(tmp_path), "i": i, "seconds": 0.5})
+        for i in range(8)
+    ]
     results = ap.run_tool_calls(calls, TOOLS, runner=runner)
-    elapsed = time.monotonic() - start
-    assert [r["content"] for r in results] == ["null"] * 8
-    assert elapsed < 0.5 * 4, f"8 calls of 0.5 s took {elapsed:.2f} s"
+    assert [r["content"] for r in results] == [str(i) for i in range(8)]
+    assert most_at_once(_spans(tmp_path, 8)) == 8
 
 
 # ---- errors are results --------------------------------------------------------------
@@ -622,12 +633,7 @@ def test_max_parallel_caps_the_calls_running_at_once(runner: ap.Runner, tmp_path
     ]
     results = ap.run_tool_calls(calls, TOOLS, runner=runner, max_parallel=2)
     assert [r["content"] for r in results] == [str(i) for i in range(6)]
-    spans = [tuple(map(float, (tmp_path / str(i)).read_text().split())) for i in range(6)]
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    running = most = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        running += step
-        most = max(most, running)
+    most = most_at_once(_spans(tmp_path, 6))
     assert most <= 2, f"{most} calls ran at once with max_parallel=2"
 
 
