@@ -1,7 +1,7 @@
 """Actions and a plan for the durable-run tests (tests/test_journal.py).
 
 Importable by worker processes, and runnable as a program: ``python -m
-tests.journal_actions FOLDER JOURNAL`` runs the plan with that journal and prints the
+tests.journal_actions FOLDER JOURNAL [main|kill]`` runs that plan with that journal and prints the
 report's status; with ``ACTIONPOOL_TEST_BLOCK=1`` in its environment the slow nodes
 mark that they started and then wait for ever, so the test can kill the process while
 they run.
@@ -13,6 +13,7 @@ each side effect it does, so the test counts how often each one happened.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -102,12 +103,34 @@ def build(**reconcile: Any) -> tuple[ap.Plan, dict[str, ap.Node]]:
     return plan, {"crunch": c, "pay": p, "mail": m, "summary": s}
 
 
-def run(folder: str, journal: str, **runner_options: Any) -> ap.Report:
-    plan, _ = build()
+@ap.action(kind="io", idempotent=False)
+def kill_this_process(ctx: ap.Context, upstream: int) -> int:
+    """In the first session: SIGKILL the runner's own process (an io action runs in
+    it) the moment it starts, before its side effect."""
+    if os.environ.get(BLOCK) == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    _effect(ctx.state["folder"], ctx)
+    return upstream
+
+
+def build_kill() -> tuple[ap.Plan, dict[str, ap.Node]]:
+    """``part0`` then ``kill`` (which needs its value): the process dies as soon as the
+    dependent starts, so the journal holds exactly what was committed before that."""
+    plan = ap.Plan()
+    first = plan.add(part, 0, name="part0")
+    kill = plan.add(kill_this_process, first, name="kill")
+    return plan, {"part0": first, "kill": kill}
+
+
+PLANS = {"main": build, "kill": build_kill}
+
+
+def run(folder: str, journal: str, which: str = "main", **runner_options: Any) -> ap.Report:
+    plan, _ = PLANS[which]()
     with ap.Runner(cpu_workers=2, io_workers=4, **runner_options) as runner:
         return runner.run(plan, {"folder": folder}, journal=journal)
 
 
 if __name__ == "__main__":
-    report = run(sys.argv[1], sys.argv[2])
+    report = run(sys.argv[1], sys.argv[2], *sys.argv[3:4])
     print(report.status)

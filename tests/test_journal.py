@@ -234,6 +234,32 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path) -> Non
     assert new == {"crunch": 1}  # crunch re-ran in the first of those; pay, mail never
 
 
+def test_records_are_committed_before_what_depends_on_them(tmp_path: Path) -> None:
+    # The dependent kills the whole process the moment it starts. On resume its
+    # upstream is loaded, not run again: its end was committed before the dependent
+    # started. And the dependent is in doubt, not run again: its start was committed
+    # before it was dispatched.
+    journal = tmp_path / "run.db"
+    tag = uuid.uuid4().hex
+    env = {**os.environ, ja.BLOCK: "1", MARKER: tag}
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.journal_actions", str(tmp_path), str(journal), "kill"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    wait_for(lambda: not tagged(tag), timeout=30, what="the child's workers to exit")
+    assert [line.split()[0] for line in ja.effects(str(tmp_path))] == ["part0"]
+
+    report = ja.run(str(tmp_path), str(journal), "kill")
+    assert report.outcome("part0").status is ap.Status.SUCCEEDED
+    assert report.outcome("kill").status is ap.Status.IN_DOUBT
+    assert [line.split()[0] for line in ja.effects(str(tmp_path))] == ["part0"]
+
+
 def test_reconcile_that_raises_or_answers_nonsense_leaves_the_node_in_doubt(
     tmp_path: Path,
 ) -> None:
