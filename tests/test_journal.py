@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -326,6 +327,21 @@ def test_a_damaged_or_foreign_file_is_refused_and_left_as_it_is(
     with ap.Runner(cpu_workers=1, io_workers=1) as runner, pytest.raises(ap.JournalError) as info:
         runner.run(plan, journal=journal)
     assert str(journal) in str(info.value)
+    assert journal.read_bytes() == before
+
+
+def test_a_value_that_does_not_match_its_sha256_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "run.db"
+    plan, _ = small_plan(tmp_path / "e.txt")
+    with ap.Runner(cpu_workers=1, io_workers=1) as runner:
+        runner.run(plan, journal=journal)
+        conn = sqlite3.connect(journal)
+        conn.execute("UPDATE ends SET value = ? WHERE node = 'sq2'", (pickle.dumps(99),))
+        conn.commit()
+        conn.close()
+        before = journal.read_bytes()
+        with pytest.raises(ap.JournalError, match="node 'sq2' does not match its SHA-256"):
+            runner.run(plan, journal=journal)
     assert journal.read_bytes() == before
 
 

@@ -319,7 +319,6 @@ class Journal:
                     f"journal {name} was written for another plan: " + "; ".join(diff)
                 )
             session = int(header["sessions"])
-            conn.execute("UPDATE header SET value = ? WHERE key = 'sessions'", (str(session + 1),))
             resume = Resume(header["run_id"], session)
             last_end = {
                 row[0]: row
@@ -382,6 +381,10 @@ class Journal:
                 "pool": pool,
                 "worker": _worker(worker),
             }
+        # Counted only now, every check passed: a refused journal is never written.
+        self._write(
+            "UPDATE header SET value = ? WHERE key = 'sessions'", (str(resume.session + 1),)
+        )
         return resume
 
     # ---- writing (the scheduler's loop thread) -------------------------------------------
