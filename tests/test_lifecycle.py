@@ -34,6 +34,8 @@ P, R, X = NodeState.PENDING, NodeState.READY, NodeState.RUNNING
 class MemAttempt:
     """One attempt in the in-memory pool; the test drives it."""
 
+    recycled = None  # (its worker is never replaced)
+
     def __init__(
         self,
         pool: MemoryPool,

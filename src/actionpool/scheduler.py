@@ -491,7 +491,7 @@ class Scheduler:
     def _on_result(self, rec: NodeRecord, attempt: int, handle: Attempt) -> None:
         """The pool is done with an attempt: decide the node's next move."""
         self._release(rec, handle)
-        recycled = getattr(handle, "recycled", None)
+        recycled = handle.recycled
         if recycled is not None:  # its worker is being replaced (max_tasks, memory)
             rec.run.note_recycled(rec, recycled)
             self.emit(rec, "recycled", recycled)

@@ -62,6 +62,8 @@ class Attempt(Protocol):
         released: owned by the scheduler: it freed this attempt's slot.
         started_at: ``time.time()`` when it started, once the pool knows.
         worker: the pid or thread name that runs it, once the pool knows.
+        recycled: set by a pool that replaces the worker right after this attempt
+            (worker recycling): ``{"reason", "worker", "tasks", "rss"}``; else None.
     """
 
     future: Future[Result]
@@ -71,6 +73,7 @@ class Attempt(Protocol):
     released: bool
     started_at: float | None
     worker: int | str | None
+    recycled: dict[str, Any] | None
 
     def cancel(self, reason: str = "cancel") -> None:
         """Stop the attempt as hard as the pool can: withdraw it if it has not started,

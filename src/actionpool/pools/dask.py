@@ -745,6 +745,8 @@ class DaskAttempt:
         dask: its ``distributed.Future``.
     """
 
+    recycled: dict[str, Any] | None = None  # a thread or cluster task is never recycled
+
     __slots__ = (
         "__weakref__",
         "_pool",

@@ -61,6 +61,8 @@ class ThreadAttempt:
             to the scheduler's loop.
     """
 
+    recycled: dict[str, Any] | None = None  # a thread or cluster task is never recycled
+
     __slots__ = (
         "__weakref__",  # the scheduler's done-callback refers to it weakly
         "_pool",
