@@ -59,6 +59,11 @@ class Backend:
             self.link.close()
 
 
+def _given(**options: Any) -> list[str]:
+    """The names of the options that are not None, in the order given."""
+    return [name for name, value in options.items() if value is not None]
+
+
 def build(
     backend: str,
     cpu_workers: int | None,
@@ -85,16 +90,9 @@ def build(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "local":
-        given = [
-            name
-            for name, value in (
-                ("address", address),
-                ("client", client),
-                ("security", security),
-                ("io_on_cluster", io_on_cluster or None),
-            )
-            if value is not None
-        ]
+        given = _given(
+            address=address, client=client, security=security, io_on_cluster=io_on_cluster or None
+        )
         if given:
             raise ValueError(f"{', '.join(given)} need backend='dask'")
         sizing = compute_sizing(cpu_workers, io_workers)
@@ -116,14 +114,9 @@ def build(
             {"cpu": cpu, "io": ThreadPool(sizing.io_workers)},
             shared_memory=SHARED_MEMORY,
         )
-    recycling = [
-        name
-        for name, value in (
-            ("max_tasks_per_worker", max_tasks_per_worker),
-            ("max_worker_memory", max_worker_memory),
-        )
-        if value is not None
-    ]
+    recycling = _given(
+        max_tasks_per_worker=max_tasks_per_worker, max_worker_memory=max_worker_memory
+    )
     if recycling:
         raise ValueError(
             f"{', '.join(recycling)} recycle this machine's worker processes and need"
