@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import actionpool as ap
+from tests.helpers import write_atomic
 
 
 def write(path: str | None, text: str) -> None:
     if path:
-        Path(path).write_text(text)
+        write_atomic(path, text)
 
 
 def sleep_long(seconds: float = 30.0, mark: str | None = None) -> str:

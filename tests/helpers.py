@@ -71,11 +71,11 @@ async def async_mark_then_sleep(path: str, seconds: float) -> str:
     "cancelled" to it first."""
     import asyncio
 
-    Path(path).write_text("started")
+    write_atomic(path, "started")
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
-        Path(path).write_text("cancelled")
+        write_atomic(path, "cancelled")
         raise
     return "slept"
 
@@ -110,6 +110,17 @@ class Unpicklable:
         self.lock = threading.Lock()
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that whoever sees the file sees all of it.
+
+    ``Path.write_text`` creates the file before it writes: a test that waits for
+    the path and then reads it can read an empty file in between.
+    """
+    part = f"{path}.{os.getpid()}.part"
+    Path(part).write_text(text)
+    os.replace(part, path)
+
+
 def wait_for_path(path: str | Path, what: str, timeout: float = 30.0) -> None:
     """Wait (up to ``timeout`` seconds) until the file ``path`` exists.
 
@@ -135,7 +146,7 @@ def update_after(ctx: ap.Context, wait_for: str | None, updates: dict[str, Any])
 def gate(mark: str, release: str) -> int:
     """Write this process's pid to ``mark``, then wait until ``release`` exists: an
     action that holds its worker (or thread) exactly as long as the test wants."""
-    Path(mark).write_text(str(os.getpid()))
+    write_atomic(mark, str(os.getpid()))
     wait_for_path(release, "the gate's release")
     return os.getpid()
 
@@ -189,8 +200,7 @@ def start_child_then_sleep(mark: str, seconds: float) -> None:
     import subprocess
 
     child = subprocess.Popen(["sleep", str(int(seconds) + 30)])
-    Path(mark + ".part").write_text(f"{os.getpid()} {child.pid}")
-    os.replace(mark + ".part", mark)  # whoever sees the file sees both pids
+    write_atomic(mark, f"{os.getpid()} {child.pid}")  # whoever sees it sees both pids
     time.sleep(seconds)
 
 

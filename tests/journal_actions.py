@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import actionpool as ap
+from tests.helpers import write_atomic
 
 BLOCK = "ACTIONPOOL_TEST_BLOCK"
 
@@ -35,7 +36,7 @@ def _mark_and_block(folder: str, ctx: ap.Context) -> None:
     """In the first session: say "started", then wait until the process is killed."""
     if os.environ.get(BLOCK) != "1":
         return
-    (Path(folder) / f"{ctx.node}.started").write_text(ctx.idempotency_key)
+    write_atomic(Path(folder) / f"{ctx.node}.started", ctx.idempotency_key)
     while True:
         time.sleep(0.05)
 

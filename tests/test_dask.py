@@ -88,14 +88,14 @@ def append_line(path: str) -> int:
 
 @ap.action(timeout=0.5)
 def ignores_its_timeout(mark: str) -> None:
-    Path(mark).write_text(str(os.getpid()))
+    h.write_atomic(mark, str(os.getpid()))
     while True:
         with contextlib.suppress(ap.ActionTimeout):  # and on: only the hard timeout stops it
             time.sleep(30)
 
 
 def pid_then_sleep(mark: str) -> str:
-    Path(mark).write_text(str(os.getpid()))
+    h.write_atomic(mark, str(os.getpid()))
     time.sleep(60)
     return "woke"
 
@@ -464,7 +464,7 @@ def test_a_retired_worker_ends_its_started_node_crashed_and_no_copy_runs_on(
 
 
 def mark_then_sleep(folder: str, i: int) -> int:
-    Path(folder, str(i)).write_text(str(os.getpid()))
+    h.write_atomic(Path(folder, str(i)), str(os.getpid()))
     time.sleep(60)
     return i
 

@@ -41,25 +41,25 @@ async def async_where(x: int) -> tuple[int, str, bool]:
 def gated(ctx: ap.Context, mark: str, release: str, report: str) -> str:
     """Mark, wait for ``release`` (ignoring any cancel), then write what
     ``ctx.cancelled()`` says to ``report``."""
-    Path(mark).write_text(threading.current_thread().name)
+    h.write_atomic(mark, threading.current_thread().name)
     h.wait_for_path(release, "the gate's release")
-    Path(report).write_text(f"cancelled: {ctx.cancelled()}")
+    h.write_atomic(report, f"cancelled: {ctx.cancelled()}")
     return threading.current_thread().name
 
 
 def until_cancelled(ctx: ap.Context, mark: str, report: str) -> str:
     """Mark, then poll ``ctx.cancelled()`` (up to 30 s) and report what it said."""
-    Path(mark).write_text(threading.current_thread().name)
+    h.write_atomic(mark, threading.current_thread().name)
     deadline = time.monotonic() + 30
     while not ctx.cancelled() and time.monotonic() < deadline:
         time.sleep(0.005)
-    Path(report).write_text(f"cancelled: {ctx.cancelled()}")
+    h.write_atomic(report, f"cancelled: {ctx.cancelled()}")
     return "stopped"
 
 
 async def block_the_loop(mark: str, release: str) -> str:
     """Block the event loop it runs on (no await) until ``release`` exists."""
-    Path(mark).write_text("blocking")
+    h.write_atomic(mark, "blocking")
     h.wait_for_path(release, "the loop's release")
     return "unblocked"
 
@@ -81,7 +81,7 @@ def occupy(mark: str, release: str) -> None:
         OCCUPANCY.now += 1
         OCCUPANCY.peak = max(OCCUPANCY.peak, OCCUPANCY.now)
     try:
-        Path(mark).write_text("in")
+        h.write_atomic(mark, "in")
         h.wait_for_path(release, "the occupants' release")
     finally:
         with OCCUPANCY.lock:

@@ -21,7 +21,7 @@ import pytest
 
 import actionpool as ap
 from actionpool import tools as tools_mod
-from tests.helpers import most_at_once, wait_for_path
+from tests.helpers import most_at_once, wait_for_path, write_atomic
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def nap(seconds: float, value: Any = None) -> Any:
 @ap.action(kind="io")
 def io_wait(ctx: ap.Context, marker: str, seconds: float = 60.0) -> str:
     """Write ``marker``, then wait until cancelled or ``seconds`` passed."""
-    Path(marker).write_text("started")
+    write_atomic(marker, "started")
     deadline = time.monotonic() + seconds
     while not ctx.cancelled() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -56,7 +56,7 @@ def io_wait(ctx: ap.Context, marker: str, seconds: float = 60.0) -> str:
 
 
 def cpu_sleep(marker: str, seconds: float) -> str:
-    Path(marker).write_text(str(os.getpid()))
+    write_atomic(marker, str(os.getpid()))
     time.sleep(seconds)
     return "slept"
 
@@ -76,7 +76,7 @@ def record(folder: str, i: int, seconds: float) -> int:
     """Write this call's start and end times to ``folder/i``."""
     start = time.time()
     time.sleep(seconds)
-    Path(folder, str(i)).write_text(f"{start} {time.time()}")
+    write_atomic(Path(folder, str(i)), f"{start} {time.time()}")
     return i
 
 

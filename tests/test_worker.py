@@ -96,7 +96,7 @@ async def async_boom() -> None:
 
 
 async def async_forever(started: str) -> None:
-    Path(started).write_text("started")
+    h.write_atomic(started, "started")
     await asyncio.sleep(60)
 
 
@@ -105,7 +105,7 @@ def timed_out_where(mark: str) -> str:
     try:
         time.sleep(30)
     except ap.ActionTimeout as exc:
-        Path(mark).write_text(f"{type(exc).__name__} in {os.getpid()}: {exc}")
+        h.write_atomic(mark, f"{type(exc).__name__} in {os.getpid()}: {exc}")
         raise
     return "never"
 
