@@ -25,6 +25,20 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 _TRACKERS = ("resource_tracker",)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the zygote path's own tests where the cpu pool takes another path
+    (``ACTIONPOOL_PORTABLE=1``, or a platform without the Linux facilities)."""
+    from actionpool.platforms import process_path
+
+    path, _ = process_path()
+    if path == "zygote":
+        return
+    skip = pytest.mark.skip(reason=f"the cpu pool takes the {path} process path here")
+    for item in items:
+        if "zygote_path" in item.keywords:
+            item.add_marker(skip)
+
+
 def _is_tracker(proc: psutil.Process) -> bool:
     try:
         cmd = " ".join(proc.cmdline())

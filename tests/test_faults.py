@@ -172,6 +172,7 @@ def test_a_submitted_call_that_crashes_its_worker_is_not_run_again(
         shared.submit(fa.crash_first_time, str(tmp_path / "flag")).result(timeout=60)
 
 
+@pytest.mark.zygote_path
 def test_a_worker_that_dies_while_a_thread_reads_its_socket_fails_that_call(
     tmp_path: Path,
 ) -> None:

@@ -170,6 +170,7 @@ def test_a_call_reaches_an_idle_worker_while_the_scheduler_thread_is_busy(
         assert fut.exception(timeout=30) is None
 
 
+@pytest.mark.zygote_path
 def test_a_thread_waiting_on_a_call_reads_its_result_while_the_loop_is_busy() -> None:
     # The thread in result() reads a direct call's reply from the worker's socket
     # itself (CallFuture): the scheduler's loop, held busy, is needed neither to send
@@ -226,6 +227,7 @@ def test_a_freed_worker_gets_the_next_waiting_call_before_the_caller_is_woken() 
         assert seen == {0: True, 1: True, 2: False}  # the last had no call behind it
 
 
+@pytest.mark.zygote_path
 def test_the_loop_does_not_block_on_a_socket_whose_message_another_thread_took() -> None:
     # The loop polls every worker socket, then reads each readable one; a thread in
     # read_result may take a message in between. Reading that socket then would block

@@ -44,6 +44,7 @@ def run_script(code: str, timeout: float = 120, **env: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.zygote_path
 def test_a_script_forks_its_zygote_and_workers_inherit_its_modules() -> None:
     out = run_script(
         """
@@ -67,6 +68,7 @@ def test_a_script_forks_its_zygote_and_workers_inherit_its_modules() -> None:
     ]
 
 
+@pytest.mark.zygote_path
 def test_forked_workers_do_not_share_numpy_random_state() -> None:
     out = run_script(
         """
@@ -90,6 +92,7 @@ def test_forked_workers_do_not_share_numpy_random_state() -> None:
     assert out.split() == ["2", "True"]
 
 
+@pytest.mark.zygote_path
 def test_a_closed_runner_leaves_no_thread_that_would_stop_the_next_fork() -> None:
     # A joined thread may still be ending in the OS; a runner created right after the
     # previous one closed must find this process single-threaded again, every time.
@@ -108,6 +111,7 @@ def test_a_closed_runner_leaves_no_thread_that_would_stop_the_next_fork() -> Non
     assert out.split() == ["ok"]
 
 
+@pytest.mark.zygote_path
 def test_fork_is_refused_while_other_threads_run() -> None:
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
@@ -126,6 +130,7 @@ def test_unknown_worker_start_is_refused() -> None:
         ap.Runner(cpu_workers=1, worker_start="spawn")
 
 
+@pytest.mark.zygote_path
 def test_the_zygote_is_preloaded_and_its_workers_are_its_children() -> None:
     with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
         pids = {f.result(timeout=60) for f in [r.submit(fa.slow_pid, 0.3) for _ in range(2)]}
@@ -159,6 +164,7 @@ def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_polic
         assert out[start] == [other, batch, other, [batch], other], start
 
 
+@pytest.mark.zygote_path
 def test_a_fresh_zygote_imports_what_the_callers_sys_path_holds(tmp_path: Path) -> None:
     (tmp_path / "on_my_path.py").write_text("import os\ndef where():\n    return os.getpid()\n")
     out = run_script(
@@ -174,6 +180,7 @@ def test_a_fresh_zygote_imports_what_the_callers_sys_path_holds(tmp_path: Path) 
     assert out.splitlines()[-1] == "True"
 
 
+@pytest.mark.zygote_path
 def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: Path) -> None:
     mark = tmp_path / "started"
     with ap.Runner(cpu_workers=2, worker_start="fresh") as r:
@@ -190,6 +197,7 @@ def test_a_killed_zygote_costs_its_running_actions_and_the_pool_heals(tmp_path: 
         assert new != zygote
 
 
+@pytest.mark.zygote_path
 def test_a_pool_closes_its_zygote() -> None:
     pool = ProcessPool(1, 1, "fresh")
     try:
@@ -202,6 +210,7 @@ def test_a_pool_closes_its_zygote() -> None:
     assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == "zombie"
 
 
+@pytest.mark.zygote_path
 def test_a_draining_zygote_exits_after_its_last_worker_while_the_pool_holds_it() -> None:
     # A closing pool asks its workers to stop and its zygote to drain: the zygote exits
     # as soon as its last worker has been reaped and reported, without waiting for
@@ -221,6 +230,7 @@ def test_a_draining_zygote_exits_after_its_last_worker_while_the_pool_holds_it()
             time.sleep(0.01)
 
 
+@pytest.mark.zygote_path
 def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -235,6 +245,7 @@ def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
     assert not mark.exists()  # the failed call was not left queued, to run later
 
 
+@pytest.mark.zygote_path
 def test_the_first_worker_starts_with_the_runner_and_a_dead_one_is_replaced() -> None:
     # A forking runner forks its first worker itself, with its zygote; the zygote forks
     # every later one, the replacement of a first worker that died unused included.
@@ -262,6 +273,7 @@ def test_the_first_worker_starts_with_the_runner_and_a_dead_one_is_replaced() ->
     assert out.split() == ["True", "True", "True", "True", "True", "True"]
 
 
+@pytest.mark.zygote_path
 def test_the_runners_own_first_worker_crashes_times_out_and_is_cancelled_as_any_other(
     tmp_path: Path,
 ) -> None:
@@ -341,6 +353,7 @@ def test_the_runners_own_first_worker_crashes_times_out_and_is_cancelled_as_any_
     assert out.split() == ["True"] * 13
 
 
+@pytest.mark.zygote_path
 def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
     out = run_script(
         """
@@ -374,6 +387,7 @@ def test_without_pidfds_the_zygote_forks_the_first_worker_unasked() -> None:
     assert out.split() == ["True", "True"]
 
 
+@pytest.mark.zygote_path
 @pytest.mark.parametrize("fork_first", [True, False])
 def test_a_scripts_first_call_goes_from_its_thread_to_the_first_worker(
     fork_first: bool, tmp_path: Path
@@ -429,6 +443,7 @@ def test_native_pools_loaded_sees_a_blas_library(source: str) -> None:
     assert out.split() == ["False", "False", "True", "True"]
 
 
+@pytest.mark.zygote_path
 def test_the_link_map_lists_the_shared_objects_the_kernel_has_mapped() -> None:
     # the fast answer of native_pools_loaded must see what /proc/self/maps sees
     out = run_script(
@@ -449,6 +464,7 @@ def test_the_link_map_lists_the_shared_objects_the_kernel_has_mapped() -> None:
     assert count > 10  # libc, libpython or the like, NumPy's modules and its BLAS
 
 
+@pytest.mark.zygote_path
 def test_a_forked_zygote_caps_a_blas_library_the_parent_loaded() -> None:
     import loky
 

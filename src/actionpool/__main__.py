@@ -25,9 +25,11 @@ def info() -> int:
     import threadpoolctl
 
     from . import __version__
+    from .platforms import PORTABLE_ENV, cpu_unavailable, process_path
     from .sizing import compute_sizing
 
     sizing = compute_sizing()
+    path, missing = process_path()
     print(f"actionpool {__version__} on Python {platform.python_version()} ({sys.platform})")
     print(f"machine: {platform.machine()}, {platform.processor() or 'unknown processor'}")
     print(
@@ -38,6 +40,13 @@ def info() -> int:
     print(f"sizing: {sizing}")
     for line in sizing.reason.split("; "):
         print(f"  {line}")
+    if path == "none":
+        print(f"cpu actions: {cpu_unavailable(missing)}")
+    else:
+        print(
+            f"cpu actions: worker processes on the {path} path ({PORTABLE_ENV}=1 forces"
+            " the portable one)"
+        )
     print(
         f"versions: loky {loky.__version__}, cloudpickle {cloudpickle.__version__}, "
         f"psutil {psutil.__version__}, numpy {numpy.__version__}, "

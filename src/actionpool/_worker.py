@@ -53,7 +53,7 @@ from .resources import close_process_registries, view
 from .shm import Arena, arena_for, forget, keep_mappings, unlink_worker_segments
 from .transfer import Packed, dumps, loads
 
-__all__ = ["Result", "Task", "execute", "execute_async", "process_main"]
+__all__ = ["Result", "Task", "execute", "execute_async", "portable_main", "process_main"]
 
 Sink = Callable[[str, float, Any], None]
 
@@ -574,10 +574,42 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
     if page_fd >= 0:
         page = mmap.mmap(page_fd, _link.START.size * (slot + 1))
         os.close(page_fd)
-    offset = _link.START.size * slot
-    conn = Connection(fd)
     _after_fork()
     _batch_policy()
+    _serve(Connection(fd), page, _link.START.size * slot)
+
+
+def portable_main(conn: Any, blas_threads: int) -> None:
+    """The loop of a CPU worker process on the portable path; returns when told to stop.
+
+    Started as a fresh interpreter by loky's process backend
+    (:mod:`actionpool.pools.zygote_client`, ``_LokySpawner``), with the worker
+    environment (BLAS caps) already in its environment. It leaves the parent's
+    session first, as a zygote's worker does: it then leads its own process group,
+    which a kill (hard timeout, cancel) ends with whatever its actions started, and a
+    terminal's Ctrl-C reaches only the parent. There is no start page: the pool asks
+    for a STARTED message with every task.
+
+    Args:
+        conn: the worker's end of its stream socket, a ``multiprocessing``
+            ``Connection`` (length-prefixed frames).
+        blas_threads: the BLAS/OpenMP thread cap (:func:`init_process`).
+    """
+    os.setsid()
+    init_process(blas_threads)
+    _batch_policy()
+    _serve(conn, None, 0)
+    # Now, as a zygote's worker does: the interpreter's own exit would first let the
+    # watchdog see the pool close its end of the socket, and kill this process group.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def _serve(conn: Any, page: mmap.mmap | None, offset: int) -> None:
+    """Run the tasks that arrive on ``conn`` until :data:`_link.STOP` (see
+    :mod:`actionpool._link`); the worker's side on both process paths."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C stops
     signal.signal(signal.SIGALRM, _on_alarm)
     send_lock = threading.Lock()

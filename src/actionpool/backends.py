@@ -13,12 +13,12 @@ Sized from the cluster (:func:`~actionpool.sizing.cluster_sizing`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 # Imported with the module, not in build(): a Runner's creation is what users time
 # (a cold start), and these imports are most of it; dask's stay in build().
-from .platforms import missing_for_processes
+from .platforms import process_path
 from .pools import Pool
 from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
@@ -96,9 +96,9 @@ def build(
         if given:
             raise ValueError(f"{', '.join(given)} need backend='dask'")
         sizing = compute_sizing(cpu_workers, io_workers)
-        missing = missing_for_processes()
+        path, missing = process_path()
         cpu: Pool
-        if missing:  # io actions still run; each cpu action fails, saying why
+        if path == "none":  # io actions still run; each cpu action fails, saying why
             cpu = UnavailablePool(sizing.cpu_workers, missing)
         else:
             cpu = ProcessPool(
@@ -108,9 +108,10 @@ def build(
                 cores=sizing.usable_cores,
                 max_tasks=max_tasks_per_worker,
                 max_memory=max_worker_memory,
+                portable=path == "portable",
             )
         return Backend(
-            sizing,
+            replace(sizing, cpu_pool=cpu.describe()),
             {"cpu": cpu, "io": ThreadPool(sizing.io_workers)},
             shared_memory=SHARED_MEMORY,
         )
@@ -165,4 +166,5 @@ def build(
     except BaseException:
         link.close()
         raise
+    sizing = replace(sizing, cpu_pool=pools["cpu"].describe())
     return Backend(sizing, pools, link, shared_memory=False, arena=ClusterArena)

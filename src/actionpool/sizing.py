@@ -107,6 +107,9 @@ class Sizing:
             (an action runs on one; 0 for ``"local"``).
         largest_worker_threads: the largest ``threads`` resource one Dask worker
             declares (0: none declares it, or ``"local"``).
+        cpu_pool: what runs the cpu actions, in one line (the pool's ``describe()``:
+            for ``"local"``, which process path, see :mod:`actionpool.platforms`);
+            empty until a runner has made its pools.
     """
 
     cpu_workers: int
@@ -124,6 +127,7 @@ class Sizing:
     cluster_resources: frozenset[str] = frozenset()
     largest_worker_memory: int = 0
     largest_worker_threads: int = 0
+    cpu_pool: str = ""
 
     def __str__(self) -> str:
         if self.backend == "dask":

@@ -80,6 +80,7 @@ from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
 from . import NotStarted
+from .portable import _LokySpawner
 from .readers import _READ_HERE, Found, WorkerReader
 from .zygote_client import (
     WORKER_START_MODES,
@@ -124,6 +125,7 @@ class _Worker:
         "pid",
         "pidfd",
         "poller",
+        "process",
         "reading",
         "slot",
         "state",
@@ -133,7 +135,14 @@ class _Worker:
     )
 
     def __init__(
-        self, pid: int, conn: Connection, zygote: _Zygote | None, slot: int, pidfd: int = -1
+        self,
+        pid: int,
+        conn: Connection,
+        zygote: _Zygote | None,
+        slot: int,
+        pidfd: int = -1,
+        process: Any = None,
+        read_here: bool = _READ_HERE,
     ) -> None:
         self.conn = conn
         self.pid = pid
@@ -142,6 +151,8 @@ class _Worker:
         # a child of this process, which watches its pidfd and reaps it itself
         self.zygote = zygote
         self.pidfd = pidfd  # -1 once reaped (or for a zygote's worker)
+        # the portable path's worker: its loky process, None once joined
+        self.process = process
         self.eof = False  # its socket closed: its exit notice is on the way
         self.state = WorkerState.STARTING
         self.attempt: ProcessAttempt | None = None
@@ -152,7 +163,7 @@ class _Worker:
         self.reading = threading.Lock()
         self.wake = -1
         self.poller: Any = None
-        if _READ_HERE:
+        if read_here:
             self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self.poller = select.poll()
             self.poller.register(conn.fileno(), select.POLLIN)
@@ -263,9 +274,12 @@ class ProcessPool:
         cores: int | None = None,
         max_tasks: int | None = None,
         max_memory: int | None = None,
+        portable: bool = False,
     ) -> None:
         """Start the pool; its zygote at once if it forks this process (see
         :func:`resolve_worker_start`, whose errors it raises), else on first use.
+        ``portable``: start workers on the portable path (:mod:`.portable`: loky's
+        processes, stream sockets, no zygote, no start page) instead.
         ``cores``: the logical CPUs this process may use (default
         ``loky.cpu_count()``), which bounds when a waiting thread may spin
         (:meth:`read_result`). ``max_tasks``: a worker is replaced after this many
@@ -275,7 +289,13 @@ class ProcessPool:
         self.max_tasks = max_tasks
         self.max_memory = max_memory
         self.blas_threads = blas_threads
-        self.worker_start = resolve_worker_start(worker_start)
+        self.portable = portable
+        if portable:  # every worker is a fresh interpreter; the mode is checked all the same
+            if worker_start not in (None, *WORKER_START_MODES):
+                resolve_worker_start(worker_start)  # raises, naming the modes
+            self.worker_start = "fresh"
+        else:
+            self.worker_start = resolve_worker_start(worker_start)
         self._lock = threading.RLock()
         self._workers: dict[Connection, _Worker] = {}
         self._pending: deque[ProcessAttempt] = deque()
@@ -286,16 +306,23 @@ class ProcessPool:
         # an attempt, read here only when a worker died or is being killed.
         self._page_fd = -1
         self._page: mmap.mmap | None = None
-        if hasattr(os, "memfd_create"):  # Linux; elsewhere every attempt is announced
+        if hasattr(os, "memfd_create") and not portable:  # elsewhere every attempt is announced
             self._page_fd = os.memfd_create("actionpool-starts", os.MFD_CLOEXEC)
             os.ftruncate(self._page_fd, _link.START.size * size)
             self._page = mmap.mmap(self._page_fd, _link.START.size * size)
         self._free_slots = list(range(size - 1, -1, -1))
-        # its zygotes and the first worker, if this process forks it (zygote_client)
-        self._spawner = _Spawner(
-            worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
-        )
-        if self.worker_start == "fork":  # now, while this process has a single thread
+        # its zygotes and the first worker, if this process forks it (zygote_client);
+        # on the portable path, loky's processes
+        self._spawner: _Spawner | _LokySpawner
+        if portable:
+            self._spawner = _LokySpawner(worker_env(blas_threads), blas_threads, self._free_slots)
+        else:
+            self._spawner = _Spawner(
+                worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
+            )
+        if (
+            self.worker_start == "fork" and not portable
+        ):  # now, while this process has a single thread
             self._start_forked()
         # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
         # the runner's scheduler loop (attach), else a private one started on demand.
@@ -305,6 +332,7 @@ class ProcessPool:
             self._apply,
             self._on_death,
             cores if cores is not None else max(1, loky.cpu_count()),
+            read_here=_READ_HERE and not portable,
         )
         self.read_result = self._reader.read_result
         self._on_readable = self._reader.on_readable
@@ -321,7 +349,8 @@ class ProcessPool:
 
     def _start_forked(self) -> None:
         """Fork the zygote and, where pidfds exist (Linux), the first worker too
-        (:meth:`_Spawner.start_forked`)."""
+        (:meth:`_Spawner.start_forked`); never on the portable path."""
+        assert isinstance(self._spawner, _Spawner)
         self._spawner.start_forked(_FORK_FIRST)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -440,6 +469,11 @@ class ProcessPool:
 
     def describe(self) -> str:
         """One line for sizing reports."""
+        if self.portable:
+            return (
+                f"{self.size} worker processes (portable path: fresh interpreters started"
+                f" by loky), BLAS threads {self.blas_threads} each"
+            )
         start = "forked from this process" if self.worker_start == "fork" else "fresh"
         return (
             f"{self.size} worker processes (zygote {start}), BLAS threads {self.blas_threads} each"
@@ -576,8 +610,12 @@ class ProcessPool:
             _link.send(worker.conn, (att.id, att.task))
 
     def _spawn(self) -> _Worker:
-        pid, parent_sock, slot, zygote, pidfd = self._spawner.fork_worker()
-        worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot, pidfd)
+        if isinstance(self._spawner, _LokySpawner):
+            pid, conn, slot, process = self._spawner.start_worker()
+            worker = _Worker(pid, conn, None, slot, process=process, read_here=False)
+        else:
+            pid, parent_sock, slot, zygote, pidfd = self._spawner.fork_worker()
+            worker = _Worker(pid, Connection(parent_sock.detach()), zygote, slot, pidfd)
         self._workers[worker.conn] = worker
         reader = self._reader
         reader.ensure_loop()
@@ -589,6 +627,8 @@ class ProcessPool:
             reader.watch_socket(worker)
             if worker.pidfd >= 0:
                 reader.watch(worker.pidfd, self._on_exit, worker)
+            if worker.process is not None:
+                reader.watch(worker.process.sentinel, self._on_sentinel, worker)
 
         reader.in_loop(watch)
         return worker
@@ -606,6 +646,21 @@ class ProcessPool:
             returncode = reap_child(w.pid)
             os.close(w.pidfd)
             w.pidfd = -1  # reaped: never signal its pid again (_kill_worker)
+        self._reader.exited(w, returncode)
+
+    def _on_sentinel(self, w: _Worker) -> None:
+        """On the loop: a portable path's worker ended (its process's sentinel is
+        readable). Kill its process group while it is a zombie (its pid, the group's
+        id, is nobody else's yet), join it, then handle its death."""
+        with self._lock:
+            process = w.process
+            if process is None:
+                return
+            self._reader.unwatch(process.sentinel)
+            _kill_group(w.pid)
+            process.join()
+            returncode = process.exitcode
+            w.process = None  # joined: never signal its pid again (_kill_worker)
         self._reader.exited(w, returncode)
 
     def _on_notice(self, zygote: _Zygote) -> None:
@@ -740,6 +795,9 @@ def _kill_worker(w: _Worker) -> None:
     """SIGKILL worker ``w`` and its process group (lock held)."""
     w.state = WorkerState.KILLED
     _kill_group(w.pid)
+    if w.process is not None:  # not joined yet, so its pid is still ours; it may not
+        with contextlib.suppress(OSError):  # lead its group yet (before its setsid)
+            os.kill(w.pid, signal.SIGKILL)
     if w.pidfd >= 0:  # our own child, not reaped yet: it may not lead its group yet
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)

@@ -110,9 +110,11 @@ class WorkerReader:
         apply: Callable[[_Worker, tuple[Any, ...]], Found | None],
         on_death: Callable[[_Worker, int | None], None],
         cores: int,
+        read_here: bool = _READ_HERE,
     ) -> None:
-        """Make the epoll set (where there is one): call it after the pool's forks, so
-        that a forked child does not share it."""
+        """Make the epoll set (where there is one, and ``read_here``: False on the
+        portable path, which reads every socket on the loop): call it after the pool's
+        forks, so that a forked child does not share it."""
         self._workers = workers
         self._apply = apply
         self._on_death = on_death
@@ -124,7 +126,7 @@ class WorkerReader:
         self._watched: set[int] = set()  # fds with a reader on the loop
         # The worker sockets, from which a waiting thread may take one (read_result):
         # an epoll set that the loop watches.
-        self._sockets: select.epoll | None = select.epoll() if _READ_HERE else None
+        self._sockets: select.epoll | None = select.epoll() if read_here else None
         self._by_fd: dict[int, _Worker] = {}
 
     # ---- the loop ------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The portable process path: where a CPU pool's workers come from when the Linux
+facilities of the zygote path are missing (macOS), or when ``ACTIONPOOL_PORTABLE=1``
+asks for it on Linux.
+
+The pool is the same :class:`~actionpool.pools.process.ProcessPool`, with the same
+attempt states, kills, crash handling and recycling; only three things differ:
+
+* **start**: each worker is a fresh interpreter started by loky's process backend
+  (``loky.backend.get_context("loky")``: ``fork`` + ``exec`` of a clean interpreter on
+  macOS and Linux, which is safe in a parent that runs threads, and imports nothing of
+  the parent's ``__main__``), running :func:`actionpool._worker.portable_main`. There
+  is no zygote, so each start, first or replacement, costs an interpreter's start.
+* **link**: a ``multiprocessing`` ``Connection`` over an ``AF_UNIX`` ``SOCK_STREAM``
+  socket pair (length-prefixed frames; no ``SOCK_SEQPACKET``), read on the pool's
+  asyncio loop with ``add_reader`` (kqueue on macOS; no epoll set of our own, no
+  eventfd), so a thread waiting for a direct call's result leaves the read to the loop.
+* **exit**: each worker's death is seen through its process's ``sentinel`` (a pipe
+  that closes when the process ends; no pidfd, no ``waitid``), on the same loop. There
+  is no start page (no memfd): every task asks its worker for a STARTED message.
+
+Data flow::
+
+    ProcessPool._spawn ─► _LokySpawner.start_worker() ─► loky Process(portable_main,
+        │                     (pid, our socket end,        worker's socket end,
+        │                      slot, process)              env = worker_env(blas))
+        ▼
+    loop reader ◄── worker socket (READY / STARTED / EVENT / RESULT)
+    loop reader ◄── process.sentinel readable: the worker ended
+                    ─► ProcessPool._on_sentinel: kill its group, join it, its death
+
+Threads: nothing here takes a lock; a :class:`_LokySpawner` belongs to its pool and is
+used under the pool's lock, like the zygote path's ``_Spawner``.
+"""
+
+from __future__ import annotations
+
+import socket
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .. import _worker
+
+__all__ = ["_LokySpawner"]
+
+
+class _LokySpawner:
+    """Starts a portable pool's workers with loky's process backend. It has the parts
+    of the zygote path's ``_Spawner`` that the pool calls, none of which has anything
+    to do here: no zygote, no worker forked ahead."""
+
+    zygote = None
+    first = None
+
+    def __init__(self, env: dict[str, str], blas_threads: int, free_slots: list[int]) -> None:
+        """
+        Args:
+            env: environment overrides for every worker (``sizing.worker_env``).
+            blas_threads: the BLAS/OpenMP cap of every worker.
+            free_slots: the pool's free worker slots (shared with the pool).
+        """
+        from loky.backend import get_context
+
+        self.env = env
+        self.blas_threads = blas_threads
+        self.free_slots = free_slots
+        self.zygotes: list[Any] = []
+        self._context = get_context("loky")
+
+    def start_worker(self) -> tuple[int, Connection, int, Any]:
+        """Start one worker: its pid, our end of its socket, its slot, its process.
+
+        Raises:
+            OSError: the process could not be started (no memory, no pids left...).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn, child = Connection(ours.detach()), Connection(theirs.detach())
+        try:
+            process = self._context.Process(
+                target=_worker.portable_main,
+                args=(child, self.blas_threads),
+                env=self.env,
+                name="actionpool-worker",
+            )
+            process.start()
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            child.close()  # the worker has its own copy now
+        return process.pid, conn, self.free_slots.pop(), process
+
+    # ---- the rest of the spawner's interface: nothing to do on this path ------------------
+
+    def prestarted(self, full: bool) -> bool:
+        return False
+
+    def lost(self, zygote: Any) -> None:
+        pass
+
+    def drain(self) -> None:
+        return None
+
+    def take_all(self) -> list[Any]:
+        return []
+
+    def pids(self) -> list[int]:
+        return []
