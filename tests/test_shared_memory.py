@@ -387,3 +387,19 @@ def test_parent_death_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_segment_names_fit_macos_limit_of_31_characters() -> None:
+    # macOS refuses longer names (PSHMNAMLEN); its pids have at most 5 digits. The
+    # longest name of a run: a worker's segment, with the largest pid and a count
+    # far beyond what one worker makes in one run.
+    from actionpool import shm
+
+    prefix = shm.run_prefix("0123456789ab").replace(str(os.getpid()), "99998")
+    assert prefix == "ap-99998-01234567"
+    name = shm.segment_name(prefix, 36**5 - 1, worker=True).replace(
+        shm._base36(os.getpid()), shm._base36(99998)
+    )
+    assert name == "/ap-99998-01234567-w255q-zzzzz"
+    assert len(name) <= shm.NAME_MAX
+    assert len(shm.segment_name(prefix, 10**9, worker=False)) <= shm.NAME_MAX

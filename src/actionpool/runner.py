@@ -64,7 +64,14 @@ from .pools import Pool
 from .records import NodeRecord, NodeState
 from .resources import ResourceRegistry, pack, register, unregister, view
 from .scheduler import Scheduler
-from .shm import DEFAULT_SHM_THRESHOLD, MAX_COPY_THREADS, Arena, SegmentPool, pool_free_limit
+from .shm import (
+    DEFAULT_SHM_THRESHOLD,
+    MAX_COPY_THREADS,
+    Arena,
+    SegmentPool,
+    pool_free_limit,
+    run_prefix,
+)
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing
 from .transfer import Packed, dumps, dumps_call, dumps_state, loads
 
@@ -631,8 +638,8 @@ class Runner(Executor):
         workers keep its mappings until it closes (then told through ``on_close``).
         On a cluster, the backend's (:class:`~actionpool.pools.dask.ClusterArena`)."""
         if self._backend.arena is not None:
-            return self._backend.arena(f"ap-{os.getpid()}-{run_id}", self._out_of_band)
-        arena = Arena(f"ap-{os.getpid()}-{run_id}", self.shm_threshold, pool=self._segments)
+            return self._backend.arena(run_prefix(run_id), self._out_of_band)
+        arena = Arena(run_prefix(run_id), self.shm_threshold, pool=self._segments)
         arena.on_close = self._forget
         return arena
 

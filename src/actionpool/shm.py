@@ -17,6 +17,7 @@ import mmap
 import os
 import pickle
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -36,6 +37,16 @@ except ImportError:  # pragma: no cover - exercised by tests/test_platforms.py i
 SHARED_MEMORY = _posixshmem is not None
 """Whether this platform offers POSIX shared memory (``shm_open``): without it, a
 runner sends every buffer inside its pickle (``shm_threshold`` is ignored)."""
+
+# Linux fills a new segment with pwrite (no page fault per page) and reserves its
+# capacity with posix_fallocate; macOS's shared-memory objects take neither read/write
+# calls nor fallocate, only a mapping, which the portable path (ACTIONPOOL_PORTABLE=1,
+# see actionpool.platforms) also uses on Linux so that the way macOS takes is tested.
+_SYSCALL_WRITES = sys.platform.startswith("linux") and os.environ.get("ACTIONPOOL_PORTABLE") != "1"
+
+NAME_MAX = 31
+"""The longest shared-memory name macOS accepts (``PSHMNAMLEN``), leading ``/``
+included: every name made here fits it where pids have at most 5 digits (macOS)."""
 
 __all__ = [
     "DEFAULT_SHM_THRESHOLD",
@@ -196,8 +207,7 @@ class Arena:
             if seg is not None:
                 self._leased[seg.name] = seg
                 return (seg.name, 0, view.nbytes)
-        suffix = f"w{os.getpid()}-{next(self._count)}" if not self.owner else str(next(self._count))
-        name = f"/{self.prefix}-{suffix}"
+        name = segment_name(self.prefix, next(self._count), worker=not self.owner)
         size = view.nbytes
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         if self.owner:
@@ -213,9 +223,12 @@ class Arena:
             # fresh mapping pays on top of the copy (docs/performance.md), and the
             # writer never needs the pages mapped.
             data = view.cast("B")
-            done = 0
-            while done < size:
-                done += os.pwrite(fd, data[done:], done)
+            if not _SYSCALL_WRITES:
+                _store_mapped(fd, data)
+            else:
+                done = 0
+                while done < size:
+                    done += os.pwrite(fd, data[done:], done)
         finally:
             os.close(fd)
         return (name, 0, size)
@@ -374,6 +387,39 @@ _WORKER_ARENAS: dict[str, Arena] = {}
 
 _SHM_DIR = Path("/dev/shm")
 _WORKER_CREATED: list[str] = []  # segments this worker created; the parent claims them
+
+
+def run_prefix(run_id: str) -> str:
+    """The segment-name prefix of one run of this process: ``ap-<pid>-<8 hex>``."""
+    return f"ap-{os.getpid()}-{run_id[:8]}"
+
+
+def segment_name(prefix: str, n: int, worker: bool) -> str:
+    """The name of a run's ``n``-th segment made by its owner (the parent), or by a
+    worker (``worker``: its pid and number in base 36, to stay within
+    :data:`NAME_MAX`)."""
+    if worker:
+        return f"/{prefix}-w{_base36(os.getpid())}-{_base36(n)}"
+    return f"/{prefix}-{n}"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, d = divmod(n, 36)
+        out = digits[d] + out
+        if n == 0:
+            return out
+
+
+def _store_mapped(fd: int, data: memoryview) -> None:
+    """Copy ``data`` into the start of the segment ``fd`` through a mapping (where
+    ``pwrite`` cannot write to shared memory: macOS)."""
+    if data.nbytes == 0:
+        return
+    with mmap.mmap(fd, data.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_WRITE) as mm:
+        mm[:] = data
 
 
 def _map(name: str, populate: bool, write: bool = False) -> mmap.mmap:
@@ -628,9 +674,12 @@ class SegmentPool:
                 while start < stop:
                     start += os.pwrite(fd, data[start:stop], start)
 
-            in_parallel(size, self._threads_for(size), write, _PAGE)
-            if seg.capacity > size:
-                os.posix_fallocate(fd, size, seg.capacity - size)
+            if not _SYSCALL_WRITES:
+                _store_mapped(fd, data)
+            else:
+                in_parallel(size, self._threads_for(size), write, _PAGE)
+                if seg.capacity > size:
+                    os.posix_fallocate(fd, size, seg.capacity - size)
         except BaseException:
             _unlink(seg.name, tracked=True)
             raise
