@@ -1,5 +1,5 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s bench``,
-``nox -s soak``, ``nox -s tests-python-3.13``.
+``nox -s soak``, ``nox -s tests-python-3.13``, ``nox -s tests-portable``.
 
 ``docs`` arrives with the issue that fills it.
 """
@@ -30,6 +30,15 @@ def tests_python(session: nox.Session) -> None:
     main one (``.ci/cross_version_tests.txt``)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-W", "error::DeprecationWarning", *session.posargs)
+
+
+@nox.session(name="tests-portable")
+def tests_portable(session: nox.Session) -> None:
+    """The whole suite on the portable process path (``ACTIONPOOL_PORTABLE=1``: the
+    path macOS takes, forced on Linux); the zygote path's own tests are skipped. CI
+    runs the process-pool part of it (``.ci/portable_tests.txt``)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs, env={"ACTIONPOOL_PORTABLE": "1"})
 
 
 @nox.session
