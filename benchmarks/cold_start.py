@@ -168,6 +168,10 @@ def cold_ray(w: int, tmp: Path) -> Callable[[], Any]:
 
 COLD: dict[str, tuple[str, Callable[..., Callable[[], Any]]]] = {
     "actionpool": ("ap.Runner(cpu_workers=n) as r: submit, result", cold_actionpool),
+    "actionpool-portable": (
+        "the same, portable path (ACTIONPOOL_PORTABLE=1; variant)",
+        cold_actionpool,
+    ),
     "concurrent.futures": ("ProcessPoolExecutor(n) as ex: submit, result", cold_futures),
     "multiprocessing": ("Pool(n).apply_async().get(); close(); join()", cold_multiprocessing),
     "joblib": ("Parallel(n_jobs=n)([delayed(os.getpid)()]); executor shutdown", cold_joblib),

@@ -260,6 +260,21 @@ def kill_tree(pid: int) -> None:
                 p.kill()
 
 
+PORTABLE = "actionpool-portable"
+"""actionpool's driver on the portable process path (the one macOS takes), forced with
+``ACTIONPOOL_PORTABLE=1``: a variant that runs wherever actionpool takes part."""
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    PORTABLE: ("actionpool", {"ACTIONPOOL_PORTABLE": "1"})
+}
+"""Drivers that run another's code in another environment: name -> (driver, env)."""
+
+
+def takes_part(lib: str, libs: Any) -> bool:
+    """Whether ``lib`` (a library, or a variant of one) runs, given the libraries that
+    take part."""
+    return lib == "baseline" or VARIANTS.get(lib, (lib, {}))[0] in libs
+
+
 class DriverProc:
     """The parent's handle of one driver process.
 
@@ -276,8 +291,10 @@ class DriverProc:
         tmp: Path,
         driver: str | None = None,
         pythonpath: Iterable[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        self.env = env or {}
         self.driver = driver or name
         self.cfg = cfg
         self.tmp = tmp
@@ -297,7 +314,7 @@ class DriverProc:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
-                env=child_env(self.pythonpath),
+                env={**child_env(self.pythonpath), **self.env},
                 cwd=self.tmp,
             )
         self.lines = queue.Queue()
@@ -447,8 +464,9 @@ class Suite:
         print(f"[{time.perf_counter() - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     def _new(self, lib: str) -> DriverProc:
-        driver, path = self.aliases.get(lib, (lib, []))
-        d = DriverProc(lib, self.cfg, self.tmp, driver=driver, pythonpath=path)
+        base, env = VARIANTS.get(lib, (lib, {}))
+        driver, path = self.aliases.get(lib, (base, []))
+        d = DriverProc(lib, self.cfg, self.tmp, driver=driver, pythonpath=path, env=env)
         self.drivers[lib] = d
         return d
 
@@ -501,7 +519,7 @@ class Suite:
 
     def measure(self, wid: str, entries: list[Entry], rounds: int) -> list[Entry]:
         """One untimed warm-up call per contender, then interleaved rounds."""
-        entries = [e for e in entries if e.lib == "baseline" or e.lib in self.args.libs]
+        entries = [e for e in entries if takes_part(e.lib, self.args.libs)]
         for e in entries:
             self._sample(e, -1, warm=True)
         for r in range(rounds):

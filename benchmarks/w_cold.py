@@ -19,10 +19,13 @@ from typing import Any
 
 from cold_start import COLD
 from harness import (
+    PORTABLE,
+    VARIANTS,
     Entry,
     Suite,
     child_env,
     log_tail,
+    takes_part,
 )
 from results import (
     Context,
@@ -42,12 +45,12 @@ def measure(s: Suite, cal: dict[str, Any]) -> dict[str, Any]:
     if "W7" not in a.workloads:
         return {}
     rounds = a.cold_rounds
+    kinds = {"actionpool": "actionpool", PORTABLE: "actionpool-variant"}
     entries = [
-        Entry(f"{lib}: {COLD[lib][0]}", lib, "cold", {}, "actionpool" if lib == "actionpool"
-              else "peer")
+        Entry(f"{lib}: {COLD[lib][0]}", lib, "cold", {}, kinds.get(lib, "peer"))
         for lib in COLD
-        if lib in a.libs
-    ]  # fmt: skip
+        if takes_part(lib, a.libs)
+    ]
     code = "import sys, cold_start; sys.exit(cold_start.cold_main())"
     for r in range(rounds):
         live = [e for e in entries if not e.dead]
@@ -61,7 +64,7 @@ def measure(s: Suite, cal: dict[str, Any]) -> dict[str, Any]:
                         stdout=subprocess.PIPE,
                         stderr=err,
                         text=True,
-                        env=child_env(),
+                        env={**child_env(), **VARIANTS.get(e.lib, ("", {}))[1]},
                         cwd=s.tmp,
                         timeout=120,
                         check=False,

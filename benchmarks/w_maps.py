@@ -18,6 +18,7 @@ from typing import Any
 
 from bench_tasks import chunks, inc, mp_chunksize, noop
 from harness import (
+    PORTABLE,
     Entry,
     Suite,
     check_values,
@@ -166,6 +167,8 @@ def measure(s: Suite, cal: dict[str, Any]) -> dict[str, Any]:
             [
                 Entry("actionpool runner.map (auto batching)", "actionpool", "w1", kw,
                       "actionpool"),
+                Entry("actionpool runner.map, portable path (variant)", PORTABLE, "w1", kw,
+                      "actionpool-variant"),
                 Entry("multiprocessing Pool.map (default chunksize)", "multiprocessing", "w1",
                       kw, "peer"),
                 Entry(f"concurrent.futures ProcessPoolExecutor.map(chunksize={cs})",
@@ -186,6 +189,8 @@ def measure(s: Suite, cal: dict[str, Any]) -> dict[str, Any]:
             [
                 Entry("actionpool runner.submit(noop).result()", "actionpool", "w2", kw2,
                       "actionpool"),
+                Entry("actionpool submit().result(), portable path (variant)", PORTABLE, "w2",
+                      kw2, "actionpool-variant"),
                 Entry("concurrent.futures ProcessPoolExecutor.submit", "concurrent.futures",
                       "w2", kw2, "peer"),
                 Entry("multiprocessing Pool.apply_async().get()", "multiprocessing", "w2", kw2,
