@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from bench_tasks import task_sum
 from harness import (
+    PORTABLE,
     DriverError,
     Entry,
     Suite,
@@ -150,6 +151,8 @@ def measure(s: Suite, cal: dict[str, Any]) -> dict[str, Any]:
         [
             Entry("actionpool plan, array argument (shared memory)", "actionpool", "w5",
                   kw5, "actionpool"),
+            Entry("actionpool plan, portable path (variant)", PORTABLE, "w5", kw5,
+                  "actionpool-variant"),
             Entry("joblib Parallel (auto-memmap)", "joblib", "w5", kw5, "peer"),
             Entry("concurrent.futures ProcessPoolExecutor.submit (pickled)",
                   "concurrent.futures", "w5", kw5, "peer"),

@@ -273,6 +273,29 @@ def test_a_crash_costs_only_its_own_node_and_never_the_dask_worker(
     assert worker_pids(dask_client) == before
 
 
+def _where() -> str:
+    """The command line of the process that runs this action."""
+    return " ".join(psutil.Process().cmdline())
+
+
+@pytest.mark.slow
+def test_on_the_portable_path_each_dask_worker_runs_actions_on_its_own_loky_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Dask worker process is daemonic, and multiprocessing refuses children to one:
+    # the worker-local pool must still start its loky processes there.
+    monkeypatch.setenv("ACTIONPOOL_PORTABLE", "1")  # inherited by the cluster's workers
+    plan = ap.Plan()
+    plan.add(_where, name="where")
+    plan.add(fa.kill_self, name="bad")
+    plan.add(h.square, 4, name="good")
+    with ap.Runner(backend="dask", cpu_workers=1, io_workers=2) as r:
+        report = r.run(plan)
+    assert "loky" in report["where"], report["where"]
+    assert report.outcome("bad").status is ap.Status.CRASHED
+    assert report.outcome("good").value == 16
+
+
 def test_a_crash_is_retried_only_with_consent(dask_client: Any, tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     again = ap.action(fa.crash_first_time, retries=1, retry_on=(ap.WorkerCrashed,))

@@ -134,3 +134,9 @@ def test_without_shared_memory_cpu_actions_still_run(tmp_path: Path) -> None:
     assert out["io"] == ["succeeded", 5]
     assert out["cpu"][:2] == ["succeeded", 2_000_000.0]
     assert out["shm_threshold"] is None
+
+
+def test_fork_is_refused_on_the_portable_path_saying_why(monkeypatch) -> None:
+    monkeypatch.setenv("ACTIONPOOL_PORTABLE", "1")
+    with pytest.raises(RuntimeError, match="worker_start='fork' needs the zygote path"):
+        ap.Runner(cpu_workers=1, worker_start="fork")

@@ -142,6 +142,9 @@ class Runner(Executor):
             environment); ``"auto"`` (default, or ``ACTIONPOOL_WORKER_START``):
             ``"fork"`` when this process runs a single thread (a script, before it
             starts threads), else ``"fresh"`` (a notebook kernel, a second runner).
+            On the portable process path (macOS, or ``ACTIONPOOL_PORTABLE=1``; see
+            :mod:`actionpool.platforms`) there is no zygote: every worker is a fresh
+            interpreter started by loky, and ``"fork"`` is refused.
         address: ``backend="dask"``: the scheduler's address (``"tcp://host:8786"``).
             With neither ``address`` nor ``client``, the runner starts a
             ``distributed.LocalCluster`` on loopback, ``cpu_workers`` processes (default:
@@ -181,7 +184,8 @@ class Runner(Executor):
         ImportError: ``backend="dask"`` without dask.distributed installed.
         OSError: ``backend="dask"``: the scheduler at ``address`` could not be reached
             within Dask's connect timeout (``distributed.comm.timeouts.connect``).
-        RuntimeError: ``worker_start="fork"`` while this process runs other threads.
+        RuntimeError: ``worker_start="fork"`` while this process runs other threads, or
+            on the portable process path.
         ValueError: ``max_tasks_per_worker`` is not an int >= 1, ``max_worker_memory``
             is not a positive size, or either is given with ``backend="dask"``.
         TypeError: ``resources`` is not a mapping, or one of its names is not a str,

@@ -568,11 +568,22 @@ class WorkerSide(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
-        interpreter (a Dask worker runs threads, so it must not fork itself)."""
+        interpreter (a Dask worker runs threads, so it must not fork itself), or on
+        the portable path, where this platform takes it (:mod:`actionpool.platforms`);
+        where neither can run, each attempt here fails, saying why."""
+        from ..platforms import process_path
         from .process import ProcessPool
+        from .unavailable import UnavailablePool
 
         self._worker = worker
-        self._pool = ProcessPool(max(1, int(worker.state.nthreads)), self.blas_threads, "fresh")
+        size = max(1, int(worker.state.nthreads))
+        path, missing = process_path()
+        if path == "none":
+            self._pool = UnavailablePool(size, missing)
+        elif path == "portable":
+            self._pool = ProcessPool(size, self.blas_threads, portable=True)
+        else:
+            self._pool = ProcessPool(size, self.blas_threads, "fresh")
 
     def teardown(self, worker: Any) -> None:
         """Stop the pool and its processes (running attempts are killed; idle

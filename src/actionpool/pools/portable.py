@@ -34,6 +34,7 @@ used under the pool's lock, like the zygote path's ``_Spawner``.
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 from multiprocessing.connection import Connection
 from typing import Any
@@ -74,6 +75,13 @@ class _LokySpawner:
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         conn, child = Connection(ours.detach()), Connection(theirs.detach())
+        # multiprocessing refuses children to a daemonic process (a Dask worker is one:
+        # distributed.worker.daemon), lest they outlive it when it is ended abruptly.
+        # Ours cannot: each watches its socket to this process and kills its own group
+        # when it closes (actionpool._worker._watch_parent). The flag is lifted for the
+        # start alone (under the pool's lock, the one place that starts our workers).
+        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+        daemon = config.get("daemon")
         try:
             process = self._context.Process(
                 target=_worker.portable_main,
@@ -81,11 +89,16 @@ class _LokySpawner:
                 env=self.env,
                 name="actionpool-worker",
             )
+            config["daemon"] = False
             process.start()
         except BaseException:
             conn.close()
             raise
         finally:
+            if daemon is None:
+                config.pop("daemon", None)
+            else:
+                config["daemon"] = daemon
             child.close()  # the worker has its own copy now
         return process.pid, conn, self.free_slots.pop(), process
 

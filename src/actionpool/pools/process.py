@@ -293,6 +293,12 @@ class ProcessPool:
         if portable:  # every worker is a fresh interpreter; the mode is checked all the same
             if worker_start not in (None, *WORKER_START_MODES):
                 resolve_worker_start(worker_start)  # raises, naming the modes
+            if worker_start == "fork":
+                raise RuntimeError(
+                    "worker_start='fork' needs the zygote path, and cpu actions take the"
+                    " portable process path here (see actionpool.platforms; on Linux, unset"
+                    " ACTIONPOOL_PORTABLE): use worker_start='auto' or 'fresh'"
+                )
             self.worker_start = "fresh"
         else:
             self.worker_start = resolve_worker_start(worker_start)
