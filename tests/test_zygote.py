@@ -142,6 +142,7 @@ def test_the_zygote_is_preloaded_and_its_workers_are_its_children() -> None:
             assert os.getpgid(p) == p  # a process group of its own: killpg reaches it
 
 
+@pytest.mark.zygote_path
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 def test_cpu_workers_run_as_batch_and_the_parent_and_io_threads_keep_their_policy() -> None:
     code = """
