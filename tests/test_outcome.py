@@ -96,16 +96,16 @@ def test_all_failed_is_a_failed_run(runner: ap.Runner) -> None:
 
 def test_chrome_trace(report: ap.Report, tmp_path: Path) -> None:
     path = tmp_path / "run.json"
-    trace = report.to_chrome_trace(path)
+    assert report.to_chrome_trace(path) == path
     loaded = json.loads(path.read_text())
-    assert loaded == trace
-    names = {e["name"] for e in trace["traceEvents"]}
-    assert names == {"ok", "bad", "io"}  # skipped nodes never ran
-    assert all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
+    assert loaded == report.to_chrome_trace()
+    spans = [e for e in loaded["traceEvents"] if e["ph"] == "X"]
+    assert {e["name"] for e in spans} == {"ok", "bad", "io"}  # skipped nodes never ran
+    assert all(e["dur"] >= 0 for e in spans)
 
 
 def test_reprs(report: ap.Report) -> None:
     assert "partial" in repr(report)
     html = report._repr_html_()
-    assert "<table>" in html and "broken input" in html
+    assert "<table" in html and "broken input" in html
     assert "failed" in repr(report.outcome("bad"))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
         WorkerCrashed,
     )
     from .events import Event
-    from .outcome import Outcome, Report, RunStatus, Status
+    from .outcome import AttemptRecord, Outcome, Report, RunStatus, Status
     from .plan import Node, Plan
     from .runner import Runner
     from .sizing import Sizing
@@ -57,6 +57,7 @@ _WHERE = {
     "StateConflict": "errors",
     "WorkerCrashed": "errors",
     "Event": "events",
+    "AttemptRecord": "outcome",
     "Outcome": "outcome",
     "Report": "outcome",
     "RunStatus": "outcome",
@@ -74,6 +75,7 @@ __all__ = [
     "ActionSpec",
     "ActionTimeout",
     "ActionpoolError",
+    "AttemptRecord",
     "Context",
     "Event",
     "JournalError",

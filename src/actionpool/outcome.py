@@ -6,18 +6,18 @@ them all in plan order, with the merged state and the run's status.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, overload
 
 from .errors import ActionFailed
 from .plan import Node
 
-__all__ = ["Outcome", "Report", "RunStatus", "Status"]
+__all__ = ["AttemptRecord", "Outcome", "Report", "RunStatus", "Status"]
 
 
 class Status(StrEnum):
@@ -50,6 +50,27 @@ class RunStatus(StrEnum):
 
 
 @dataclass(frozen=True)
+class AttemptRecord:
+    """One earlier attempt of a node: one that ran, did not succeed, and was retried.
+
+    Attributes:
+        started_at: ``time.time()`` seconds when it started, or None if unknown.
+        finished_at: ``time.time()`` seconds when its end was recorded.
+        pool: ``"cpu"``, ``"io"`` or ``"dask"``.
+        worker: the worker's pid (cpu) or thread name (io), or None.
+        status: how it ended: ``FAILED``, ``TIMED_OUT`` or ``CRASHED``.
+        error: the exception it ended with.
+    """
+
+    started_at: float | None
+    finished_at: float
+    pool: str | None
+    worker: int | str | None
+    status: Status
+    error: BaseException | None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The terminal record of one node.
 
@@ -69,6 +90,9 @@ class Outcome:
         pool: ``"cpu"``, ``"io"`` or ``"dask"``; ``None`` when it never ran.
         worker: the worker's pid (cpu) or thread name (io), or None; on a Dask
             cluster, ``"<worker address> pid <pid>"``.
+        history: the attempts before the last one, in order (empty unless the node
+            was retried): :class:`AttemptRecord`; ``started_at`` to ``worker`` above
+            describe the last attempt.
     """
 
     node: Node
@@ -83,6 +107,7 @@ class Outcome:
     duration_s: float | None = None
     pool: str | None = None
     worker: int | str | None = None
+    history: tuple[AttemptRecord, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -219,56 +244,63 @@ class Report:
         return f"<Report {self.status.value}: {counts or 'no nodes'} in {self.duration_s:.3f}s>"
 
     def _repr_html_(self) -> str:
-        rows = []
-        for o in self.outcomes:
-            dur = f"{o.duration_s:.3f}" if o.duration_s is not None else ""
-            err = html.escape(f"{type(o.error).__name__}: {o.error}") if o.error is not None else ""
-            rows.append(
-                f"<tr><td>{html.escape(o.name)}</td><td>{o.status.value}</td><td>{dur}</td>"
-                f"<td>{o.attempts}</td><td>{o.pool or ''}</td>"
-                f"<td>{html.escape(str(o.worker or ''))}</td>"
-                f"<td>{err}</td></tr>"
-            )
-        head = (
-            "<tr><th>node</th><th>status</th><th>seconds</th><th>attempts</th>"
-            "<th>pool</th><th>worker</th><th>error</th></tr>"
-        )
-        return (
-            f"<p><b>actionpool run {self.status.value}</b> in {self.duration_s:.3f} s</p>"
-            f"<table>{head}{''.join(rows)}</table>"
-        )
+        """The report as HTML, for notebooks: a coloured header (run status, counts,
+        wall time, speedup over the sum of action times), the nodes that did not
+        succeed first with a collapsible traceback, then a table of the nodes
+        (:func:`actionpool.views.report_html`)."""
+        from .views import report_html
 
-    def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        """Export per-action spans in the Chrome trace event format.
+        return report_html(self)
 
-        Open the file in https://ui.perfetto.dev or chrome://tracing. One complete
-        (``"ph": "X"``) event per node that ran, on a track per pool and worker;
-        times in microseconds since the run started.
+    def plot(self, ax: Any = None) -> Any:
+        """A Gantt chart of the run: a row per worker, a bar per attempt (retries
+        included) from its start to its end in seconds since the run started, coloured
+        by how it ended (:func:`actionpool.views.gantt`).
 
         Args:
-            path: where to write the JSON; ``None`` writes nothing.
+            ax: a matplotlib ``Axes`` to draw on; None: a new figure.
 
         Returns:
-            The trace as a dict (``{"traceEvents": [...]}``).
+            The matplotlib ``Figure`` (``fig.savefig("run.png")`` to keep it).
+
+        Raises:
+            ImportError: matplotlib is not installed
+                (``pip install 'actionpool[plot]'``).
         """
-        events: list[dict[str, Any]] = []
-        for o in self.outcomes:
-            if o.started_at is None or o.finished_at is None:
-                continue
-            events.append(
-                {
-                    "name": o.name,
-                    "cat": o.pool or "",
-                    "ph": "X",
-                    "ts": (o.started_at - self.started_at) * 1e6,
-                    "dur": max(0.0, o.finished_at - o.started_at) * 1e6,
-                    "pid": o.pool or "none",
-                    "tid": str(o.worker),
-                    "args": {"status": o.status.value, "attempts": o.attempts},
-                }
-            )
-        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(trace, f)
-        return trace
+        from .views import gantt
+
+        return gantt(self, ax)
+
+    @overload
+    def to_chrome_trace(self, path: None = None) -> dict[str, Any]: ...
+
+    @overload
+    def to_chrome_trace(self, path: str | os.PathLike[str]) -> Path: ...
+
+    def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any] | Path:
+        """The run in the Chrome trace event format, for https://ui.perfetto.dev or
+        chrome://tracing: a process per pool and a named thread per worker (numeric
+        ids), one span per attempt (retries included), an instant for each node that
+        never ran and each recycled worker; times in microseconds since the run
+        started (:func:`actionpool.views.chrome_trace`).
+
+        Args:
+            path: where to write the JSON file.
+
+        Returns:
+            ``path`` (a :class:`~pathlib.Path`) once written; without ``path``, the
+            trace as a dict (``{"traceEvents": [...]}``), which a notebook shows as
+            one line.
+
+        Raises:
+            OSError: the file could not be written.
+        """
+        from .views import chrome_trace
+
+        trace = chrome_trace(self)
+        if path is None:
+            return trace
+        out = Path(path)
+        with out.open("w", encoding="utf-8") as f:
+            json.dump(trace, f)
+        return out

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ActionFailed, PlanError, SerializationError, StateConflict
 from .events import Event
-from .outcome import Outcome, Report, RunStatus, Status
+from .outcome import AttemptRecord, Outcome, Report, RunStatus, Status
 from .plan import Graph, Node, resolve
 from .scheduler import TERMINAL, NodeRecord, NodeState, RunBase, Scheduler
 from .shm import Arena
@@ -327,6 +327,7 @@ def _outcome(rec: NodeRecord) -> Outcome:
         duration_s=duration,
         pool=rec.pool,
         worker=rec.worker,
+        history=tuple(AttemptRecord(*a) for a in rec.history) if rec.history else (),
     )
 
 

@@ -66,6 +66,7 @@ class NodeRecord:
         "error",
         "finished_at",
         "handle",
+        "history",
         "index",
         "join_losses",
         "join_wins",
@@ -124,6 +125,9 @@ class NodeRecord:
         self.loaded = False  # its end was loaded from a journal (a resumed run)
         self.join_wins: list[NodeRecord] = []
         self.join_losses = 0
+        # the attempts before the current one that ran and failed, each
+        # (started_at, finished_at, pool, worker, status, error): for reports and traces
+        self.history: list[tuple[Any, ...]] | None = None
 
     def __lt__(self, other: NodeRecord) -> bool:  # run, then plan order
         return self.key < other.key

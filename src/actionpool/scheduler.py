@@ -605,6 +605,11 @@ class Scheduler:
             )
             status = NodeState.TIMED_OUT if isinstance(error, ActionTimeout) else NodeState.FAILED
         if consented and rec.attempts <= spec.retries and not rec.run.cancelled:
+            if rec.history is None:
+                rec.history = []
+            rec.history.append(
+                (rec.started_at, time.time(), rec.pool, rec.worker, Status(status.value), error)
+            )
             delay = backoff_delay(spec.backoff, rec.attempts)
             self.emit(rec, "retrying", {"attempt": rec.attempts, "error": error, "delay_s": delay})
             self.transition(rec, NodeState.READY, delay=delay)
