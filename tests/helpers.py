@@ -27,6 +27,11 @@ def fail_at(x: int, bad: int) -> int:
     return x
 
 
+def add_all(*xs: object) -> int:
+    """The number of arguments (each may be anything)."""
+    return len(xs)
+
+
 def boom(msg: str = "boom") -> None:
     raise ValueError(msg)
 

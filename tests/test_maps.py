@@ -7,6 +7,7 @@ again, whether or not anyone iterates the map.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,22 @@ def test_stopping_a_map_stops_the_rest_of_its_chunks(tmp_path: Path) -> None:
         it.close()  # the rest of the first chunks, sent after their budget, stops too
         r.shutdown(wait=True)
     assert len(list(tmp_path.iterdir())) < n
+
+
+@pytest.mark.parametrize(
+    ("kind", "iterables", "where"),
+    [
+        ("cpu", [[1, 2, 3, 4, threading.Lock(), 6]], "map item 4: lock"),  # chunked
+        ("cpu", [[1, 2, 3], [1, threading.Lock(), 3]], "map item 1, argument 1: lock"),
+        ("io", [[1, 2, 3, threading.Lock()]], "map item 3: lock"),  # one call per item
+    ],
+)
+def test_an_item_that_cannot_be_pickled_is_named_by_its_index(
+    kind: str, iterables: list[list[object]], where: str
+) -> None:
+    with (
+        ap.Runner(cpu_workers=1, io_workers=2) as r,
+        pytest.raises(ap.SerializationError, match="cannot be pickled") as info,
+    ):
+        list(r.map(ap.action(h.add_all, kind=kind), *iterables))
+    assert f"node 'add_all': {where}" in str(info.value)

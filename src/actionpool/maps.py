@@ -29,8 +29,8 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any, cast
 
 from .action import ActionSpec, as_spec, wire_form
-from .errors import WorkerCrashed
-from .transfer import dumps_function
+from .errors import SerializationError, WorkerCrashed
+from .transfer import dumps, dumps_function
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -84,7 +84,8 @@ def map_calls(
     if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
         fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
         calls: Iterator[_Call] = (
-            (runner._submit(spec, a, kwargs, fn_bytes), None, None) for a in items
+            (_name_item(runner._submit(spec, a, kwargs, fn_bytes), spec.name, [a], i), None, None)
+            for i, a in enumerate(items)
         )
         state = MapState(calls, window or 2 * size, total is not None)
         return _map_results(runner, spec, kwargs, state, end, None)
@@ -116,12 +117,15 @@ def map_calls(
     # the items of a chunk that take a Context share the worker's resources
     resources = runner._resource_payload if spec.wants_context else None
 
-    def send(chunk: Any, budget: float | None, rest: bool = False) -> _Call:
-        """Submit one chunk; a chunk with a time ``budget`` may come back with only
-        its first items run, and :func:`_send_rest` then sends the others."""
+    def send(chunk: Any, budget: float | None, rest: bool = False, offset: int = -1) -> _Call:
+        """Submit one chunk (its first item is the map's item ``offset``); a chunk with
+        a time ``budget`` may come back with only its first items run, and
+        :func:`_send_rest` then sends the others (pickled once already)."""
         fut = runner._submit(
             runs_chunk, (*head, chunk, kwargs, budget, resources), {}, chunk_fn, closing_ok=rest
         )
+        if offset >= 0:
+            _name_item(fut, spec.name, chunk, offset, batcher.single)
         hold = None
         if budget is not None:
             hold = _Rest()
@@ -129,7 +133,13 @@ def map_calls(
             fut.add_done_callback(partial(_send_rest, state, batcher, send, chunk, hold))
         return fut, chunk, hold
 
-    state.calls = (send(chunk, budget) for chunk, budget in batcher.chunks(items, seq))
+    def sent() -> Iterator[_Call]:
+        offset = 0
+        for chunk, budget in batcher.chunks(items, seq):
+            yield send(chunk, budget, offset=offset)
+            offset += len(chunk)
+
+    state.calls = sent()
     return _map_results(runner, spec, kwargs, state, end, batcher)
 
 
@@ -147,6 +157,32 @@ class _Rest:
         self.ready = threading.Event()
         self.rest: list[_Call] | None = None
         self.error: BaseException | None = None
+
+
+def _name_item(
+    fut: Future[Any], name: str, calls: Sequence[Any], first: int, single: bool = False
+) -> Future[Any]:
+    """``fut``, its SerializationError (if it failed so at once) made to name the map
+    item that cannot be pickled: its index in the map (``first`` is ``calls[0]``'s), and
+    which of its arguments; a chunk is one pickle, whose error could only say "argument
+    4 list" (the chunk itself). ``calls``: argument tuples, or plain items (``single``)."""
+    if not fut.done() or not isinstance(fut.exception(), SerializationError):
+        return fut
+    exc = fut.exception()
+    for i, call in enumerate(calls):
+        args = (call,) if single else call
+        for j, arg in enumerate(args):
+            try:
+                dumps(arg)
+            except Exception as why:  # noqa: BLE001 - pickling raises many types
+                which = f", argument {j}" if len(args) > 1 else ""
+                assert exc is not None
+                exc.args = (
+                    f"node {name!r}: map item {first + i}{which}: {type(arg).__name__}"
+                    f" cannot be pickled ({type(why).__name__}: {why})",
+                )
+                return fut
+    return fut
 
 
 # A call of a map in flight: its future, its chunk of items (None for a map of
