@@ -563,6 +563,21 @@ class WorkerSide(WorkerPlugin):
         self._running: dict[str, Any] = {}  # attempt key -> the local pool's attempt
         self._members: dict[str, list[str]] = {}  # Dask key of a batch -> attempt keys
         self._withdrawn: set[str] = set()  # attempt keys stopped before they arrived
+        # Guards _running and _withdrawn: a stop (the worker's loop thread) and a run
+        # (a Dask task thread) race for one key, and a stop that fell between run's
+        # check of _withdrawn and its entry in _running was lost: the attempt ran on
+        # (a copy Dask started after retiring a worker ran for its full length).
+        self._keys = threading.Lock()
+        self._torn = False  # teardown began: nothing may run here any more
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_keys"]  # the plugin travels to the workers pickled; a lock cannot
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._keys = threading.Lock()
         self._started: deque[tuple[str, float, str]] = deque()  # (key, time, where)
         self._started_due = False  # a _send_started is scheduled on the worker's loop
 
@@ -589,11 +604,18 @@ class WorkerSide(WorkerPlugin):
         """Stop the pool and its processes (running attempts are killed; idle
         processes are told to stop, so that each closes its resources first)."""
         pool, self._pool = self._pool, None
+        with self._keys:
+            self._torn = True  # a run() that is submitting now cancels its attempts
+            running = list(self._running.values())
         if pool is not None:
-            # A runner that closes has no attempt left here: its processes then exit
-            # at their stop, after closing what ctx.resources made in them (one that
-            # ignores it is killed 10 s on). A worker that leaves mid-attempt kills.
-            pool.close(cancel=bool(self._running))
+            # A runner that closes has no attempt of its own left here; one that still
+            # runs is a copy Dask started on its own (after retiring a worker) or
+            # the attempt of a worker that leaves mid-attempt: killed. The others
+            # exit at their stop, after closing what ctx.resources made in them (one
+            # that ignores it is killed 10 s on).
+            for att in running:
+                att.cancel("cancel")
+            pool.close()
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """A task left ``executing`` for ``released``/``cancelled``/``forgotten``: its
@@ -606,10 +628,11 @@ class WorkerSide(WorkerPlugin):
         that waits in the pool, and remember the others (their batch may not have
         arrived yet) so that they never start."""
         for key in keys:
-            att = self._running.get(key)
-            if att is None:
-                self._withdrawn.add(key)
-            else:
+            with self._keys:
+                att = self._running.get(key)
+                if att is None:
+                    self._withdrawn.add(key)
+            if att is not None:
                 att.cancel("cancel")
 
     def run(
@@ -632,10 +655,11 @@ class WorkerSide(WorkerPlugin):
             self._members[dask_key] = keys
         atts: list[Any] = []
         for task, key in zip(tasks, keys, strict=True):
-            if key in self._withdrawn:
-                self._withdrawn.discard(key)
-                atts.append(None)
-                continue
+            with self._keys:
+                if key in self._withdrawn:
+                    self._withdrawn.discard(key)
+                    atts.append(None)
+                    continue
 
             def on_started(pid: int | str, at: float, key: str = key) -> None:
                 self._started.append((key, at, f"{where} pid {pid}"))
@@ -651,7 +675,12 @@ class WorkerSide(WorkerPlugin):
                 state = None if task.state is None else _localize(task.state, refs)
                 task = task._replace(call=_localize(task.call, refs), state=state)
             att = pool.submit(task, False, on_started, on_event)
-            self._running[key] = att
+            with self._keys:  # a stop since the check above is in _withdrawn now
+                self._running[key] = att
+                stopped = key in self._withdrawn or self._torn
+                self._withdrawn.discard(key)
+            if stopped:
+                att.cancel("cancel")
             atts.append(att)
         try:
             # one wake-up of this thread for the batch, not one per attempt: each
@@ -659,8 +688,9 @@ class WorkerSide(WorkerPlugin):
             wait([att.future for att in atts if att is not None])
             return [self._wait(att, where) for att in atts]
         finally:
-            for key in keys:
-                self._running.pop(key, None)
+            with self._keys:
+                for key in keys:
+                    self._running.pop(key, None)
             self._members.pop(dask_key, None)
 
     def _send_started(self) -> None:
