@@ -71,7 +71,7 @@ def parse_memory(value: int | float | str) -> int:
             as in IEC 80000-13.
 
     Returns:
-        The size in bytes, rounded down to a whole byte.
+        int: the size in bytes, rounded down to a whole byte.
 
     Raises:
         ValueError: the value is negative, not finite, or not a size.
@@ -305,7 +305,7 @@ def action(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``threads``, ``validate``, ``reconcile``; see :class:`ActionSpec`.
 
     Returns:
-        An :class:`ActionSpec` (or a decorator that makes one).
+        ActionSpec: the action (or, without ``fn``, a decorator that makes one).
 
     Raises:
         ValueError: an unknown option or a bad value, naming the action and option.

@@ -177,16 +177,17 @@ class Plan:
 
         Args:
             fn: an action (``@ap.action``) or any callable (kind ``"cpu"``).
-            *args, **kwargs: its arguments. A :class:`Node` among them (also inside
+            *args: its positional arguments. A :class:`Node` among them (also inside
                 lists, tuples and dicts) is an edge, and is replaced by that node's
                 value when this node runs.
+            **kwargs: its keyword arguments, with nodes as in ``args``.
             name: a unique name for the node; by default the action's name, with
                 ``#1``, ``#2``... appended to repeats.
             after: nodes or node names this node runs after, without using their
                 values. Names may refer to nodes added later.
 
         Returns:
-            The new :class:`Node`.
+            Node: the new node.
 
         Raises:
             PlanError: ``fn`` is not callable, ``name`` is taken or not a string, or an
@@ -321,7 +322,7 @@ class Plan:
         """Resolve ``after=`` names and check the plan; called before a run.
 
         Returns:
-            The :class:`Graph` of the plan.
+            Graph: the graph of the plan.
 
         Raises:
             PlanError: an ``after=`` name that no node has (naming the node and the

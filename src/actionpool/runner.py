@@ -337,7 +337,7 @@ class Runner(Executor):
         whatever the caller does with them afterwards).
 
         Returns:
-            A :class:`concurrent.futures.Future` of the value. Its exception is the
+            Future: a :class:`concurrent.futures.Future` of the value. Its exception is the
             action's own (type, message; remote traceback as ``__cause__``), or
             :class:`~actionpool.SerializationError` naming the argument that could not
             be pickled. ``future.cancel()`` works until the call starts; a plain call
@@ -442,7 +442,7 @@ class Runner(Executor):
             **kwargs: passed to every call.
 
         Returns:
-            An iterator of results in input order. An action's exception is raised
+            Iterator: the results in input order. An action's exception is raised
             when its item is reached; the tasks still in flight are then cancelled,
             as they are by the iterator's ``close()`` (leaving a ``for`` loop early
             and dropping the iterator do the same).
@@ -729,7 +729,7 @@ class Runner(Executor):
                 ``docs/durable-runs.md``. Journals hold pickles: use only your own.
 
         Returns:
-            The report: an outcome per node in plan order, the merged state, a status.
+            Report: an outcome per node in plan order, the merged state, a status.
 
         Raises:
             PlanError: the plan has an unknown ``after=`` name or a cycle, or an

@@ -581,7 +581,7 @@ def run_tool_calls(
             runner's pools allow.
 
     Returns:
-        A :class:`ToolResults`: a list with one dict per call, in input order, in the
+        ToolResults: a list with one dict per call, in input order, in the
         shape that answers it: Chat ``{"role": "tool", "tool_call_id", "content"}``;
         Responses ``{"type": "function_call_output", "call_id", "output"}``; Anthropic
         ``{"type": "tool_result", "tool_use_id", "content", "is_error"}``; LangChain
