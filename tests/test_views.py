@@ -130,6 +130,7 @@ def test_plot_draws_a_bar_per_attempt_on_its_workers_row(report: ap.Report) -> N
 
     fig = report.plot()
     assert isinstance(fig, Figure)
+    assert fig._repr_png_().startswith(b"\x89PNG")  # how a notebook shows it
     bars = _bars(fig)
     attempts = sum(len(b) for b in bars.values())
     assert attempts == 3 + 1 + 1 + 1  # flaky's three, ok, bad, io: skipped nodes never ran
@@ -153,8 +154,9 @@ def test_plot_draws_a_bar_per_attempt_on_its_workers_row(report: ap.Report) -> N
 def test_plot_without_matplotlib_says_how_to_install_it(
     report: ap.Report, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"pip install 'actionpool\[plot\]'"):
         report.plot()
 

@@ -10,7 +10,9 @@ optional dependency (``pip install 'actionpool[plot]'``), imported only by
 
 from __future__ import annotations
 
+import functools
 import html
+import io
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -174,9 +176,6 @@ def gantt(report: Report, ax: Any = None) -> Any:
     """
     if ax is None:
         try:
-            # A notebook's kernel registers how to display a Figure once pyplot is
-            # imported; the figure itself is not pyplot's, so it is not shown twice.
-            import matplotlib.pyplot  # noqa: F401
             from matplotlib.figure import Figure
         except ImportError as exc:
             raise ImportError(
@@ -191,7 +190,9 @@ def gantt(report: Report, ax: Any = None) -> Any:
             )
     tracks = sorted(spans, key=_track_order)
     if ax is None:
-        fig = Figure(figsize=(10, max(2.0, 0.9 + 0.35 * len(tracks))), layout="constrained")
+        fig = _figure_class(Figure)(
+            figsize=(10, max(2.0, 0.9 + 0.35 * len(tracks))), layout="constrained"
+        )
         ax = fig.add_subplot()
     else:
         fig = ax.figure
@@ -217,6 +218,24 @@ def gantt(report: Report, ax: Any = None) -> Any:
     if seen:
         ax.legend(loc="upper right", fontsize="small")
     return fig
+
+
+@functools.cache
+def _figure_class(figure: type) -> type:
+    """A matplotlib ``Figure`` that a notebook shows as a PNG by itself.
+
+    Not pyplot's: pyplot would keep it open (and show it a second time in a notebook,
+    at the cell's end), and a kernel registers how to show a plain ``Figure`` only
+    where pyplot's inline backend was loaded.
+    """
+
+    class GanttFigure(figure):  # type: ignore[misc]
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+    return GanttFigure
 
 
 def _track_order(track: str) -> tuple[int, str, int]:

@@ -1,0 +1,65 @@
+"""examples/notebook.ipynb, run in a real Jupyter kernel (nbclient), cell by cell.
+
+The kernel is a child of this process with threads of its own, as every kernel has:
+the runner it makes starts its workers as fresh interpreters, and closes them before
+the notebook ends (the fixture checks that no process is left).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
+
+
+def _outputs(nb: object, source_start: str) -> list[dict]:
+    """The outputs of the code cell whose source starts with ``source_start``."""
+    (cell,) = [
+        c
+        for c in nb.cells  # type: ignore[attr-defined]
+        if c.cell_type == "code" and c.source.startswith(source_start)
+    ]
+    return list(cell.outputs)
+
+
+def _data(outputs: list[dict], mime: str) -> str:
+    found = [o["data"][mime] for o in outputs if mime in o.get("data", {})]
+    assert found, f"no {mime} output in {outputs}"
+    return str(found[-1])
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_in_a_real_kernel_without_errors(tmp_path: Path) -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError at the first cell that fails
+
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o["output_type"] == "error"], cell.source
+
+    report = _outputs(nb, "plan = ap.Plan()")
+    page = _data(report, "text/html")
+    assert "PARTIAL" in page and "part 3 is corrupt" in page
+    assert "<details>" in page  # the failure's traceback, collapsed
+    assert "<Report partial: 12 succeeded, 1 failed, 1 skipped" in _data(report, "text/plain")
+
+    expected = sum(n * n for p in range(6) if p != 3 for n in range(p * 1_000, (p + 1) * 1_000))
+    assert _data(_outputs(nb, 'report["total_without_3"]'), "text/plain") == str(expected)
+
+    png = _data(_outputs(nb, "report.plot()"), "image/png")
+    assert len(png) > 1_000  # a picture, base64
+
+    trace = json.loads((tmp_path / "run-trace.json").read_text())
+    spans = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {f"crunch{p}" for p in range(6)} <= spans
+    assert "run-trace.json" in _data(_outputs(nb, "trace = "), "text/plain")
