@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -944,6 +945,19 @@ def test_progress_true_draws_a_tqdm_bar_to_the_end(
     assert report.status is ap.RunStatus.SUCCEEDED
     err = capsys.readouterr().err
     assert "actionpool" in err and "5/5" in err
+
+
+def test_progress_without_tqdm_is_an_import_error_saying_how_to_install_it(
+    shared: ap.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [m for m in sys.modules if m == "tqdm" or m.startswith("tqdm.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    plan = ap.Plan()
+    plan.add(h.square, 2)
+    with pytest.raises(ImportError, match=r"pip install 'actionpool\[progress\]'") as info:
+        shared.run(plan, progress=True)
+    assert info.value.name == "tqdm"
 
 
 def test_an_unknown_backend_or_a_dask_option_without_dask_is_refused_clearly() -> None:

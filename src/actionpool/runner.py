@@ -717,7 +717,9 @@ class Runner(Executor):
                 failure cancels what has not started).
             on_event: called with each :class:`~actionpool.Event`, on the scheduler
                 thread.
-            progress: show a progress bar (tqdm; notebook-aware).
+            progress: show a progress bar (tqdm; notebook-aware). Without tqdm
+                installed, raises ``ImportError`` saying how to install it
+                (``pip install 'actionpool[progress]'``).
             reducers: ``{state key: fn(current, new)}`` to combine updates of a key
                 from nodes that the plan does not order.
             max_parallel: at most this many of the run's attempts in flight at once
@@ -978,4 +980,6 @@ def _with_progress(inner: Callable[[Event], Any] | None, total: int) -> Callable
     try:
         return _Progress(inner, total)
     except ImportError as exc:
-        raise PlanError("progress=True needs tqdm: pip install 'actionpool[progress]'") from exc
+        raise ImportError(
+            "progress=True needs tqdm: pip install 'actionpool[progress]'", name="tqdm"
+        ) from exc
