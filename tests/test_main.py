@@ -29,6 +29,15 @@ def test_info_prints_the_sizing_and_why() -> None:
     assert "loky.cpu_count" in out.stdout
 
 
+@pytest.mark.parametrize(("portable", "path"), [("1", "portable"), ("0", "zygote")])
+def test_info_says_which_process_path_cpu_actions_take(portable: str, path: str) -> None:
+    if path == "zygote" and sys.platform != "linux":
+        pytest.skip("the zygote path is Linux's")
+    out = run("info", env={"ACTIONPOOL_PORTABLE": portable})
+    assert out.returncode == 0, out.stderr
+    assert f"cpu actions: worker processes on the {path} path" in out.stdout
+
+
 def test_info_dask_prints_the_clusters_sizing(dask_client: object) -> None:
     address = dask_client.scheduler.address  # type: ignore[attr-defined]
     out = run("info", "--dask", address)

@@ -201,3 +201,18 @@ def test_chrome_trace_without_a_path_is_a_dict_shown_as_one_line(report: ap.Repo
     shown = repr(trace)
     assert shown.startswith("<ChromeTrace of ") and "\n" not in shown and len(shown) < 200
     assert json.loads(json.dumps(trace)) == dict(trace)
+
+
+def test_a_crashed_attempt_that_was_retried_is_in_the_history(tmp_path: Path) -> None:
+    from tests import fault_actions as fa
+
+    again = ap.action(fa.crash_first_time, retries=1, retry_on=(ap.WorkerCrashed,))
+    plan = ap.Plan()
+    plan.add(again, str(tmp_path / "flag"), name="crashy")
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        out = r.run(plan).outcome("crashy")
+    assert (out.status, out.attempts) == (ap.Status.SUCCEEDED, 2)
+    (first,) = out.history
+    assert first.status is ap.Status.CRASHED
+    assert isinstance(first.error, ap.WorkerCrashed)
+    assert first.pool == "cpu" and first.worker != out.worker  # a fresh worker ran it again
