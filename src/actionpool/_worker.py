@@ -579,7 +579,7 @@ def process_main(fd: int, page_fd: int = -1, slot: int = 0) -> None:
     _serve(Connection(fd), page, _link.START.size * slot)
 
 
-def portable_main(conn: Any, blas_threads: int) -> None:
+def portable_main(conn: Any, blas_threads: int, page_fd: int = -1, slot: int = 0) -> None:
     """The loop of a CPU worker process on the portable path; returns when told to stop.
 
     Started as a fresh interpreter by loky's process backend
@@ -587,18 +587,24 @@ def portable_main(conn: Any, blas_threads: int) -> None:
     environment (BLAS caps) already in its environment. It leaves the parent's
     session first, as a zygote's worker does: it then leads its own process group,
     which a kill (hard timeout, cancel) ends with whatever its actions started, and a
-    terminal's Ctrl-C reaches only the parent. There is no start page: the pool asks
-    for a STARTED message with every task.
+    terminal's Ctrl-C reaches only the parent.
 
     Args:
         conn: the worker's end of its stream socket, a ``multiprocessing``
             ``Connection`` (length-prefixed frames).
         blas_threads: the BLAS/OpenMP thread cap (:func:`init_process`).
+        page_fd: the pool's start page (-1: none; then the pool asks for a STARTED
+            message with every task), as for :func:`process_main`.
+        slot: this worker's slot in the page.
     """
     os.setsid()
+    page: mmap.mmap | None = None
+    if page_fd >= 0:
+        page = mmap.mmap(page_fd, _link.START.size * (slot + 1))
+        os.close(page_fd)
     init_process(blas_threads)
     _batch_policy()
-    _serve(conn, None, 0)
+    _serve(conn, page, _link.START.size * slot)
     # Now, as a zygote's worker does: the interpreter's own exit would first let the
     # watchdog see the pool close its end of the socket, and kill this process group.
     for stream in (sys.stdout, sys.stderr):

@@ -10,13 +10,15 @@ attempt states, kills, crash handling and recycling; only three things differ:
   macOS and Linux, which is safe in a parent that runs threads, and imports nothing of
   the parent's ``__main__``), running :func:`actionpool._worker.portable_main`. There
   is no zygote, so each start, first or replacement, costs an interpreter's start.
+  The pool's start page is an unlinked temporary file (no memfd) whose descriptor
+  each worker inherits, so an attempt nobody watches costs no "started" message, as
+  on the zygote path.
 * **link**: a ``multiprocessing`` ``Connection`` over an ``AF_UNIX`` ``SOCK_STREAM``
   socket pair (length-prefixed frames; no ``SOCK_SEQPACKET``), read on the pool's
   asyncio loop with ``add_reader`` (kqueue on macOS; no epoll set of our own, no
   eventfd), so a thread waiting for a direct call's result leaves the read to the loop.
 * **exit**: each worker's death is seen through its process's ``sentinel`` (a pipe
-  that closes when the process ends; no pidfd, no ``waitid``), on the same loop. There
-  is no start page (no memfd): every task asks its worker for a STARTED message.
+  that closes when the process ends; no pidfd, no ``waitid``), on the same loop.
 
 Data flow::
 
@@ -35,13 +37,49 @@ used under the pool's lock, like the zygote path's ``_Spawner``.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
+import tempfile
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _worker
 
-__all__ = ["_LokySpawner"]
+__all__ = ["_LokySpawner", "start_page_file"]
+
+
+def start_page_file(size: int) -> int:
+    """A descriptor of ``size`` zero bytes to map as a pool's start page: a temporary
+    file, unlinked at once (nothing to clean up, whatever ends this process).
+
+    Raises:
+        OSError: the temporary directory refused the file.
+    """
+    fd, path = tempfile.mkstemp(prefix="actionpool-starts-")
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _InheritedFd:
+    """A descriptor that a loky-started worker receives as an argument: loky passes it
+    to the child at its start (multiprocessing's ``DupFd``, as for a ``Connection``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.reduction import DupFd
+
+        return (_inherited, (DupFd(self.fd),))
+
+
+def _inherited(dup: Any) -> int:
+    return int(dup.detach())
 
 
 class _LokySpawner:
@@ -52,13 +90,18 @@ class _LokySpawner:
     zygote = None
     first = None
 
-    def __init__(self, env: dict[str, str], blas_threads: int, free_slots: list[int]) -> None:
+    def __init__(
+        self, env: dict[str, str], blas_threads: int, page_fd: int, free_slots: list[int]
+    ) -> None:
         """
         Args:
             env: environment overrides for every worker (``sizing.worker_env``).
             blas_threads: the BLAS/OpenMP cap of every worker.
-            free_slots: the pool's free worker slots (shared with the pool).
+            page_fd: the pool's start page (-1: none), handed to each worker.
+            free_slots: the pool's free start-page slots (shared with the pool: a
+                worker's slot goes back to it when the pool handles its death).
         """
+        self.page_fd = page_fd
         from loky.backend import get_context
 
         self.env = env
@@ -82,10 +125,12 @@ class _LokySpawner:
         # start alone (under the pool's lock, the one place that starts our workers).
         config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
         daemon = config.get("daemon")
+        slot = self.free_slots[-1]
+        page = _InheritedFd(self.page_fd) if self.page_fd >= 0 else -1
         try:
             process = self._context.Process(
                 target=_worker.portable_main,
-                args=(child, self.blas_threads),
+                args=(child, self.blas_threads, page, slot),
                 env=self.env,
                 name="actionpool-worker",
             )
@@ -100,7 +145,10 @@ class _LokySpawner:
             else:
                 config["daemon"] = daemon
             child.close()  # the worker has its own copy now
-        return process.pid, conn, self.free_slots.pop(), process
+            if self.page_fd >= 0:  # loky made it inheritable for this start alone
+                os.set_inheritable(self.page_fd, False)
+        self.free_slots.pop()
+        return process.pid, conn, slot, process
 
     # ---- the rest of the spawner's interface: nothing to do on this path ------------------
 

@@ -80,7 +80,7 @@ from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
 from . import NotStarted
-from .portable import _LokySpawner
+from .portable import _LokySpawner, start_page_file
 from .readers import _READ_HERE, Found, WorkerReader
 from .zygote_client import (
     WORKER_START_MODES,
@@ -312,16 +312,21 @@ class ProcessPool:
         # an attempt, read here only when a worker died or is being killed.
         self._page_fd = -1
         self._page: mmap.mmap | None = None
-        if hasattr(os, "memfd_create") and not portable:  # elsewhere every attempt is announced
+        if portable:  # no memfd (macOS): an unlinked temporary file, shared the same way
+            self._page_fd = start_page_file(_link.START.size * size)
+        elif hasattr(os, "memfd_create"):  # elsewhere every attempt is announced
             self._page_fd = os.memfd_create("actionpool-starts", os.MFD_CLOEXEC)
             os.ftruncate(self._page_fd, _link.START.size * size)
+        if self._page_fd >= 0:
             self._page = mmap.mmap(self._page_fd, _link.START.size * size)
         self._free_slots = list(range(size - 1, -1, -1))
         # its zygotes and the first worker, if this process forks it (zygote_client);
         # on the portable path, loky's processes
         self._spawner: _Spawner | _LokySpawner
         if portable:
-            self._spawner = _LokySpawner(worker_env(blas_threads), blas_threads, self._free_slots)
+            self._spawner = _LokySpawner(
+                worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
+            )
         else:
             self._spawner = _Spawner(
                 worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
