@@ -40,12 +40,15 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _worker
 
 __all__ = ["_LokySpawner", "start_page_file"]
+
+_STARTING = threading.Lock()  # held while a worker starts with the daemon flag lifted
 
 
 def start_page_file(size: int) -> int:
@@ -122,31 +125,34 @@ class _LokySpawner:
         # distributed.worker.daemon), lest they outlive it when it is ended abruptly.
         # Ours cannot: each watches its socket to this process and kills its own group
         # when it closes (actionpool._worker._watch_parent). The flag is lifted for the
-        # start alone (under the pool's lock, the one place that starts our workers).
-        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-        daemon = config.get("daemon")
+        # start alone, under a lock of this module's: two pools (two runners on one
+        # Dask worker) may start workers at once, and one must not take the other's
+        # lifted flag for the original.
         slot = self.free_slots[-1]
         page = _InheritedFd(self.page_fd) if self.page_fd >= 0 else -1
-        try:
-            process = self._context.Process(
-                target=_worker.portable_main,
-                args=(child, self.blas_threads, page, slot),
-                env=self.env,
-                name="actionpool-worker",
-            )
-            config["daemon"] = False
-            process.start()
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            if daemon is None:
-                config.pop("daemon", None)
-            else:
-                config["daemon"] = daemon
-            child.close()  # the worker has its own copy now
-            if self.page_fd >= 0:  # loky made it inheritable for this start alone
-                os.set_inheritable(self.page_fd, False)
+        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+        with _STARTING:
+            daemon = config.get("daemon")
+            try:
+                process = self._context.Process(
+                    target=_worker.portable_main,
+                    args=(child, self.blas_threads, page, slot),
+                    env=self.env,
+                    name="actionpool-worker",
+                )
+                config["daemon"] = False
+                process.start()
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                if daemon is None:
+                    config.pop("daemon", None)
+                else:
+                    config["daemon"] = daemon
+                child.close()  # the worker has its own copy now
+                if self.page_fd >= 0:  # loky made it inheritable for this start alone
+                    os.set_inheritable(self.page_fd, False)
         self.free_slots.pop()
         return process.pid, conn, slot, process
 
