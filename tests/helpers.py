@@ -115,6 +115,16 @@ class Unpicklable:
         self.lock = threading.Lock()
 
 
+def hide_package(monkeypatch: Any, package: str) -> None:
+    """Make ``package`` and its submodules fail to import for the rest of the test,
+    as if it were not installed (already imported ones included)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that whoever sees the file sees all of it.
 

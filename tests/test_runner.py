@@ -10,7 +10,6 @@ import itertools
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -950,9 +949,7 @@ def test_progress_true_draws_a_tqdm_bar_to_the_end(
 def test_progress_without_tqdm_is_an_import_error_saying_how_to_install_it(
     shared: ap.Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in [m for m in sys.modules if m == "tqdm" or m.startswith("tqdm.")]:
-        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    monkeypatch.setitem(sys.modules, "tqdm", None)
+    h.hide_package(monkeypatch, "tqdm")
     plan = ap.Plan()
     plan.add(h.square, 2)
     with pytest.raises(ImportError, match=r"pip install 'actionpool\[progress\]'") as info:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,9 +153,7 @@ def test_plot_draws_a_bar_per_attempt_on_its_workers_row(report: ap.Report) -> N
 def test_plot_without_matplotlib_says_how_to_install_it(
     report: ap.Report, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
-        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    h.hide_package(monkeypatch, "matplotlib")
     with pytest.raises(ImportError, match=r"pip install 'actionpool\[plot\]'"):
         report.plot()
 
