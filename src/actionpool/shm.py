@@ -27,6 +27,7 @@ from typing import Any
 import cloudpickle
 
 from ._threads import in_parallel
+from .platforms import PORTABLE_ENV
 from .transfer import PROTOCOL, Packed, _plain, dumps
 
 try:  # POSIX shared memory: absent on Windows, where arrays travel in the pickle
@@ -42,7 +43,7 @@ runner sends every buffer inside its pickle (``shm_threshold`` is ignored)."""
 # capacity with posix_fallocate; macOS's shared-memory objects take neither read/write
 # calls nor fallocate, only a mapping, which the portable path (ACTIONPOOL_PORTABLE=1,
 # see actionpool.platforms) also uses on Linux so that the way macOS takes is tested.
-_SYSCALL_WRITES = sys.platform.startswith("linux") and os.environ.get("ACTIONPOOL_PORTABLE") != "1"
+_SYSCALL_WRITES = sys.platform.startswith("linux") and os.environ.get(PORTABLE_ENV) != "1"
 
 NAME_MAX = 31
 """The longest shared-memory name macOS accepts (``PSHMNAMLEN``), leading ``/``
