@@ -1,24 +1,42 @@
-"""The command line: ``python -m actionpool info`` and ``demo`` on real input."""
+"""The command line: ``python -m actionpool info`` and ``demo`` on real input, with
+progress on stderr."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 def run(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    *args: str,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    setup: str = "",
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m actionpool ARGS`` in a fresh interpreter; with ``setup``, that code
+    runs first in the interpreter (to hide a package, say) and then the same CLI."""
+    cmd = (
+        ["-c", f"import sys; {setup}; from actionpool.__main__ import main; sys.exit(main())"]
+        if setup
+        else ["-m", "actionpool"]
+    )
     return subprocess.run(
-        [sys.executable, "-m", "actionpool", *args],
+        [sys.executable, *cmd, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
     )
+
+
+HIDE = "sys.modules.update(dict.fromkeys({names}))"
+"""``setup`` code for :func:`run`: the named modules fail to import, as if not installed."""
 
 
 def test_info_prints_the_sizing_and_why() -> None:
@@ -53,7 +71,8 @@ def test_info_dask_names_an_unreachable_address() -> None:
     assert "could not reach the Dask scheduler at 'tcp://127.0.0.1:9' within 2s" in out.stderr
 
 
-def test_demo_on_part_of_the_stdlib() -> None:
+def test_demo_on_part_of_the_stdlib_with_a_tqdm_bar_per_phase() -> None:
+    pytest.importorskip("tqdm")
     out = run("demo", "--limit", "150", "--batch-bytes", "100000")
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -63,6 +82,23 @@ def test_demo_on_part_of_the_stdlib() -> None:
     assert "ten most complex modules" in text
     assert "serial time of the same work" in text and "speedup:" in text
     assert "parallel and serial results agree" in text
+    # the bars went to stderr, each drawn to the end
+    assert "parallel: 100%" in out.stderr and "serial: 100%" in out.stderr
+    assert out.stderr.count("150/150") >= 2
+
+
+def test_demo_without_tqdm_prints_plain_progress_lines_per_phase() -> None:
+    """With the line interval at 0, a line per batch: the progress moves per batch."""
+    setup = HIDE.format(names="['tqdm']") + "; import actionpool.demo as d; d.PLAIN_EVERY_S = 0"
+    out = run("demo", "--limit", "60", "--batch-bytes", "100000", setup=setup)
+    assert out.returncode == 0, out.stderr
+    assert "parallel and serial results agree" in out.stdout
+    batches = int(out.stdout.split(" batches;")[0].rsplit(" ", 1)[1])
+    for phase in ("parallel", "serial"):
+        lines = [x for x in out.stderr.splitlines() if x.startswith(f"{phase}: ")]
+        assert len(lines) == batches + 1, out.stderr  # one per batch, then the last count
+        assert lines[-1].startswith(f"{phase}: 60/60 files in ")
+        assert all(x.endswith(" s)") for x in lines[:-1]) and lines[0] != lines[-2]
 
 
 @pytest.mark.slow

@@ -21,15 +21,50 @@ import ast
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 from .action import action
+from .events import Event
 from .plan import Plan
-from .runner import Runner
 
-__all__ = ["ModuleStats", "Summary", "analyse_batch", "analyse_source", "main", "read_batch"]
+__all__ = [
+    "DESCRIPTION",
+    "ModuleStats",
+    "Progress",
+    "Summary",
+    "add_arguments",
+    "analyse_batch",
+    "analyse_source",
+    "main",
+    "read_batch",
+    "run",
+]
+
+DESCRIPTION = """\
+Measure every .py file of this interpreter's standard library (or of --path) in
+parallel, then do the same work serially in this process and print the speedup.
+
+One plan:
+
+    read_batch (io) --> analyse_batch (cpu) --.
+    read_batch (io) --> analyse_batch (cpu) --+--> aggregate (cpu, fan-in)
+    ...                                     --'
+
+io actions read the files in batches of about --batch-bytes; cpu actions parse
+each batch with ast and measure every module (functions, classes, lines, deepest
+nesting, a cyclomatic-complexity estimate); the fan-in adds up the totals and
+picks the ten most complex modules. Files that do not parse (the standard library
+ships a few on purpose, as test data) are counted and named.
+
+Progress of both phases goes to stderr: a tqdm bar when tqdm is installed
+(pip install 'actionpool[progress]'), else a line every few seconds."""
+"""The demo's ``--help`` text (the module docstring is reST, for the API reference)."""
+
+PLAIN_EVERY_S = 2.0
+"""Seconds between two plain progress lines (without tqdm)."""
 
 # Decision points of McCabe's cyclomatic complexity (T. J. McCabe, "A Complexity
 # Measure", IEEE TSE 1976), estimated from the AST the way the radon/mccabe tools do:
@@ -208,9 +243,76 @@ def build_plan(root: Path, batches: list[list[str]]) -> tuple[Plan, object]:
     return plan, total
 
 
-def run_serial(root: Path, batches: list[list[str]]) -> Summary:
-    """The same work as the plan, one step after another in this process."""
-    results = [analyse_batch.fn(read_batch.fn(str(root), paths)) for paths in batches]
+class Progress:
+    """Files measured so far in one phase of the demo, shown on ``stream`` (stderr): a
+    tqdm bar when tqdm is installed (``actionpool[progress]``), else a plain line every
+    :data:`PLAIN_EVERY_S` seconds (``serial: 1200/4000 files (4 s)``) and one at the end.
+
+    The phases call :meth:`add` once per batch of files, never per file, so a timed
+    phase pays for about one call per batch: a clock read, and a line only when one is
+    due (tqdm throttles its redraws the same way, every ``mininterval``).
+
+    Threads: ``add`` comes from one thread at a time (the runner's scheduler thread,
+    through ``on_event``, in the parallel phase; the main thread in the serial one);
+    ``close`` once the phase has ended. No lock.
+
+    Args:
+        phase: the label, ``"parallel"`` or ``"serial"``.
+        total: files in the phase.
+        stream: where it goes (default: ``sys.stderr`` at the time of the call).
+    """
+
+    def __init__(self, phase: str, total: int, stream: TextIO | None = None) -> None:
+        self.phase = phase
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.t0 = time.monotonic()
+        self.next_line = self.t0 + PLAIN_EVERY_S
+        self.bar: Any = None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, desc=phase, unit="files", file=self.stream)
+
+    def add(self, files: int) -> None:
+        """``files`` more have been measured."""
+        self.done += files
+        if self.bar is not None:
+            self.bar.update(files)
+            return
+        now = time.monotonic()
+        if now >= self.next_line:
+            self.next_line = now + PLAIN_EVERY_S
+            print(
+                f"{self.phase}: {self.done}/{self.total} files ({now - self.t0:.0f} s)",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        """The last count: the bar drawn full, or a final line."""
+        if self.bar is not None:
+            self.bar.close()
+            return
+        print(
+            f"{self.phase}: {self.done}/{self.total} files in {time.monotonic() - self.t0:.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def run_serial(
+    root: Path, batches: list[list[str]], on_batch: Callable[[int], Any] | None = None
+) -> Summary:
+    """The same work as the plan, one step after another in this process;
+    ``on_batch(files)`` after each batch."""
+    results = []
+    for paths in batches:
+        results.append(analyse_batch.fn(read_batch.fn(str(root), paths)))
+        if on_batch is not None:
+            on_batch(len(paths))
     summary: Summary = aggregate.fn(results)
     return summary
 
@@ -219,33 +321,62 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; returns the exit status (0: parallel and serial results agree)."""
-    parser = argparse.ArgumentParser(prog="python -m actionpool demo", description=__doc__)
-    parser.add_argument("--path", type=Path, default=None, help="tree to analyse (default: stdlib)")
-    parser.add_argument("--limit", type=int, default=None, help="analyse only the first N files")
-    parser.add_argument("--batch-bytes", type=int, default=512 * 1024, help="bytes per batch")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, on ``parser`` (its own, or ``python -m actionpool demo``'s)."""
+    parser.add_argument(
+        "--path", type=Path, default=None, help="tree to analyse (default: the standard library)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="analyse only the first N files"
+    )
+    parser.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=512 * 1024,
+        metavar="BYTES",
+        help="bytes of files per batch, one io and one cpu action each (default: 524288)",
+    )
     parser.add_argument("--no-serial", action="store_true", help="skip the serial comparison")
-    args = parser.parse_args(argv)
+
+
+def _error(message: str) -> int:
+    print(f"python -m actionpool demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with parsed :func:`add_arguments` options; returns the exit status
+    (0: parallel and serial results agree; 2: bad ``--path``)."""
+    from .runner import Runner  # here: ``--help`` and ``--version`` need not import it
 
     root = (args.path or Path(sysconfig.get_paths()["stdlib"])).resolve()
     if not root.is_dir():
-        parser.error(f"--path {root} is not a directory")
+        return _error(f"--path {root} is not a directory")
+    print(f"actionpool demo: Python {sys.version.split()[0]}, analysing {root}", flush=True)
     files = find_sources(root, args.limit)
     if not files:
-        parser.error(f"no .py files under {root}")
+        return _error(f"no .py files under {root}")
     batches = make_batches(files, args.batch_bytes)
     for paths in batches:  # warm the page cache so neither timing pays for the first read
         read_batch.fn(str(root), paths)
 
-    print(f"actionpool demo: Python {sys.version.split()[0]} standard library at {root}")
     plan, total = build_plan(root, batches)
+    sizes = {f"analyse{i}": len(paths) for i, paths in enumerate(batches)}
     t0 = time.perf_counter()
     with Runner() as runner:
-        print(f"sizing: {runner.sizing.reason}")
+        print(f"sizing: {runner.sizing}", flush=True)  # 'info' prints why
+        # made after the runner: tqdm starts a monitor thread, and a runner made while
+        # this process runs one thread forks its zygote from it, the fast start
+        progress = Progress("parallel", len(files))
+
+        def on_event(event: Event) -> None:
+            if event.kind == "finished" and event.name in sizes:
+                progress.add(sizes[event.name])
+
         t1 = time.perf_counter()
-        report = runner.run(plan)
+        report = runner.run(plan, on_event=on_event)
         t2 = time.perf_counter()
+        progress.close()
     t3 = time.perf_counter()
     report.raise_for_failures()
     summary: Summary = report[total]  # type: ignore[index]
@@ -274,12 +405,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {m.complexity:6,}  {m.path}  ({m.lines:,} lines, {m.functions} functions,"
             f" nesting {m.max_nesting})"
         )
-    print(f"wall time: {wall:.2f} s for the run ({t3 - t0:.2f} s with pool start and shutdown)")
+    print(
+        f"wall time: {wall:.2f} s for the run ({t3 - t0:.2f} s with pool start and shutdown)",
+        flush=True,
+    )
     if args.no_serial:
         return 0
+    progress = Progress("serial", len(files))
     s0 = time.perf_counter()
-    serial = run_serial(root, batches)
+    serial = run_serial(root, batches, progress.add)
     serial_s = time.perf_counter() - s0
+    progress.close()
     print(f"serial time of the same work, same run: {serial_s:.2f} s")
     print(
         f"speedup: {serial_s / wall:.2f}x on {runner.sizing.cpu_workers} cpu workers"
@@ -290,3 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print("parallel and serial results agree")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo from its command line; returns the exit status (see :func:`run`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m actionpool demo",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
