@@ -1,9 +1,10 @@
-"""The command line: ``python -m actionpool info`` and ``demo`` on real input, with
-progress on stderr."""
+"""The command line: ``python -m actionpool info`` (a table, lines under 100 characters)
+and ``demo`` on real input, with progress on stderr."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +40,75 @@ HIDE = "sys.modules.update(dict.fromkeys({names}))"
 """``setup`` code for :func:`run`: the named modules fail to import, as if not installed."""
 
 
-def test_info_prints_the_sizing_and_why() -> None:
+def flat(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces as one space: what ``info``
+    says, however its table wrapped it."""
+    return " ".join(text.split())
+
+
+def test_info_prints_the_sizing_as_a_table_with_each_reason_under_its_row() -> None:
     out = run("info")
     assert out.returncode == 0, out.stderr
-    for text in ("cpu_workers=", "io_workers=", "blas_threads=", "memory_budget=", "physical"):
-        assert text in out.stdout
-    assert "loky.cpu_count" in out.stdout
+    lines = out.stdout.splitlines()
+    start = lines.index("sizing (this machine):")
+    rows = [line.split()[:2] for line in lines[start + 1 :] if not line.startswith("    ")]
+    labels = [" ".join(r) for r in rows[:5]]
+    assert labels == ["cpu workers", "io workers", "memory budget", "BLAS threads", "cpu path"]
+    text = flat(out.stdout)
+    # each reason under its row, without repeating the row's name
+    assert re.search(r"cpu workers \d+ (= min\(|from ACTIONPOOL_CPU_WORKERS)", text), text
+    assert "physical cores [loky.cpu_count, affinity+cgroups]" in text
+    assert "memory budget" in text and "% of" in text and "cpu_workers=" not in text
+    assert "loky.cpu_count" in out.stdout and "physical" in out.stdout
+    assert "versions: loky" in out.stdout
+
+
+def test_info_lines_are_all_under_100_characters() -> None:
+    out = run("info", env={"ACTIONPOOL_CPU_WORKERS": "3"})
+    assert out.returncode == 0, out.stderr
+    long = [line for line in out.stdout.splitlines() if len(line) >= 100]
+    assert not long, long
+    assert "cpu workers    3" in out.stdout and "from ACTIONPOOL_CPU_WORKERS" in out.stdout
+
+
+def test_the_sizing_table_wraps_long_reasons_and_keeps_quantities_whole() -> None:
+    from actionpool.__main__ import sizing_table
+    from actionpool.sizing import Sizing
+
+    cgroup = "/sys/fs/cgroup/" + "kubepods.slice/" * 8 + "memory.max"  # one 130-char word
+    sizing = Sizing(
+        cpu_workers=4,
+        io_workers=64,
+        memory_budget=3 * 2**30,
+        blas_threads=2,
+        reason="; ".join(
+            [
+                "8 usable cores: this runner was made inside an action of another runner's"
+                " worker process, which may use 8 (its threads=)",
+                "cpu_workers=4 = min(8 physical cores [loky.cpu_count, affinity+cgroups], 4 ="
+                " budget 3.0 GiB / worker 700.0 MiB [measured]), limited by memory budget /"
+                " worker footprint",
+                "blas_threads=2 = 8 usable cores // 4 cpu workers",
+                "io_workers=64 = max(32, 8 x 8 usable cores)",
+                f"memory_budget=3.0 GiB = 80% of 3.8 GiB = cgroup v2 limit 4.0 GiB - usage"
+                f" 0.2 GiB [{cgroup}], below the host's 60.0 GiB available [psutil]",
+            ]
+        ),
+        usable_cores=8,
+        physical_cores=8,
+        available_memory=int(3.8 * 2**30),
+        worker_footprint=700 * 2**20,
+    )
+    lines = sizing_table(sizing, ("zygote", "worker processes forked from a zygote process"))
+    assert all(len(line) < 100 for line in lines), lines
+    assert lines[0] == "sizing (this machine):"
+    assert lines[1] == "  cpu workers    4"
+    assert lines[2].startswith("    = min(8 physical cores")
+    assert "  memory budget  3.0 GiB" in lines and "  cpu path       zygote" in lines
+    text = "\n".join(lines)
+    assert "700.0 MiB" in text  # a number and its unit never split over two lines
+    assert cgroup in "".join(line.strip() for line in lines)  # broken, not cut off
+    assert "  note" in text and "this runner was made inside an action" in flat(text)
 
 
 @pytest.mark.parametrize(("portable", "path"), [("1", "portable"), ("0", "zygote")])
@@ -53,15 +117,19 @@ def test_info_says_which_process_path_cpu_actions_take(portable: str, path: str)
         pytest.skip("the zygote path is Linux's")
     out = run("info", env={"ACTIONPOOL_PORTABLE": portable})
     assert out.returncode == 0, out.stderr
-    assert f"cpu actions: worker processes on the {path} path" in out.stdout
+    assert f"  cpu path       {path}\n" in out.stdout
+    assert "worker processes" in out.stdout
+    if portable == "1":
+        assert "ACTIONPOOL_PORTABLE=1 forces it" in out.stdout
 
 
 def test_info_dask_prints_the_clusters_sizing(dask_client: object) -> None:
     address = dask_client.scheduler.address  # type: ignore[attr-defined]
     out = run("info", "--dask", address)
     assert out.returncode == 0, out.stderr
-    assert "dask: 3 workers, cpu_workers=3 threads" in out.stdout
-    assert f"3 threads of 3 Dask workers of the cluster at {address}" in out.stdout
+    assert out.stdout.startswith("sizing (dask, 3 workers):\n  cpu workers    3\n")
+    assert f"3 threads of 3 Dask workers of the cluster at {address}" in flat(out.stdout)
+    assert all(len(line) < 100 for line in out.stdout.splitlines()), out.stdout
 
 
 def test_info_dask_names_an_unreachable_address() -> None:
