@@ -1,15 +1,22 @@
-"""The command line: ``python -m actionpool info`` (a table, lines under 100 characters)
-and ``demo`` on real input, with progress on stderr."""
+"""The command line: ``python -m actionpool`` (``--version``, every ``--help``),
+``info``, ``demo`` on real input, and ``bench`` found, or not, as an installed wheel
+sees it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import actionpool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(
@@ -44,6 +51,38 @@ def flat(text: str) -> str:
     """``text`` with its line breaks and runs of spaces as one space: what ``info``
     says, however its table wrapped it."""
     return " ".join(text.split())
+
+
+def test_version_prints_the_package_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"actionpool {actionpool.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [
+        ((), ["info", "demo", "bench", "--version"]),
+        (("info",), ["--dask ADDRESS", "ACTIONPOOL_CPU_WORKERS", "ACTIONPOOL_PORTABLE"]),
+        (("demo",), ["--path", "--limit N", "--batch-bytes BYTES", "--no-serial", "tqdm"]),
+        (
+            ("bench",),
+            ["--quick", "--full", "--out DIR", "--benchmarks DIR", "--workloads", "--only",
+             "actionpool[bench]", "clone of the repository", "nox -s bench"],
+        ),
+    ],
+)  # fmt: skip
+def test_every_help_exits_0_and_names_its_options(
+    command: tuple[str, ...], names: list[str]
+) -> None:
+    out = run(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for name in names:
+        assert name in flat(text), name
+    # plain text: no reST markup of a docstring, no paragraph run into one line
+    assert "``" not in text and ":mod:" not in text
+    assert all(len(line) < 100 for line in text.splitlines()), text
 
 
 def test_info_prints_the_sizing_as_a_table_with_each_reason_under_its_row() -> None:
@@ -191,6 +230,58 @@ def test_demo_rejects_a_missing_path(tmp_path: object) -> None:
 def test_unknown_command() -> None:
     out = run("frobnicate")
     assert out.returncode == 2
+
+
+def test_unknown_option_of_info_or_demo_is_an_error() -> None:
+    out = run("info", "--frobnicate")
+    assert out.returncode == 2 and "unrecognized arguments: --frobnicate" in out.stderr
+
+
+def test_bench_without_the_benchmarks_folder_exits_2_saying_where_to_get_it(
+    tmp_path: Path,
+) -> None:
+    """As an installed wheel: the package imported from a folder with no benchmarks/
+    beside it, run from a folder without one either."""
+    site = tmp_path / "site"
+    shutil.copytree(
+        ROOT / "src" / "actionpool",
+        site / "actionpool",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    out = run("bench", env={"PYTHONPATH": str(site)}, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    err = flat(out.stderr)
+    assert f"not found (looked in {tmp_path / 'benchmarks'})" in err  # and not in ROOT
+    assert "It is not part of the installed package" in err
+    assert "clone of the repository" in err
+    assert "pip install -e '.[bench]' python -m actionpool bench" in err
+    assert out.stdout == ""
+
+
+def test_bench_with_a_folder_that_is_not_the_suite_exits_2(tmp_path: Path) -> None:
+    out = run("bench", "--benchmarks", str(tmp_path))
+    assert out.returncode == 2
+    assert f"--benchmarks {tmp_path} does not hold it" in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_the_quick_suite_from_the_source_tree_and_names_missing_peers(
+    tmp_path: Path,
+) -> None:
+    """From another folder: the suite is found beside the editable install's source;
+    mpire and pebble hidden, the command says how to install them and goes on."""
+    out = run(
+        "bench", "--workloads", "W10", "--rounds", "1", "--small-sizes", "1000",
+        "--no-dask", "--no-ray", "--out", str(tmp_path / "out"),
+        setup=HIDE.format(names="['mpire', 'pebble']"), cwd=tmp_path, timeout=110,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    err = flat(out.stderr)
+    assert "not installed: mpire, pebble" in err and "pip install 'actionpool[bench]'" in err
+    assert f"running {ROOT / 'benchmarks' / 'suite.py'} --quick --out {tmp_path / 'out'}" in err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["args"]["quick"] is True
+    assert {e["library"] for e in data["W10"]} >= {"actionpool", "multiprocessing"}
 
 
 def test_analyse_source_measures_a_module() -> None:
