@@ -139,7 +139,7 @@ def test_the_sizing_table_wraps_long_reasons_and_keeps_quantities_whole() -> Non
         worker_footprint=700 * 2**20,
     )
     lines = sizing_table(sizing, ("zygote", "worker processes forked from a zygote process"))
-    assert all(len(line) < 100 for line in lines), lines
+    assert all(len(line) < 100 and line == line.rstrip() for line in lines), lines
     assert lines[0] == "sizing (this machine):"
     assert lines[1] == "  cpu workers    4"
     assert lines[2].startswith("    = min(8 physical cores")

@@ -107,7 +107,7 @@ def sizing_table(sizing: Sizing, path: tuple[str, str] | None = None) -> list[st
         out.append(f"  {'cpu path':<15}{path[0]}")
         out += _wrap(path[1], 4)
     for note in notes:
-        out.append(f"  {'note':<15}")
+        out.append("  note")
         out += _wrap(note, 4)
     return out
 
