@@ -560,7 +560,7 @@ def test_map_of_a_list_tuple_or_range_sends_slices_with_the_same_results(
     seq = make(xs)
     it = shared.map(h.square, seq, chunksize=5)
     assert next(it) == 0
-    in_flight = [chunk for _, chunk, _ in it._tasks.gi_frame.f_locals["pending"]]
+    in_flight = [call[1] for call in it._tasks.gi_frame.f_locals["pending"]]
     sliced = type(seq) in (list, tuple, range)
     assert in_flight and {type(c) for c in in_flight} == ({type(seq)} if sliced else {list})
     assert list(it) == [i * i for i in xs[1:]]

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 from typing import Any, TypeVar, overload
 
 from .resources import Resources
@@ -353,6 +354,9 @@ def _is_static(fn: Any) -> bool:
 def as_spec(fn: Any) -> ActionSpec:
     """The :class:`ActionSpec` for ``fn``: itself when declared, defaults otherwise.
 
+    ``functools.partial(action, ...)`` of a declared action keeps its options (but
+    for positional arguments bound to an action that takes a Context).
+
     Specs of plain callables are cached (a hot ``submit`` loop builds one once), never
     keeping the callable alive longer than its own module or its caller would.
 
@@ -361,6 +365,12 @@ def as_spec(fn: Any) -> ActionSpec:
     """
     if isinstance(fn, ActionSpec):
         return fn
+    if isinstance(fn, partial) and isinstance(fn.func, ActionSpec):
+        # a declared action with some arguments bound keeps its options; bound
+        # positional arguments of one that takes a Context would come before it
+        inner = fn.func
+        if not (inner.wants_context and fn.args):
+            return ActionSpec(fn=partial(inner.fn, *fn.args, **fn.keywords), **inner.options())
     try:
         spec = _DEFAULT_SPECS.get(fn) or _LIVE_SPECS.get(fn)
     except TypeError:  # unhashable: built every time

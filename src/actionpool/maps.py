@@ -1,29 +1,41 @@
-"""``Runner.map``: a bounded window of calls over an input of any length, in order.
+"""``Runner.map`` and ``Runner.amap``: a bounded window of calls over an input of any
+length, results in input order or as they finish.
 
 Data flow::
 
     input iterator ─► _Batcher.chunks (adaptive sizes) ─► Runner._submit (a window of
-    calls in flight) ─► futures, in input order ─► _drain ─► _MapIterator ─► caller
+    calls in flight) ─► futures ─► _drain ─► _MapIterator (map) or _AsyncMapIterator
+    (amap) ─► caller
 
 Tiny calls are batched: each task runs :func:`_run_chunk` over a chunk of items in
 the worker, and reports how long it took, from which :class:`_Batcher` sizes the next
 chunks. A worker that dies in the middle of a chunk costs that chunk's items one by
-one again only for an idempotent action (DESIGN.md, "Crashes and recovery").
+one again only for an idempotent action (see :doc:`concepts`, "Failures").
+
+:func:`_drain` is one generator for both: for ``map`` it waits on the futures itself;
+for ``amap`` it never blocks, and yields a :class:`_Wait` instead, which the async
+iterator awaits on the caller's event loop before stepping it again.
 
 Runs in the thread that iterates the map (and, for the first window, the one that
 called ``map``); it shares nothing with other threads but through the runner's
-``submit`` and the futures it returns.
+``submit`` and the futures it returns, and the done-callbacks of budgeted chunks
+(:func:`_send_rest`, on whichever thread ends their future), which take the map's
+``MapState.lock``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import inspect
 import itertools
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cache, partial
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +47,7 @@ from .transfer import dumps, dumps_function
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from .progress import Bar
     from .resources import Resources
     from .runner import Runner
 
@@ -44,51 +57,138 @@ __all__ = [
     "MAP_MIN_CHUNK_S",
     "MAP_TARGET_CHUNK_S",
     "MAP_TASK_COST_S",
+    "MapOptions",
     "MapState",
     "map_calls",
 ]
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """The options of one ``map`` or ``amap`` call (see :meth:`Runner.map
+    <actionpool.Runner.map>`), which never reach the action."""
+
+    timeout: float | None = None
+    chunksize: int | None = None
+    window: int | None = None
+    ordered: bool = True
+    progress: bool = False
+    return_exceptions: bool = False
+
+    def check(self, spec: ActionSpec, fn: Any, kwargs: dict[str, Any], where: str) -> None:
+        """Raise on a bad option, or on one that is also a parameter of the action.
+
+        Raises:
+            ValueError: ``chunksize`` or ``window`` is not an int >= 1, ``timeout`` not
+                a number of seconds >= 0, a flag not a bool, or a chunk size above 1
+                for an action with per-call options.
+            TypeError: an option given to ``map`` is also a parameter of the action
+                that ``functools.partial`` has not bound: it would be ambiguous which
+                one it is for.
+        """
+        for opt in ("chunksize", "window"):
+            val = getattr(self, opt)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                raise ValueError(f"{where}: {opt} must be an int >= 1, got {val!r}")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+            raise ValueError(f"{where}: timeout must be a number of seconds >= 0, got {t!r}")
+        for opt in ("ordered", "progress", "return_exceptions"):
+            if not isinstance(getattr(self, opt), bool):
+                raise ValueError(
+                    f"{where}: {opt} must be True or False, got {getattr(self, opt)!r}"
+                )
+        per_call = spec.timeout is not None or spec.retries > 0 or spec.validate is not None
+        if self.chunksize is not None and self.chunksize > 1 and per_call:
+            raise ValueError(
+                f"{where}: action {spec.name!r} has a timeout, retries or validate, which"
+                f" apply per call; chunksize={self.chunksize} would run {self.chunksize}"
+                " calls as one task"
+            )
+        given = [f for f in _OPTION_DEFAULTS if getattr(self, f) != _OPTION_DEFAULTS[f]]
+        if given:
+            clash = [f for f in given if f in _free_parameters(fn)]
+            if clash:
+                name = clash[0]
+                raise TypeError(
+                    f"{where}: {name!r} is an option of {where} and also a parameter of the"
+                    f" action {spec.name!r}; {where}'s options never reach the action. To"
+                    f" pass the action its own {name!r}, bind it first:"
+                    f" {where}(functools.partial(f, {name}=...), xs, {name}=...)"
+                )
+
+
+_OPTION_DEFAULTS = {
+    "timeout": None,
+    "chunksize": None,
+    "window": None,
+    "ordered": True,
+    "progress": False,
+    "return_exceptions": False,
+}
+
+
+def _free_parameters(fn: Any) -> frozenset[str]:
+    """The names the action ``fn`` takes as keyword arguments that a
+    ``functools.partial`` around it has not bound (none when it takes ``**kwargs``
+    only, or has no signature)."""
+    bound: set[str] = set()
+    while isinstance(fn, partial):
+        bound.update(fn.keywords)
+        fn = fn.func
+    if isinstance(fn, ActionSpec):
+        fn = fn.fn
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return frozenset()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in params if p.kind in named) - bound
 
 
 def map_calls(
     runner: Runner,
     fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...],
-    timeout: float | None,
-    chunksize: int | None,
-    window: int | None,
+    opts: MapOptions,
     kwargs: dict[str, Any],
-) -> Iterator[Any]:
-    """:meth:`Runner.map <actionpool.Runner.map>` (see there)."""
+    waits: bool = False,
+) -> Iterator[Any] | AsyncIterator[Any]:
+    """:meth:`Runner.map <actionpool.Runner.map>` (``waits=False``: an iterator) and
+    :meth:`Runner.amap <actionpool.Runner.amap>` (``waits=True``: an async iterator)."""
+    where = "amap" if waits else "map"
     spec = as_spec(fn)
+    opts.check(spec, fn, kwargs, where)
     pool = runner._pools[spec.kind]
     size = pool.size
     # what runs at once: the pool's size, or a cluster's threads (a Dask pool's size is
     # the attempts it keeps in flight, most of them waiting)
     workers: int = getattr(pool, "threads", size)
-    for opt, val in (("chunksize", chunksize), ("window", window)):
-        if val is None:
-            continue
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"map: {opt} must be an int >= 1, got {val!r}")
-    end = None if timeout is None else time.monotonic() + timeout
+    end = None if opts.timeout is None else time.monotonic() + opts.timeout
     per_call = spec.timeout is not None or spec.retries > 0 or spec.validate is not None
-    if chunksize is not None and chunksize > 1 and per_call:
-        raise ValueError(
-            f"map: action {spec.name!r} has a timeout, retries or validate, which apply"
-            f" per call; chunksize={chunksize} would run {chunksize} calls as one task"
-        )
+    chunksize, window = opts.chunksize, opts.window
     items: Iterator[Any] = zip(*iterables, strict=False)
     total = None
     if all(hasattr(it, "__len__") for it in iterables):
         total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+    bar = None
+    if opts.progress:
+        from .progress import Bar
+
+        bar = Bar(total, "items", f"{where} {spec.name}")
     if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
         fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
         calls: Iterator[_Call] = (
-            (_name_item(runner._submit(spec, a, kwargs, fn_bytes), spec.name, [a], i), None, None)
+            (
+                _name_item(runner._submit(spec, a, kwargs, fn_bytes), spec.name, [a], i),
+                None,
+                None,
+                i,
+            )
             for i, a in enumerate(items)
         )
         state = MapState(calls, window or 2 * size, total is not None)
-        return _map_results(runner, spec, kwargs, state, end, None)
+        return _map_results(runner, spec, kwargs, state, end, None, opts, bar, waits)
     tasks = 2 * size if window is None else min(2 * size, window)
     # tasks x chunk size <= window items: a chunk never exceeds window // tasks
     cap = MAP_MAX_CHUNK if window is None else max(1, window // tasks)
@@ -117,44 +217,45 @@ def map_calls(
     # the items of a chunk that take a Context share the worker's resources
     resources = runner._resource_payload if spec.wants_context else None
 
-    def send(chunk: Any, budget: float | None, rest: bool = False, offset: int = -1) -> _Call:
-        """Submit one chunk (its first item is the map's item ``offset``); a chunk with
-        a time ``budget`` may come back with only its first items run, and
-        :func:`_send_rest` then sends the others (pickled once already)."""
+    def send(chunk: Any, budget: float | None, offset: int, rest: bool = False) -> _Call:
+        """Submit one chunk, whose first item is the map's item ``offset``; a chunk
+        with a time ``budget`` may come back with only its first items run, and
+        :func:`_send_rest` then sends the others (``rest``: pickled once already)."""
         fut = runner._submit(
             runs_chunk, (*head, chunk, kwargs, budget, resources), {}, chunk_fn, closing_ok=rest
         )
-        if offset >= 0:
+        if not rest:
             _name_item(fut, spec.name, chunk, offset, batcher.single)
         hold = None
         if budget is not None:
             hold = _Rest()
             state.holds.append(hold)
-            fut.add_done_callback(partial(_send_rest, state, batcher, send, chunk, hold))
-        return fut, chunk, hold
+            fut.add_done_callback(partial(_send_rest, state, batcher, send, chunk, offset, hold))
+        return fut, chunk, hold, offset
 
     def sent() -> Iterator[_Call]:
         offset = 0
         for chunk, budget in batcher.chunks(items, seq):
-            yield send(chunk, budget, offset=offset)
+            yield send(chunk, budget, offset)
             offset += len(chunk)
 
     state.calls = sent()
-    return _map_results(runner, spec, kwargs, state, end, batcher)
+    return _map_results(runner, spec, kwargs, state, end, batcher, opts, bar, waits)
 
 
 class _Rest:
     """What became of the items a budgeted chunk did not run (:func:`_send_rest`).
 
-    ``ready`` is set once the chunk's future is done and its rest, if any, was sent:
+    ``ready`` is done once the chunk's future is done and its rest, if any, was sent:
     ``rest`` then holds those calls, in input order, or ``error`` why they could not
-    be sent; ``rest`` stays None when the map was stopped first.
+    be sent; ``rest`` stays None when the map was stopped first. A future, not an
+    event, so that ``amap`` can await it.
     """
 
     __slots__ = ("error", "ready", "rest")
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
+        self.ready: Future[None] = concurrent.futures.Future()
         self.rest: list[_Call] | None = None
         self.error: BaseException | None = None
 
@@ -185,16 +286,18 @@ def _name_item(
     return fut
 
 
-# A call of a map in flight: its future, its chunk of items (None for a map of
-# single calls), and for a budgeted chunk what became of the items it did not run.
-_Call = tuple["Future[Any]", Any, "_Rest | None"]
+# A call of a map in flight: its future; its chunk of items (None for a single call,
+# whose future's value is the action's); for a budgeted chunk, what became of the
+# items it did not run; and the map's index of its (first) item.
+_Call = tuple["Future[Any]", Any, "_Rest | None", int]
 
 
 def _send_rest(
     state: MapState,
     batcher: _Batcher,
-    send: Callable[[Any, float | None, bool], _Call],
+    send: Callable[[Any, float | None, int, bool], _Call],
     chunk: Any,
+    offset: int,
     hold: _Rest,
     fut: Future[Any],
 ) -> None:
@@ -217,11 +320,16 @@ def _send_rest(
         with state.lock:
             if state.stopped:
                 return
-            hold.rest = [send(piece, None, True) for piece in batcher.cut(chunk[done:])]
+            rest = []
+            at = offset + done
+            for piece in batcher.cut(chunk[done:]):
+                rest.append(send(piece, None, at, True))
+                at += len(piece)
+            hold.rest = rest
     except BaseException as exc:  # noqa: BLE001 - a done-callback's error would be lost
         hold.error = exc
     finally:
-        hold.ready.set()
+        hold.ready.set_result(None)
 
 
 class MapState:
@@ -255,11 +363,11 @@ class MapState:
         self.stopped = False  # the map is over: no rest of a chunk is sent any more
         self.holds: list[_Rest] = []  # one per budgeted chunk (the first ones only)
 
-    def sending(self) -> list[threading.Event]:
+    def sending(self) -> list[Future[None]]:
         """The budgeted chunks whose rest may still have to be sent: a chunk's call
         ends before its done-callback sends the rest, so :meth:`Runner.shutdown
         <actionpool.Runner.shutdown>` waits for these, then for the calls again."""
-        return [h.ready for h in self.holds if not h.ready.is_set()]
+        return [h.ready for h in self.holds if not h.ready.done()]
 
     def rests(self) -> list[Future[Any]]:
         """The calls sent for the rests of budgeted chunks (stopped with the map)."""
@@ -289,10 +397,19 @@ def _map_results(
     state: MapState,
     end: float | None,
     batcher: _Batcher | None,
-) -> Iterator[Any]:
-    state.refill()  # start the first window now, like Executor.map does
+    opts: MapOptions,
+    bar: Bar | None,
+    waits: bool,
+) -> Iterator[Any] | AsyncIterator[Any]:
+    try:
+        state.refill()  # start the first window now, like Executor.map does
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
     runner._maps.add(state)
-    return _MapIterator(_drain(runner, spec, kwargs, state, end, batcher))
+    tasks = _drain(runner, spec, kwargs, state, end, batcher, opts, bar, waits)
+    return _AsyncMapIterator(tasks) if waits else _MapIterator(tasks)  # type: ignore[arg-type]
 
 
 _NUMBERS = frozenset({int, float, bool, type(None)})
@@ -318,6 +435,58 @@ def _popping(values: list[Any]) -> Iterator[Any]:
     return map(list.pop, repeat(values, len(values)))
 
 
+class _Wait:
+    """What :func:`_drain` yields, for ``amap``, instead of blocking: wait until one of
+    ``futures`` is done, or ``timeout`` seconds (``None``: no limit) have passed."""
+
+    __slots__ = ("futures", "timeout")
+
+    def __init__(self, futures: list[Future[Any]], timeout: float | None) -> None:
+        self.futures = futures
+        self.timeout = timeout
+
+
+def _left(end: float | None) -> float | None:
+    return None if end is None else max(0.0, end - time.monotonic())
+
+
+def _take(
+    pending: deque[_Call], ordered: bool, end: float | None, name: str, waits: bool
+) -> Generator[_Wait, None, _Call]:
+    """The next call whose result to hand out: the first in input order, or (not
+    ``ordered``) any that is done, waiting for one. For ``map`` in order, the caller
+    waits on the first future itself (with ``Future.result``'s timeout, the fastest
+    wait); otherwise this waits (``waits``: yields a :class:`_Wait` to the async
+    iterator, which awaits it). Raises TimeoutError once ``end`` has passed."""
+    while True:
+        if ordered:
+            call = pending[0]
+            if not waits or call[0].done():
+                return call
+            futures = [call[0]]
+        else:
+            for call in pending:
+                if call[0].done():
+                    return call
+            futures = [c[0] for c in pending]
+        left = _left(end)
+        if left == 0.0:
+            raise TimeoutError(f"map of {name!r}: timed out")
+        if waits:
+            yield _Wait(futures, left)
+        else:
+            concurrent.futures.wait(futures, left, concurrent.futures.FIRST_COMPLETED)
+
+
+def _note(exc: BaseException, name: str, first: int, count: int = 1) -> BaseException:
+    """``exc``, with a note naming the map item(s) it is the error of."""
+    where = f"item {first}" if count == 1 else f"items {first} to {first + count - 1}"
+    note = f"in the map of {name!r}, {where}"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+    return exc
+
+
 def _drain(
     runner: Runner,
     spec: ActionSpec,
@@ -325,39 +494,77 @@ def _drain(
     state: MapState,
     end: float | None,
     batcher: _Batcher | None,
-) -> Generator[Iterable[Any], None, None]:
-    """The map's results, as one iterable per task in input order."""
+    opts: MapOptions,
+    bar: Bar | None,
+    waits: bool,
+) -> Generator[Iterable[Any] | _Wait, None, None]:
+    """The map's results, as one iterable per task (and, with ``waits``, the
+    :class:`_Wait` of each wait in between)."""
     pending = state.pending
+    ordered, keep = opts.ordered, opts.return_exceptions
     try:
         while pending:
-            fut, chunk, hold = pending[0]
-            left = None if end is None else max(0.0, end - time.monotonic())
+            call = yield from _take(pending, ordered, end, spec.name, waits)
+            fut, chunk, hold, first = call
+            count = 1 if chunk is None else len(chunk)
             try:
-                value = fut.result(timeout=left)
+                value = fut.result(timeout=_left(end))
             except WorkerCrashed as crash:
-                if chunk is None or len(chunk) == 1:
-                    raise
-                pending.popleft()
-                if batcher is not None and batcher.single:
-                    chunk = [(item,) for item in chunk]
-                yield _rerun_chunk(runner, spec, kwargs, chunk, crash)
+                pending.remove(call)
+                if count > 1 and spec.idempotent:
+                    # find the item that kills its worker, keep the others' results
+                    single = batcher is not None and batcher.single
+                    again = [
+                        (runner.submit(spec, *((a,) if single else a), **kwargs), None, None, i)
+                        for i, a in enumerate(chunk, first)
+                    ]
+                    _put_back(pending, again, ordered)
+                    continue
+                if count > 1:
+                    crash = WorkerCrashed(
+                        f"map of {spec.name!r}: a worker died running a chunk of {count}"
+                        f" items, which are not re-run one by one because the action is"
+                        f" not idempotent ({crash})",
+                        crash.exitcode,
+                        crash.signal,
+                    )
+                _note(crash, spec.name, first, count)
+                if not keep:
+                    raise crash from None
+                yield _failed(bar, crash, count)
                 continue
-            pending.popleft()
-            del fut  # it holds the value: only the list below may, while it is yielded
-            if batcher is None:
+            except Exception as exc:
+                if not fut.done():  # the map's own timeout, not the action's error
+                    raise TimeoutError(f"map of {spec.name!r}: timed out") from None
+                _note(exc, spec.name, first, count)
+                if not keep:
+                    raise
+                pending.remove(call)
+                yield _failed(bar, exc, count)
+                continue
+            pending.remove(call)
+            del fut, call  # they hold the value: only the list below may, while it is yielded
+            if chunk is None:  # a single call: its value is the action's
                 state.refill()  # before yielding, to keep workers busy
                 values = [value]
                 del value
+                if bar is not None:
+                    bar.finished(1)
                 yield _popping(values)
                 continue
+            assert batcher is not None
             elapsed, values, errors = value
             del value
             if hold is not None and len(values) < len(chunk):
                 # A budgeted chunk ran out of time: _send_rest sent the rest (and
                 # measured it), as calls that come next, before any later chunk.
-                left = None if end is None else max(0.0, end - time.monotonic())
-                if not hold.ready.wait(left):
-                    raise TimeoutError(f"map of {spec.name!r}: timed out")
+                if not hold.ready.done():
+                    if waits:
+                        yield _Wait([hold.ready], _left(end))
+                    with contextlib.suppress(concurrent.futures.TimeoutError):
+                        hold.ready.result(_left(end))
+                    if not hold.ready.done():
+                        raise TimeoutError(f"map of {spec.name!r}: timed out")
                 if hold.error is not None:
                     raise hold.error
                 if hold.rest is None and not errors:
@@ -365,58 +572,57 @@ def _drain(
                         f"map of {spec.name!r}: the rest of a chunk was not sent"
                         " (the map was stopped)"
                     )
-                pending.extendleft(reversed(hold.rest or ()))
+                _put_back(pending, hold.rest or [], ordered)
             else:
                 batcher.observe(elapsed, len(values))
             state.refill()  # before yielding, to keep workers busy
-            if not errors:
+            if errors and not keep:  # the items before the first failed one, then its error
+                at = min(errors)
+                del values[at:]
+                if bar is not None:
+                    bar.finished(len(values))
                 yield _handing(values)
-            else:  # the items before the first failed one, then its error
-                first = min(errors)
-                del values[first:]
-                yield _handing(values)
-                raise errors[first]
+                raise _note(errors[at], spec.name, first + at)
+            for at, error in errors.items():
+                values[at] = _note(error, spec.name, first + at)
+            if bar is not None:
+                bar.finished(len(values), len(errors))
+            yield _handing(values)
+    except GeneratorExit:  # the consumer stopped early: nothing failed
+        raise
+    except BaseException:
+        if bar is not None:
+            bar.turn_red()
+        raise
     finally:
         # However the iteration ends early (an action's error, the consumer's
         # break, Ctrl-C, also Jupyter's interrupt), this map's calls in flight are
         # stopped, the running ones too: their results have nobody to go to.
+        if bar is not None:
+            bar.close()
         with state.lock:
             state.stopped = True
         runner._maps.discard(state)
-        live = [f for f, _, _ in pending if not f.done()]
+        live = [c[0] for c in pending if not c[0].done()]
         live += [f for f in state.rests() if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")
 
 
-def _rerun_chunk(
-    runner: Runner,
-    spec: ActionSpec,
-    kwargs: dict[str, Any],
-    chunk: list[tuple[Any, ...]],
-    crash: WorkerCrashed,
-) -> Iterator[Any]:
-    """A worker died in the middle of a chunk: find the item, keep the others'.
+def _put_back(pending: deque[_Call], calls: Sequence[_Call], ordered: bool) -> None:
+    """Put ``calls`` (that stand for items of a call just taken) in ``pending``: first,
+    in order, for an ordered map; else anywhere."""
+    if ordered:
+        pending.extendleft(reversed(calls))
+    else:
+        pending.extend(calls)
 
-    Re-running the chunk's items one per task is a re-run nobody asked for, so it
-    happens only for an idempotent action (DESIGN.md, "Crashes and recovery").
-    """
-    if not spec.idempotent:
-        raise WorkerCrashed(
-            f"map of {spec.name!r}: a worker died running a chunk of {len(chunk)}"
-            f" items, which are not re-run one by one because the action is not"
-            f" idempotent ({crash})",
-            crash.exitcode,
-            crash.signal,
-        ) from crash
-    singles = [runner.submit(spec, *args, **kwargs) for args in chunk]
-    try:
-        for single in singles:
-            yield single.result()
-    finally:
-        live = [f for f in singles if not f.done()]
-        if live:
-            runner._stop_calls(live, "the map stopped")
+
+def _failed(bar: Bar | None, exc: BaseException, count: int) -> list[BaseException]:
+    """``count`` items' results, all ``exc`` (``return_exceptions``), counted failed."""
+    if bar is not None:
+        bar.finished(count, count)
+    return [exc] * count
 
 
 MAP_TARGET_CHUNK_S = 0.05
@@ -602,7 +808,7 @@ class _Batcher:
 
 
 class _MapIterator(Iterator[Any]):
-    """What :meth:`Runner.map` returns: its results in order, and ``close()``.
+    """What :meth:`Runner.map` returns: its results, and ``close()``.
 
     The results come one iterable per task (a chunk's list of values) from a generator
     (``_drain``); ``for`` and ``list()`` iterate a ``chain`` of them, which walks each
@@ -627,6 +833,74 @@ class _MapIterator(Iterator[Any]):
     def close(self) -> None:
         """Stop the map: its calls in flight are cancelled (running ones killed)."""
         self._tasks.close()
+
+
+class _AsyncMapIterator(AsyncIterator[Any]):
+    """What :meth:`Runner.amap` returns: its results for ``async for``, and ``aclose()``.
+
+    It steps the same generator as :class:`_MapIterator`, which never blocks here: it
+    yields a :class:`_Wait` where ``map`` would wait, and this awaits it on the
+    caller's event loop. However the iteration ends early (``aclose()``, the awaiting
+    task cancelled, or the iterator dropped), the map's calls in flight are stopped.
+    """
+
+    __slots__ = ("_tasks", "_values")
+
+    def __init__(self, tasks: Generator[Iterable[Any] | _Wait, None, None]) -> None:
+        self._tasks = tasks
+        self._values: Iterator[Any] = iter(())
+
+    def __aiter__(self) -> _AsyncMapIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        for value in self._values:
+            return value
+        try:
+            while True:
+                try:
+                    step = next(self._tasks)
+                except StopIteration:
+                    raise StopAsyncIteration from None
+                if isinstance(step, _Wait):
+                    await _await_any(step)
+                    continue
+                self._values = iter(step)
+                for value in self._values:
+                    return value
+        except BaseException:
+            self._tasks.close()  # cancelled while awaiting: stop the map's calls
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the map: its calls in flight are cancelled (running ones killed)."""
+        self._tasks.close()
+
+
+async def _await_any(step: _Wait) -> None:
+    """Wait on this event loop until one of ``step.futures`` is done, or its timeout.
+
+    Not through ``asyncio.wrap_future``: the copies of the futures it makes would be
+    left with the errors of calls this map stops, which asyncio then logs as never
+    retrieved. A cancelled wait leaves the futures running: the map stops them.
+    """
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake(_: Future[Any]) -> None:  # on whichever thread ends the future
+        # the loop may be gone: a call that ends after the map is over wakes nobody
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set, woken)
+
+    for fut in step.futures:
+        fut.add_done_callback(wake)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(woken, step.timeout)
+
+
+def _set(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 @cache

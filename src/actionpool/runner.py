@@ -35,10 +35,10 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_futures
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psutil
 
@@ -53,6 +53,7 @@ from .maps import (
     MAP_MIN_CHUNK_S,
     MAP_TARGET_CHUNK_S,
     MAP_TASK_COST_S,
+    MapOptions,
     MapState,
     _Batcher,
     map_calls,
@@ -61,6 +62,7 @@ from .outcome import Report
 from .plan import Plan
 from .planrun import PlanRun, check_failure_policy, check_max_parallel
 from .pools import Pool
+from .progress import EventBar
 from .records import NodeRecord, NodeState
 from .resources import ResourceRegistry, pack, register, unregister, view
 from .scheduler import Scheduler
@@ -405,12 +407,21 @@ class Runner(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         window: int | None = None,
+        ordered: bool = True,
+        progress: bool = False,
+        return_exceptions: bool = False,
         **kwargs: Any,
     ) -> Iterator[T]:
-        """``fn(*items, **kwargs)`` for each item of ``zip(*iterables)``, results in order.
+        """``fn(*items, **kwargs)`` for each item of ``zip(*iterables)``: the results,
+        in input order or as they finish.
 
         Streams: at most ``window`` items are in flight, and the input is read only as
         results are consumed, so an endless iterator runs in constant memory.
+
+        The options below are keyword-only and are never passed to ``fn``; every other
+        keyword argument is. An option that is also a parameter of ``fn`` is refused
+        (``TypeError``) rather than guessed: bind the action's own with
+        ``functools.partial(fn, timeout=...)``, which works for declared actions too.
 
         Tiny calls are batched automatically (``chunksize=None``), from the per-item
         time measured in the workers (joblib's ``batch_size="auto"`` idea; the
@@ -439,20 +450,65 @@ class Runner(Executor):
             chunksize: items per task; ``None`` adapts (see above).
             window: items in flight at most; default: two tasks per worker, whatever
                 their chunk size.
+            ordered: ``True``: results in input order. ``False``: as they finish (a
+                chunk's items stay together, in order), like
+                ``multiprocessing.Pool.imap_unordered``; return the item from ``fn``
+                if you need to know which result is whose.
+            progress: show a ``tqdm.auto`` bar of the items finished (a widget in
+                Jupyter); it counts failed items apart and turns red at the first.
+                Needs tqdm (``pip install 'actionpool[progress]'``).
+            return_exceptions: ``False``: an action's exception is raised when its
+                item is reached. ``True``: it takes the item's place among the
+                results instead, and the map goes on (like ``asyncio.gather``'s
+                ``return_exceptions``).
             **kwargs: passed to every call.
 
         Returns:
-            Iterator: the results in input order. An action's exception is raised
-            when its item is reached; the tasks still in flight are then cancelled,
-            as they are by the iterator's ``close()`` (leaving a ``for`` loop early
-            and dropping the iterator do the same).
+            Iterator: the results. An exception raised (or returned) for an item has
+            a note naming the item's index. When an exception is raised, the tasks
+            still in flight are cancelled, as they are by the iterator's ``close()``
+            (leaving a ``for`` loop early and dropping the iterator do the same).
 
         Raises:
-            ValueError: ``chunksize`` or ``window`` is not an int >= 1, or a chunk
-                size above 1 for an action with per-call options.
+            ValueError: ``chunksize`` or ``window`` is not an int >= 1, ``timeout`` is
+                negative, a flag is not a bool, or a chunk size above 1 is asked for
+                an action with per-call options.
+            TypeError: an option is also a parameter of ``fn`` (see above).
+            ImportError: ``progress=True`` without tqdm (``name="tqdm"``).
             SerializationError: the action itself cannot be pickled.
         """
-        return map_calls(self, fn, iterables, timeout, chunksize, window, kwargs)
+        opts = MapOptions(timeout, chunksize, window, ordered, progress, return_exceptions)
+        return cast("Iterator[T]", map_calls(self, fn, iterables, opts, kwargs))
+
+    def amap(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        window: int | None = None,
+        ordered: bool = True,
+        progress: bool = False,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[T]:
+        """:meth:`map` for asyncio code: ``async for y in runner.amap(f, xs)``.
+
+        The same streaming, window, batching, options and errors as :meth:`map`; the
+        waits happen on the caller's event loop, never blocking it. The first window
+        of calls is submitted (and pickled) here, in the calling thread. Cancelling
+        the task that iterates, leaving ``async for`` early and calling ``aclose()``
+        stop the calls in flight (the running ones killed); for a prompt stop after a
+        ``break``, iterate inside ``contextlib.aclosing(runner.amap(...))``.
+
+        Returns:
+            AsyncIterator: the results (see :meth:`map`), with ``aclose()``.
+
+        Raises:
+            ValueError, TypeError, ImportError, SerializationError: as :meth:`map`.
+        """
+        opts = MapOptions(timeout, chunksize, window, ordered, progress, return_exceptions)
+        return cast("AsyncIterator[T]", map_calls(self, fn, iterables, opts, kwargs, waits=True))
 
     def _stop_calls(self, futures: list[Future[Any]], why: str) -> None:
         """Cancel the submitted calls behind ``futures``, killing running cpu ones."""
@@ -520,8 +576,7 @@ class Runner(Executor):
             sending = [ev for state in list(self._maps) for ev in state.sending()]
             if not sending:
                 break
-            for ev in sending:
-                ev.wait()
+            wait_futures(sending)
         with self._lock:
             self._pools_closing = True
         for pool in self._pools.values():  # their workers gone; helpers reaped below
@@ -838,7 +893,7 @@ class Runner(Executor):
             except BaseException:
                 journal.close()
                 raise
-        on_event = _with_progress(on_event, len(graph.nodes)) if progress else on_event
+        on_event = EventBar(on_event, len(graph.nodes)) if progress else on_event
         with self._lock:
             if self._closed:
                 if journal is not None:
@@ -955,31 +1010,3 @@ def _check_memory_floor(value: Any) -> None:
     """Raise ValueError unless ``value`` is an int number of bytes >= 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"memory_floor must be a number of bytes >= 0, got {value!r}")
-
-
-class _Progress:
-    """An ``on_event`` wrapper that drives a tqdm bar (notebook-aware)."""
-
-    def __init__(self, inner: Callable[[Event], Any] | None, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        self.inner = inner
-        self.bar = tqdm(total=total, unit="node", desc="actionpool")
-
-    def __call__(self, event: Event) -> None:
-        if event.kind == "finished":
-            self.bar.update(1)
-        if self.inner is not None:
-            self.inner(event)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _with_progress(inner: Callable[[Event], Any] | None, total: int) -> Callable[[Event], Any]:
-    try:
-        return _Progress(inner, total)
-    except ImportError as exc:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'actionpool[progress]'", name="tqdm"
-        ) from exc
