@@ -33,11 +33,12 @@ Only the zygote reaps workers (they are its children), so it reports each exit s
 to the parent. It kills a dead worker's process group (anything its action started)
 *before* reaping it: while the leader is an unreaped zombie, its pid, the group's id,
 cannot be reused. When the parent's end of ``ctl`` closes (the pool closed, or the
-parent died), the zygote kills every worker's group, reaps them and exits. When the
-pool closes, it sends :data:`DRAIN` with the stop requests to its workers: the zygote
-then forks nothing more and exits as soon as its last worker is reaped and reported,
-so its own exit (the teardown of its address space) overlaps the parent's handling
-of those notices instead of following it.
+parent died), or the parent's pidfd says it exited (Linux), the zygote kills every
+worker's group, reaps them and exits. When the pool closes, it sends :data:`DRAIN`
+with the stop requests to its workers: the zygote then forks nothing more and exits as
+soon as its last worker is reaped and reported, so its own exit (the teardown of its
+address space) overlaps the parent's handling of those notices instead of following
+it.
 """
 
 from __future__ import annotations
@@ -109,10 +110,13 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    parent = _watch_parent(poller)
     children: set[int] = set()
     draining = False
     while True:
         for fd, _events in poller.poll():
+            if fd == parent:  # the parent died, while a copy of ctl lives on elsewhere
+                return _stop(children)
             if fd == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(wake_r, 512):
@@ -147,7 +151,8 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
             pid = os.fork()
             if pid == 0:
                 page = fds[1] if len(fds) > 1 else -1
-                child_main(fds[0], page, slot, (ctl.fileno(), notify.fileno(), wake_r, wake_w))
+                own = (ctl.fileno(), notify.fileno(), wake_r, wake_w)
+                child_main(fds[0], page, slot, own if parent < 0 else (*own, parent))
             # its own process group before the parent learns its pid (the child does
             # the same: whichever runs first), so that killpg(pid) always reaches it
             with contextlib.suppress(OSError):
@@ -159,6 +164,28 @@ def _serve(ctl: socket.socket, notify: socket.socket) -> None:
                 ctl.sendall(PID.pack(pid))
             except OSError:
                 return _stop(children)
+
+
+def _watch_parent(poller: select.poll) -> int:
+    """Watch the parent's pidfd (readable once it exits); the fd, or -1 without pidfds.
+
+    ``ctl``'s end alone tells the zygote that its parent is gone only once every copy
+    of the parent's end is closed, and a child the parent forked without exec (a
+    ``multiprocessing`` fork, a C library's) may hold one for as long as it lives, and
+    the zygote would outlive its parent meanwhile.
+    """
+    if not hasattr(os, "pidfd_open"):
+        return -1
+    parent = os.getppid()
+    try:
+        fd = os.pidfd_open(parent)
+    except OSError:
+        return -1
+    if os.getppid() != parent:  # it died before the pidfd was open: that pid may be reused
+        os.close(fd)
+        return -1
+    poller.register(fd, select.POLLIN)
+    return fd
 
 
 def _reap(children: set[int], notify: socket.socket) -> bool:
