@@ -106,18 +106,37 @@ def leftover_children(
         psutil.wait_procs(alive, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def stop_idle_zygotes() -> list[str]:
+    """Stop the idle zygotes that closed runners left for the next ones (see
+    ``zygote_client._IdleZygotes``), so that a test starts with none and leaves none;
+    what is wrong with one first: an idle zygote must have no child (no worker)."""
+    from actionpool.pools.zygote_client import idle_zygote_pids
+    from actionpool.pools.zygote_client import stop_idle_zygotes as stop
+
+    wrong = []
+    for pid in idle_zygote_pids():
+        with contextlib.suppress(psutil.Error):
+            kids = [p.pid for p in psutil.Process(pid).children()]  # zombies too
+            if kids:
+                wrong.append(f"idle zygote {pid} has children {kids}")
+    stop()
+    return wrong
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Fail the test if it leaves a child process running (and kill what it left).
 
     Workers of runners that were already open when the test began (module-scoped
     fixtures) belong to their fixture, not to the test; they are checked when the
-    fixture's module ends.
+    fixture's module ends. The idle zygotes closed runners left are stopped (after
+    checking that they are idle).
     """
     from actionpool.runner import _LIVE
 
     before = list(_LIVE)
     yield
+    wrong = stop_idle_zygotes()
     alive = leftover_children(allowed=_runner_workers(before))
     if alive:
         desc = []
@@ -128,17 +147,22 @@ def no_leftover_processes() -> Iterator[None]:
                 desc.append(str(p.pid))
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        pytest.fail("test left child processes running:\n" + "\n".join(desc))
+        wrong.append("test left child processes running:\n" + "\n".join(desc))
+    if wrong:
+        pytest.fail("\n".join(wrong))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leftover_processes_per_module() -> Iterator[None]:
-    """After each module's fixtures are torn down, no child process may remain."""
+    """After each module's fixtures are torn down, no child process may remain (the
+    idle zygotes its runners left are stopped, after checking that they are idle)."""
     yield
+    wrong = stop_idle_zygotes()
     alive = leftover_children()
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    assert not wrong, wrong
     assert not alive, f"module left child processes running: {[p.pid for p in alive]}"
 
 

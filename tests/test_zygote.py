@@ -19,6 +19,7 @@ import pytest
 
 import actionpool as ap
 from actionpool.pools.process import ProcessPool, resolve_worker_start
+from actionpool.pools.zygote_client import idle_zygote_pids, stop_idle_zygotes
 from tests import fault_actions as fa
 from tests.helpers import pid, wait_for_path
 
@@ -205,9 +206,12 @@ def test_a_pool_closes_its_zygote() -> None:
         assert pool.zygote_pids() == []  # a fresh zygote starts on first use only
     finally:
         pool.close()
+    # a runner's pool keeps it idle for the next runner instead (test_zygote_reuse.py)
     with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
         r.submit(pid).result(timeout=60)
         (zygote,) = r._pools["cpu"].zygote_pids()
+    assert idle_zygote_pids() == [zygote]
+    stop_idle_zygotes()
     assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == "zombie"
 
 
@@ -236,11 +240,13 @@ def test_a_call_whose_worker_cannot_start_fails_and_never_runs_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     mark = tmp_path / "ran"
-    with ap.Runner(cpu_workers=1, worker_start="fresh") as r:
-        with monkeypatch.context() as m:
-            m.setattr(sys, "executable", str(tmp_path / "no-such-python"))
-            with pytest.raises(FileNotFoundError):
-                r.submit(fa.write, str(mark), "ran").result(timeout=60)
+    with monkeypatch.context() as m:
+        # from the start: a runner's fresh zygote starts with it
+        m.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+        r = ap.Runner(cpu_workers=1, worker_start="fresh")
+        with pytest.raises(FileNotFoundError):
+            r.submit(fa.write, str(mark), "ran").result(timeout=60)
+    with r:
         assert r.submit(pid).result(timeout=60) > 0  # the pool starts once it can
         assert r._pools["cpu"]._pending == deque()
     assert not mark.exists()  # the failed call was not left queued, to run later

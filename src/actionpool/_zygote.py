@@ -38,7 +38,9 @@ worker's group, reaps them and exits. When the pool closes, it sends :data:`DRAI
 with the stop requests to its workers: the zygote then forks nothing more and exits as
 soon as its last worker is reaped and reported, so its own exit (the teardown of its
 address space) overlaps the parent's handling of those notices instead of following
-it.
+it. A fresh zygote of a runner's pool is not drained but kept idle, and serves the
+next runner's pool (:class:`actionpool.pools.zygote_client._IdleZygotes`): it cannot
+tell one pool from the next.
 """
 
 from __future__ import annotations
@@ -171,8 +173,8 @@ def _watch_parent(poller: select.poll) -> int:
 
     ``ctl``'s end alone tells the zygote that its parent is gone only once every copy
     of the parent's end is closed, and a child the parent forked without exec (a
-    ``multiprocessing`` fork, a C library's) may hold one for as long as it lives, and
-    the zygote would outlive its parent meanwhile.
+    ``multiprocessing`` fork, a C library's) may hold one for as long as it lives: a
+    zygote kept idle for the next pool would outlive its parent meanwhile.
     """
     if not hasattr(os, "pidfd_open"):
         return -1

@@ -109,6 +109,7 @@ def build(
                 max_tasks=max_tasks_per_worker,
                 max_memory=max_worker_memory,
                 portable=path == "portable",
+                reuse_zygote=True,
             )
         return Backend(
             replace(sizing, cpu_pool=cpu.describe()),

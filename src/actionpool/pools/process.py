@@ -275,9 +275,13 @@ class ProcessPool:
         max_tasks: int | None = None,
         max_memory: int | None = None,
         portable: bool = False,
+        reuse_zygote: bool = False,
     ) -> None:
         """Start the pool; its zygote at once if it forks this process (see
         :func:`resolve_worker_start`, whose errors it raises), else on first use.
+        ``reuse_zygote``: a fresh zygote starts at once too, or rather an idle one an
+        earlier pool left is adopted, and at the close this pool's is left idle for
+        the next (:class:`.zygote_client._IdleZygotes`).
         ``portable``: start workers on the portable path (:mod:`.portable`: loky's
         processes, stream sockets, no zygote, no start page) instead.
         ``cores``: the logical CPUs this process may use (default
@@ -329,12 +333,18 @@ class ProcessPool:
             )
         else:
             self._spawner = _Spawner(
-                worker_env(blas_threads), blas_threads, self._page_fd, self._free_slots
+                worker_env(blas_threads),
+                blas_threads,
+                self._page_fd,
+                self._free_slots,
+                reuse=reuse_zygote,
             )
         if (
             self.worker_start == "fork" and not portable
         ):  # now, while this process has a single thread
             self._start_forked()
+        elif reuse_zygote and isinstance(self._spawner, _Spawner):
+            self._spawner.start_fresh()
         # Worker sockets and zygote notices are read by callbacks on an asyncio loop:
         # the runner's scheduler loop (attach), else a private one started on demand.
         # Made after the forks: its epoll set is theirs to ignore.

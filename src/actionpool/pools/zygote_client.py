@@ -21,16 +21,45 @@ Data flow (the pool's side of :mod:`actionpool._zygote`'s picture)::
     the pool's first worker (Linux): forked by this process itself (_fork_first),
     watched through its pidfd and reaped here (reap_child), not by the zygote
 
-Threads: nothing here takes a lock or starts a thread. A :class:`_Spawner` and its
-:class:`_Zygote` handles belong to the pool and are used under the pool's lock (and
-in its ``__init__``, before another thread knows it), except
+Idle fresh zygotes (:class:`_IdleZygotes`, for a runner's pool: ``reuse``). In a
+process that runs threads, a new pool's first result would wait for a fresh
+interpreter's start and imports, and a notebook makes runner after runner. So a
+closing pool does not drain its fresh zygote: once every worker's exit notice is read,
+the zygote, alive, with no request pending and nothing unread, is kept idle (two at
+most, the newest), and the next pool whose zygote would start the same way
+(:class:`_FreshStart`: environment, ``sys.path``, working directory, BLAS cap,
+authkey) adopts it at its creation; with none to adopt, it starts one then, not at its
+first worker, so that the start overlaps what the caller does next. Forked zygotes
+are never kept: they hold the parent's modules of their time. ::
+
+    ProcessPool.close: _Spawner.drain() ─ the current fresh zygote is not drained
+    ProcessPool.reap:  _Spawner.take_all() ── idle()? ──► _IDLE.put() ─► (the oldest of 3
+                                                                         is closed)
+    ProcessPool(): _Spawner.start_fresh() ◄── _IDLE.take(start) ─ idle()? else closed
+    interpreter exit (atexit), stop_idle_zygotes(): _IDLE.clear() ─► close each
+    a child forked from this process: forget_after_fork() closes its copies
+
+An idle zygote ends with its parent however it dies: it exits when ``ctl`` closes, and
+watches the parent's pidfd too (:func:`actionpool._zygote._watch_parent`), since a
+child forked from the parent may hold a copy of ``ctl``.
+
+Threads: the only lock here is :class:`_IdleZygotes`'s; nothing starts a thread. A
+:class:`_Spawner` and its :class:`_Zygote` handles belong to the pool and are used
+under the pool's lock (and in its ``__init__``, before another thread knows it), except
 :meth:`_Zygote.read_notice`, called by the pool's loop reader alone (only that reader
 reads ``notify``), and :meth:`_Zygote.close`, called once the zygote is out of the
-pool's state (by the loop reader that saw it die, or by ``ProcessPool.reap``).
+pool's state (by the loop reader that saw it die, or by ``ProcessPool.reap``). An idle
+zygote belongs to ``_IDLE`` while it is in its list, and it moves in or out only under
+``_IDLE``'s lock (a pool's ``__init__`` or ``fork_worker`` takes one out, its ``reap``
+puts one in, atexit or :func:`stop_idle_zygotes` empty it, from any thread); whoever
+took it out owns it alone, and checks it (:meth:`_Zygote.idle`) or closes it without
+that lock. Lock order: a pool's lock, then ``_IDLE``'s; under ``_IDLE``'s only its list
+changes (no I/O, no wait), so no thread waits for anything while it holds it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import json
@@ -41,12 +70,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from multiprocessing.connection import Connection
+from typing import NamedTuple
 
 from .. import _link, _worker, _zygote
 from ..errors import WorkerCrashed
 
-__all__ = ["WORKER_START_MODES", "describe_exit", "resolve_worker_start"]
+__all__ = [
+    "WORKER_START_MODES",
+    "describe_exit",
+    "idle_zygote_pids",
+    "resolve_worker_start",
+    "stop_idle_zygotes",
+]
 
 WORKER_START_MODES = ("auto", "fork", "fresh")
 """How a pool's zygote starts: see :func:`resolve_worker_start`."""
@@ -59,6 +96,39 @@ _LAUNCH = (
     " import actionpool._zygote as z; z.launch()"
 )
 _ZYGOTE_REPLY_S = 30.0  # a fork is quick: a reply this late means the zygote is stuck
+_KEEP_IDLE = 2  # idle fresh zygotes kept for the next pools (_IdleZygotes)
+
+
+class _FreshStart(NamedTuple):
+    """What a fresh zygote bakes in when it starts, and hands down to every worker it
+    forks: a pool may adopt an idle zygote (:class:`_IdleZygotes`) only if a zygote it
+    would start now would get the same. Anything the interpreter reads only at its
+    start belongs here: an ``os.environ`` or ``sys.path`` change, a ``chdir``, a new
+    multiprocessing authkey all make a new zygote."""
+
+    executable: str
+    cwd: str | None
+    path: str  # sys.path as JSON, the zygote's last argument
+    env: tuple[tuple[str, str], ...]  # the whole environment, sorted
+    blas_threads: int
+    authkey: bytes
+
+    @classmethod
+    def now(cls, env: dict[str, str], blas_threads: int) -> _FreshStart:
+        """The start of a fresh zygote launched now with overrides ``env``."""
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:  # removed: the zygote would inherit it all the same
+            cwd = None
+        return cls(
+            sys.executable,
+            cwd,
+            # str entries only: the import system skips any other (JSON could not carry it)
+            json.dumps([p for p in sys.path if isinstance(p, str)]),
+            tuple(sorted({**os.environ, **env}.items())),
+            blas_threads,
+            bytes(multiprocessing.current_process().authkey),
+        )
 
 
 def resolve_worker_start(mode: str | None = None) -> str:
@@ -127,6 +197,7 @@ class _Zygote:
         blas_threads: int,
         pools_loaded: bool | None = None,
         not_inherited: tuple[int, ...] = (),
+        start: _FreshStart | None = None,
     ) -> None:
         """Start a zygote: a fork of this process (``mode`` "fork"; only while this
         process runs a single thread) or a fresh interpreter ("fresh").
@@ -139,10 +210,13 @@ class _Zygote:
                 if the caller asked it already (else asked here).
             not_inherited: descriptors of this process that a fork closes at once
                 (the pool's end of its first worker's socket, and its pidfd).
+            start: for a fresh one, ``_FreshStart.now(env, blas_threads)`` if the
+                caller has it already (else taken here).
         """
         ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.start: _FreshStart | None = None  # a fresh one's (see _IdleZygotes)
         try:
             if mode == "fork":
                 if pools_loaded is None:
@@ -164,24 +238,23 @@ class _Zygote:
                     finally:
                         os._exit(1)
             else:
+                self.start = start = start or _FreshStart.now(env, blas_threads)
                 # This process's multiprocessing authkey, through a pipe (never argv
                 # or the environment, which other users may read), as multiprocessing's
                 # spawn passes it: without it a Manager's proxies cannot be used in
                 # the workers.
                 key_r, key_w = os.pipe()
                 try:
-                    os.write(key_w, bytes(multiprocessing.current_process().authkey))
+                    os.write(key_w, start.authkey)
                 finally:
                     os.close(key_w)
                 args = [str(ctl_child.fileno()), str(notify_child.fileno()), str(blas_threads)]
-                args.append(str(key_r))
-                # str entries only: the import system skips any other (JSON could not carry it)
-                args.append(json.dumps([p for p in sys.path if isinstance(p, str)]))
+                args += [str(key_r), start.path]
                 try:
                     self.proc = subprocess.Popen(
-                        [sys.executable, "-c", _LAUNCH, *args],
+                        [start.executable, "-c", _LAUNCH, *args],
                         pass_fds=(ctl_child.fileno(), notify_child.fileno(), key_r),
-                        env={**os.environ, **env},
+                        env=dict(start.env),
                         start_new_session=True,
                     )
                 finally:
@@ -265,6 +338,17 @@ class _Zygote:
         with contextlib.suppress(OSError):  # gone already: close() reaps it
             self.ctl.send(_zygote.DRAIN)
 
+    def idle(self) -> bool:
+        """Whether this fresh zygote, used by no pool, is alive and has nothing to tell:
+        no request of ours pending, nothing unread in ``ctl`` or ``notify`` (a reply or a
+        notice there would be about a worker that no pool knows of), its process not
+        exited. Only such a zygote is kept for, or adopted by, another pool."""
+        if self.closed or self.proc is None or self.asked is not None:
+            return False
+        if self.proc.poll() is not None:  # killed while idle: reaped now
+            return False
+        return not select.select([self.ctl, self.notify], [], [], 0)[0]
+
     def close(self) -> None:
         """Let the zygote go (it kills what workers it still has) and reap it."""
         if self.closed:
@@ -278,15 +362,107 @@ class _Zygote:
         self.notify.close()
 
 
+class _IdleZygotes:
+    """Fresh zygotes whose pools closed, kept idle for the next pool whose fresh zygote
+    would start the same way (:class:`_FreshStart`): a fresh interpreter's start and
+    imports are most of a runner's first result in a process that runs threads, and a
+    notebook makes runner after runner. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Zygote] = []  # the oldest first
+        self._closed = False  # the interpreter exits: nothing is kept from now on
+
+    def put(self, zygote: _Zygote) -> list[_Zygote]:
+        """Keep ``zygote`` (idle: :meth:`_Zygote.idle`); the zygotes the caller must
+        close, outside any lock: the oldest beyond the few kept, or ``zygote`` itself
+        once the interpreter exits."""
+        with self._lock:
+            if self._closed:
+                return [zygote]
+            self._idle.append(zygote)
+            extra = self._idle[:-_KEEP_IDLE]
+            del self._idle[:-_KEEP_IDLE]
+        return extra
+
+    def take(self, start: _FreshStart) -> _Zygote | None:
+        """An idle zygote that started as ``start``, now the caller's; None if there is
+        none. One that died or has a stray message is closed and skipped."""
+        while True:
+            with self._lock:
+                found = next((z for z in reversed(self._idle) if z.start == start), None)
+                if found is None:
+                    return None
+                self._idle.remove(found)
+            if found.idle():
+                return found
+            found.close()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [z.pid for z in self._idle]
+
+    def clear(self, closing: bool = False) -> None:
+        """Stop every idle zygote and wait for it to exit; ``closing`` (at the
+        interpreter's exit): keep none from now on."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._closed = self._closed or closing
+        for zygote in idle:
+            zygote.close()
+
+    def forget_after_fork(self) -> None:
+        """In a child forked from this process: these zygotes are the parent's. Close
+        the child's copies of their sockets (a copy left open would keep an idle
+        zygote waiting on for as long as the child lives, its parent dead) and never
+        wait for them; the lock may have been held by a thread the child lacks."""
+        idle, self._idle = self._idle, []
+        self._lock = threading.Lock()
+        for zygote in idle:
+            zygote.closed = True
+            zygote.ctl.close()
+            zygote.notify.close()
+        # kept referenced: a Popen collected while its process runs warns
+        # (ResourceWarning) and polls a pid that is not this child's child
+        _FORKED_AWAY.extend(idle)
+
+
+_IDLE = _IdleZygotes()
+_FORKED_AWAY: list[_Zygote] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_IDLE.forget_after_fork)
+# Registered at import, before the runner module's hook (imported later), so that it
+# runs after it and stops the zygotes of the runners closed at exit too (hooks run in
+# reverse order); were it the other way round, a zygote put back after is closed then.
+atexit.register(_IDLE.clear, closing=True)
+
+
+def idle_zygote_pids() -> list[int]:
+    """The pids of the idle fresh zygotes kept for the next pools (oldest first)."""
+    return _IDLE.pids()
+
+
+def stop_idle_zygotes() -> None:
+    """Stop the idle fresh zygotes kept for the next pools, and wait until each has
+    exited (an idle zygote has no worker). A pool made later starts its own again."""
+    _IDLE.clear()
+
+
 class _Spawner:
     """Where a pool's worker processes come from: its zygotes (the current one last;
     older ones still reap their workers until they exit) and its first worker, when
     the pool's process forked that one itself. Used under the pool's lock."""
 
     def __init__(
-        self, env: dict[str, str], blas_threads: int, page_fd: int, free_slots: list[int]
+        self,
+        env: dict[str, str],
+        blas_threads: int,
+        page_fd: int,
+        free_slots: list[int],
+        reuse: bool = False,
     ) -> None:
-        """No zygote yet: :meth:`start_forked` or the first :meth:`fork_worker` starts one.
+        """No zygote yet: :meth:`start_forked`, :meth:`start_fresh` or the first
+        :meth:`fork_worker` starts one.
 
         Args:
             env: environment overrides for the zygotes and their workers.
@@ -294,13 +470,17 @@ class _Spawner:
             page_fd: the pool's start page (-1: none), handed to each worker.
             free_slots: the pool's list of start-page slots no worker holds (shared: a
                 worker's slot goes back to it when the pool handles its death).
+            reuse: a fresh zygote comes from, and goes back to, the idle ones kept
+                for the next pools (:class:`_IdleZygotes`).
         """
         self.env = env
         self.blas_threads = blas_threads
         self.page_fd = page_fd
         self.free_slots = free_slots
+        self.reuse = reuse
         self.zygotes: list[_Zygote] = []  # the current one last; older ones still reap
         self.zygote: _Zygote | None = None
+        self.keep: _Zygote | None = None  # not drained at the close: kept idle (take_all)
         # the first worker, when this process forked it (see _fork_first): its pid,
         # our end of its socket, its slot, its pidfd; it joins the pool on first use
         self.first: tuple[int, socket.socket, int, int] | None = None
@@ -344,6 +524,27 @@ class _Spawner:
         if first is None:  # forked by the zygote as soon as it is ready, unasked for
             self.zygote.ask(self.page_fd, self.free_slots.pop())
 
+    def start_fresh(self) -> None:
+        """Start the pool's fresh zygote now, not at the first worker: an idle one of
+        an earlier pool if one started the same way (:class:`_IdleZygotes`), else a
+        new interpreter, whose start then overlaps the caller's own work (a notebook's
+        next cell, the rest of ``Runner()``). With ``reuse`` only: a zygote that no
+        worker needed is then not wasted, the next pool adopts it. A zygote that
+        cannot start (no interpreter at ``sys.executable``, no descriptors left) is
+        not an error here: the first worker's start tries again, and its call says
+        why if it fails."""
+        if self.zygote is None:
+            try:
+                self.zygote = self._fresh()
+            except OSError:
+                return
+            self.zygotes.append(self.zygote)
+
+    def _fresh(self) -> _Zygote:
+        start = _FreshStart.now(self.env, self.blas_threads)
+        zygote = _IDLE.take(start) if self.reuse else None
+        return zygote or _Zygote("fresh", self.env, self.blas_threads, start=start)
+
     def fork_worker(self) -> tuple[int, socket.socket, int, _Zygote | None, int]:
         """Have the zygote fork a worker: its pid, our end of its socket, its start-page
         slot, the zygote. The request may have been sent already (the first worker of a
@@ -357,7 +558,7 @@ class _Spawner:
         for _ in range(2):
             zygote = self.zygote
             if zygote is None:
-                zygote = self.zygote = _Zygote("fresh", self.env, self.blas_threads)
+                zygote = self.zygote = self._fresh()
                 self.zygotes.append(zygote)
             try:
                 if zygote.asked is None:
@@ -399,8 +600,15 @@ class _Spawner:
     def drain(self) -> tuple[int, socket.socket, int, int] | None:
         """The pool closes: tell each zygote (it exits after its last worker's notice),
         and take the first worker if it was never used (its slot freed), for
-        :func:`_end_first`."""
+        :func:`_end_first`. With ``reuse``, the current fresh zygote is not told: it
+        is kept idle for the next pool once its workers are gone (:meth:`take_all`),
+        unless a request is pending (its worker would be one no pool knows of)."""
+        current = self.zygote
+        if self.reuse and current is not None and current.start and current.asked is None:
+            self.keep = current
         for zygote in self.zygotes:  # each exits after its last worker's notice
+            if zygote is self.keep:
+                continue
             self.drop_request(zygote)  # its worker, if forked, finds its socket closed
             zygote.drain()
         first, self.first = self.first, None  # a first worker never used
@@ -409,8 +617,15 @@ class _Spawner:
         return first
 
     def take_all(self) -> list[_Zygote]:
-        """Every zygote, for the caller to close (:meth:`_Zygote.close`); none is left."""
+        """After the close, every worker's exit handled: every zygote, for the caller
+        to close (:meth:`_Zygote.close`), none left; but the one kept, if it is idle,
+        goes to the idle zygotes kept for the next pools (and any of those it pushes
+        out is the caller's to close)."""
         zygotes, self.zygotes, self.zygote = self.zygotes, [], None
+        keep, self.keep = self.keep, None
+        if keep is not None and keep in zygotes and keep.idle():
+            zygotes.remove(keep)
+            zygotes += _IDLE.put(keep)
         return zygotes
 
     def pids(self) -> list[int]:
