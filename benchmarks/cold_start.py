@@ -1,4 +1,5 @@
-"""W7 cold start: one sample per fresh interpreter.
+"""W7 cold start: one sample per fresh interpreter; W7-threaded: one round per fresh
+interpreter.
 
 This module imports only the standard library, so that the process a sample runs in
 holds what a user's script holds before it creates its pool: the library under test and
@@ -7,15 +8,18 @@ and that changes how some libraries start their workers: a sample run from it wo
 measure the benchmark's own imports.) Dask and Ray import NumPy themselves.
 
 Run by ``suite.py`` as ``python -c 'import cold_start; cold_start.cold_main()' NAME N TMP``;
-the sample's time goes to stdout as one JSON line.
+the sample's time goes to stdout as one JSON line. ``threaded_main()`` (W7-threaded)
+likewise, with ``N RUNNERS SHIFT LIBS...``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -195,5 +199,63 @@ def cold_main() -> int:
     if pid == os.getpid():
         raise AssertionError(f"{name}: the task ran in this process")
     reply.write(json.dumps({"t": t, "import_s": import_s}) + "\n")
+    reply.flush()
+    return 0
+
+
+def _threaded_pools(w: int) -> dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]]:
+    """W7-threaded's contenders: how to make a pool, get one ``os.getpid`` result, and
+    how to close it."""
+    import actionpool as ap
+
+    runner_cls = ap.Runner  # the lazy (PEP 562) import happens here, untimed
+    from concurrent.futures import ProcessPoolExecutor
+
+    def ap_first() -> Any:
+        r = runner_cls(cpu_workers=w)
+        return r, r.submit(os.getpid).result()
+
+    def cf_first() -> Any:
+        ex = ProcessPoolExecutor(w)
+        return ex, ex.submit(os.getpid).result()
+
+    return {
+        "actionpool": (ap_first, lambda r: r.close()),
+        "concurrent.futures": (cf_first, lambda ex: ex.shutdown(wait=True)),
+    }
+
+
+def threaded_main() -> int:
+    """One round of W7-threaded; argv: N RUNNERS SHIFT LIBS... A thread blocked on an
+    event runs beside the main one all along (as in a notebook's kernel). Then, RUNNERS
+    times over, each library of LIBS makes a pool of N workers, gets one ``os.getpid``
+    result (timed: from the pool's creation to the result) and closes it (timed apart),
+    the libraries in an order rotated by SHIFT + the pool's index. One JSON line: per
+    library, the seconds of each pool in the order made."""
+    w, k, shift, libs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    reply = reply_channel()
+    t0 = time.perf_counter()
+    pools = _threaded_pools(w)
+    import_s = time.perf_counter() - t0
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="another-thread")
+    other.start()
+    first: dict[str, list[float]] = {lib: [] for lib in libs}
+    close: dict[str, list[float]] = {lib: [] for lib in libs}
+    try:
+        for i in range(k):
+            j = (shift + i) % len(libs)
+            for lib in libs[j:] + libs[:j]:
+                make, end = pools[lib]
+                t, (pool, pid) = timed(make)
+                c, _ = timed(functools.partial(end, pool))
+                if pid == os.getpid():
+                    raise AssertionError(f"{lib}: the task ran in this process")
+                first[lib].append(t)
+                close[lib].append(c)
+    finally:
+        stop.set()
+        other.join()
+    reply.write(json.dumps({"first": first, "close": close, "import_s": import_s}) + "\n")
     reply.flush()
     return 0

@@ -12,7 +12,8 @@ Where each workload lives:
 ``w_scaling.py``   W3 busy tasks at n = cores, the speedup-vs-workers curves
 ``w_arrays.py``    W5 a 50 MB array to 4 tasks
 ``w_threads.py``   W6 sleeps on threads
-``w_cold.py``      W7 cold start, a fresh interpreter per sample
+``w_cold.py``      W7 cold start, a fresh interpreter per sample; W7-threaded pool
+                   after pool in a process that runs another thread
 ``w_plans.py``     W8 mixed cpu + io plan, W9 wide plans and the overhead curve
 ``w_small.py``     W10 small maps at every size, W11 a short batch (2 workers)
 ``w_dask.py``      W1, W2, W3, W9 on a Dask cluster: actionpool's Dask backend
@@ -122,7 +123,7 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
         f" ({'quick mode: fewer rounds, smaller sizes' if a['quick'] else 'default sizes'},"
         f" {a['rounds']} interleaved rounds, W3 {w3_rounds(a['rounds'])},"
         f" W5{' and W10' if data.get('W10') else ''} {max(1, a['rounds'] - 2)},"
-        f" W7 {a['cold_rounds']} fresh processes each).",
+        f" W7 {a['cold_rounds']} fresh processes each, W7-threaded {a['cold_rounds']} rounds).",
         "",
         f"**Machine:** {m['cpu']}, {m['physical_cores']} physical cores"
         f" ({m['logical_cpus']} logical, affinity {m['affinity']}), {m['memory_gib']} GiB"
@@ -174,6 +175,8 @@ def write_markdown(path: Path, data: dict[str, Any], plots: list[str]) -> None:
         " cores); W5 4 x 50 MB / wall as a multiple of one"
         " memcpy's bandwidth (50 MB / memcpy time); W6 wall / 50 ms (20 threads everywhere,"
         " so one sleep is the ideal); W7 actionpool's cold start / concurrent.futures';"
+        " W7-threaded the same for the first result of pools made one after another in"
+        " a process that runs another thread (the later ones judged, the first reported);"
         " W8 wall / max(the cpu nodes' serial in-process time / cores, io sleep);"
         " W10 actionpool's tasks/s / Pool.map's at each size (the worst size is the"
         " value); W11 as W3, for 6 tasks on 2 workers (reported, no target)."
@@ -265,7 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="rounds per workload (default 5 / 7; W3: twice as many plus one; W5 and W10: 2 fewer)",
     )
-    parser.add_argument("--cold-rounds", type=int, help="W7 samples each (default 3 / 5)")
+    parser.add_argument(
+        "--cold-rounds", type=int, help="W7 samples each, W7-threaded rounds (default 3 / 5)"
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -277,7 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         default=ALL,
         help=f"comma-separated subset of {ALL} (W1, W2, W3 and W9 take in their Dask-backend"
-        " rows; W1-dask, W2-dask, W3-dask, W9-dask name those alone)",
+        " rows; W1-dask, W2-dask, W3-dask, W9-dask name those alone; W7 takes in"
+        " W7-threaded, which names it alone)",
     )
     parser.add_argument(
         "--small-sizes",

@@ -323,3 +323,54 @@ def test_the_dask_backend_workloads_run_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(targets[w]["value"] > 0 for w in ("W1-dask", "W2-dask", "W3-dask", "W9-dask"))
     assert "(30 nodes + fan-in)" in targets["W9-dask"]["target"]
     assert "### W9-dask" in (tmp_path / "results.md").read_text()
+
+
+def test_w7_threaded_judges_the_later_runners_and_reports_the_first() -> None:
+    """Per round, the first pool of the process and the median of the later ones: the
+    later runners are judged against concurrent.futures' later executors, round by
+    round; the first runner, which starts the interpreter, is only reported."""
+    suite, Entry = _bench("suite"), _bench("harness").Entry
+
+    def entry(lib: str, op: str, kind: str, walls: list[float]) -> Any:
+        e = Entry(f"{lib} {op}", lib, op, {"pools": 5}, kind)
+        e.samples, e.rounds = list(walls), list(range(len(walls)))
+        e.extras = [{"first_s": [w] * 5, "close_s": [0.002] * 5} for w in walls]
+        return e
+
+    res = {
+        "W7-threaded": [
+            entry("actionpool", "threaded_later", "actionpool", [0.007, 0.006, 0.010]),
+            entry("actionpool", "threaded_first", "actionpool-variant", [0.14, 0.13, 0.15]),
+            entry("concurrent.futures", "threaded_later", "peer", [0.006, 0.006, 0.006]),
+            entry("concurrent.futures", "threaded_first", "peer", [0.007, 0.007, 0.007]),
+        ]
+    }
+    an = suite.analyse(res, argparse.Namespace(workers=2))
+    later, first = [t for t in an["targets"] if t["workload"] == "W7-threaded"]
+    assert later["value"] == pytest.approx(7 / 6) and later["met"] is True
+    assert "per round 1.00-1.67x, met in 2 of 3" in later["shown"]
+    assert first["value"] == pytest.approx(0.14 / 0.007) and first["met"] is None
+
+
+@pytest.mark.slow
+def test_w7_threaded_runs_for_real(tmp_path: Path) -> None:
+    """One round: one process, 5 runners and 5 executors made in turn beside a thread."""
+    proc = _run(
+        "suite.py", "--quick", "--out", str(tmp_path), "--workloads", "W7-threaded",
+        "--only", "actionpool,concurrent.futures", "--cold-rounds", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["analysis"]["tables"]["W7-threaded"]["rows"]
+    assert {(r["library"], r["op"]) for r in rows} == {
+        (lib, op)
+        for lib in ("actionpool", "concurrent.futures")
+        for op in ("threaded_first", "threaded_later")
+    }
+    assert all(r["median"] > 0 and not r["errors"] for r in rows), rows
+    for e in data["W7-threaded"]:
+        (extras,) = e["extras"]
+        assert len(extras["first_s"]) == len(extras["close_s"]) == 5
+    targets = [t for t in data["analysis"]["targets"] if t["workload"] == "W7-threaded"]
+    assert [t["met"] is None for t in targets] == [False, True]
+    assert "### W7-threaded" in (tmp_path / "results.md").read_text()
