@@ -268,3 +268,18 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
         running += step
         most = max(most, running)
     return most
+
+
+def chatty(tag: str, lines: int = 1) -> str:
+    """Print ``lines`` numbered lines to stdout, one to stderr, and log at INFO and
+    WARNING (logger ``tests.chatty``); returns ``tag``."""
+    import logging
+    import sys
+
+    for i in range(lines):
+        print(f"{tag} line {i}")
+    print(f"{tag} to stderr", file=sys.stderr)
+    log = logging.getLogger("tests.chatty")
+    log.info("%s info", tag)
+    log.warning("%s warning", tag)
+    return tag

@@ -7,6 +7,8 @@ thread); the ones about starting, sizing and bad addresses make their own.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 import threading
@@ -218,6 +220,26 @@ def test_a_progress_bar_counts_cluster_nodes_to_the_end(
     assert [o.value for o in report] == [0, 1, 4, 9, 16]
     err = capsys.readouterr().err
     assert "actionpool" in err and "5/5" in err
+
+
+def test_prints_and_log_records_on_the_cluster_reach_the_client_tagged(
+    dask_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    out, err = io.StringIO(), io.StringIO()
+    plan = ap.Plan()
+    plan.add(h.chatty, "d", 50, name="remote")
+    with (
+        dask_runner(dask_client) as r,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        report = r.run(plan)
+    assert report.outcome("remote").pool == "dask"
+    assert out.getvalue().splitlines() == [f"[remote] d line {i}" for i in range(50)]
+    assert err.getvalue() == "[remote] d to stderr\n"
+    got = [r.getMessage() for r in caplog.records if r.name == "tests.chatty"]
+    assert got == ["[remote] d info", "[remote] d warning"]
 
 
 def test_a_map_and_its_chunks_run_on_the_cluster(dask_client: Any) -> None:

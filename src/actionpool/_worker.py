@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 from . import _link
 from .action import ActionSpec, Context
 from .errors import ActionTimeout, RemoteError, SerializationError
+from .output import Capture
 from .resources import close_process_registries, view
 from .shm import Arena, arena_for, forget, keep_mappings, unlink_worker_segments
 from .transfer import Packed, dumps, loads
@@ -77,6 +78,9 @@ class Task(NamedTuple):
     action: str = ""  # the action's name (a cluster pool measures durations by it)
     idempotent: bool = False  # it may run again unasked (a cluster keeps its value)
     resources: bytes | None = None  # the runner's resource factories (resources.pack)
+    # 0: the action's output stays this worker's; else it goes to the parent as events
+    # (output.Capture), with logging records at this level and above
+    capture: int = 0
 
 
 class Result(NamedTuple):
@@ -662,7 +666,11 @@ def _serve(conn: Any, page: mmap.mmap | None, offset: int) -> None:
                 payload = dumps(repr(data))
             send((_link.EVENT, _id, kind, at, payload))
 
-        result = execute(task, sink, None, on_start, kept)
+        if task.capture:
+            with Capture(sink, task.capture):
+                result = execute(task, sink, None, on_start, kept)
+        else:
+            result = execute(task, sink, None, on_start, kept)
         send((_link.RESULT, attempt_id, result))
         # The call's objects are freed only now, with the reply out (as Pool's worker
         # does): freeing them is the parent's wait otherwise.

@@ -59,6 +59,7 @@ from .maps import (
     map_calls,
 )
 from .outcome import Report
+from .output import write_here
 from .plan import Plan
 from .planrun import PlanRun, check_failure_policy, check_max_parallel
 from .pools import Pool
@@ -178,6 +179,17 @@ class Runner(Executor):
             and exits, a fresh one takes its place, and each replacement is a
             ``"recycled"`` event and an entry of ``Report.recycled``. Local backend
             only.
+        capture: ``True`` (default): what cpu actions print to ``sys.stdout`` and
+            ``sys.stderr`` in their worker processes, and the ``logging`` records
+            they make at this process's root level or above, are written here, by
+            this process: text to its current ``sys.stdout`` / ``sys.stderr`` (the
+            notebook cell that runs, a redirected stream), each line prefixed with
+            ``[node] ``; records to the handlers of their logger here, the message
+            prefixed likewise and the node in ``record.actionpool_node``. In order
+            per node, before the node's result; on the Dask backend too.
+            ``False``: the workers write to the file descriptors they inherited, as
+            plain processes do. io actions run in this process and print here
+            either way, untagged.
 
     Raises:
         ValueError: a worker count is not an int >= 1, ``timeout_grace`` is not a
@@ -189,7 +201,8 @@ class Runner(Executor):
         RuntimeError: ``worker_start="fork"`` while this process runs other threads, or
             on the portable process path.
         ValueError: ``max_tasks_per_worker`` is not an int >= 1, ``max_worker_memory``
-            is not a positive size, or either is given with ``backend="dask"``.
+            is not a positive size, or either is given with ``backend="dask"``;
+            ``capture`` is not a bool.
         TypeError: ``resources`` is not a mapping, or one of its names is not a str,
             or one of its factories is not a callable taking no arguments (an
             empty name is a ValueError).
@@ -213,9 +226,12 @@ class Runner(Executor):
         resources: Mapping[str, Callable[[], Any]] | None = None,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
+        capture: bool = True,
     ) -> None:
         # checked and pickled before any process or thread starts
         self._resource_payload = pack(resources)
+        if not isinstance(capture, bool):
+            raise ValueError(f"capture must be True or False, got {capture!r}")
         if max_tasks_per_worker is not None and (
             isinstance(max_tasks_per_worker, bool)
             or not isinstance(max_tasks_per_worker, int)
@@ -328,6 +344,12 @@ class Runner(Executor):
             assert resources is not None
             self._resources = register(self._resource_payload, resources)
             self._sched.resources = self._resource_payload
+        self._sched.capture = capture
+        if capture:
+            for pool in self._pools.values():
+                set_output = getattr(pool, "set_output", None)
+                if set_output is not None:
+                    set_output(write_here)
         _LIVE.add(self)
 
     # ---- Executor API ----------------------------------------------------------------

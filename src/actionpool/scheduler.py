@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import random
 import time
 import warnings
@@ -130,6 +131,10 @@ class Scheduler:
     resources: bytes | None = None
     """The runner's resource factories (:func:`actionpool.resources.pack`), set by the
     runner: what a task of an action that takes a Context carries to its worker."""
+
+    capture = False
+    """Whether the actions' output in worker processes comes to the parent
+    (``Runner(capture=)``, :mod:`actionpool.output`); set by the runner."""
 
     def __init__(
         self,
@@ -708,6 +713,7 @@ class Scheduler:
             spec.name,
             bool(spec.idempotent),
             self.resources if spec.wants_context else None,
+            (logging.getLogger().getEffectiveLevel() or 1) if self.capture else 0,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -18,6 +18,11 @@ pool reports what happened to each attempt, through its :class:`Attempt`'s futur
   to stop it (``attempt.killed`` says why);
 * cancelled: it was withdrawn before a worker took it.
 
+A pool whose actions run in worker processes may also take ``set_output(output)``:
+it then hands the workers' output events (``"stdout"``, ``"stderr"``, ``"log"``: see
+:mod:`actionpool.output`) to ``output(node, kind, data)`` instead of to the attempt's
+``on_event`` (the runner does so unless ``Runner(capture=False)``).
+
 ``runner.py`` and the scheduler use a pool only through this protocol; nothing outside
 ``pools/`` names a concrete pool's class or private attribute.
 """

@@ -88,6 +88,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
+from ..output import OUTPUT_KINDS
 from ..shm import Arena, _address, arena_for
 from ..transfer import PROTOCOL, Packed, dumps, loads
 from . import NotStarted
@@ -801,6 +802,7 @@ class DaskAttempt:
         "idempotent",
         "key",
         "killed",
+        "node",
         "on_event",
         "on_result",
         "on_started",
@@ -815,6 +817,7 @@ class DaskAttempt:
         self._pool = pool
         self.key = key
         self.task: Task | None = task  # dropped once sent
+        self.node = task.node  # whose output its events carry (set_output)
         self.action = task.action
         self.idempotent = task.idempotent
         self.asks = asks
@@ -891,6 +894,8 @@ class DaskPool:
         self._ids = itertools.count(1)
         self._tag = uuid.uuid4().hex[:8]
         self._pending: list[DaskAttempt] = []  # submitted, not yet sent (flush)
+        # where the actions' output events go (set_output; on the client's loop)
+        self._output: Callable[[str, str, Any], None] | None = None
         self._flush_armed = False  # a late flush is scheduled on the client's loop
         self._flushed = 0  # flushes so far
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
@@ -958,6 +963,13 @@ class DaskPool:
         if arm:  # for a caller that never calls flush: the scheduler always does
             client.loop.add_callback(self._arm_late_flush, gen)
         return att
+
+    def set_output(self, output: Callable[[str, str, Any], None]) -> None:
+        """Hand the actions' output events (:data:`~actionpool.output.OUTPUT_KINDS`),
+        which the worker-local pools send on as events, to ``output(node, kind,
+        data)`` instead of to each attempt's ``on_event``; called on the client's
+        loop, in the order the worker sent them."""
+        self._output = output
 
     def flush(self) -> None:
         """Send the attempts submitted since the last flush, several to a Dask task
@@ -1262,7 +1274,11 @@ class DaskPool:
                         att.on_started(running, at)
             return
         att = self._live.get(key)
-        if att is not None and att.on_event is not None:
+        if att is None:
+            return
+        if kind in OUTPUT_KINDS and self._output is not None:
+            self._output(att.node, kind, loads(data))
+        elif att.on_event is not None:
             att.on_event(kind, at, loads(data))
 
     def _on_worker(self, event: tuple[float, dict[str, Any]]) -> None:

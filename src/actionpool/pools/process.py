@@ -384,6 +384,12 @@ class ProcessPool:
                 raise RuntimeError("the cpu pool already reads its workers on a loop")
             self._reader.loop = loop
 
+    def set_output(self, output: Callable[[str, str, Any], None]) -> None:
+        """Hand the workers' output events (:data:`~actionpool.output.OUTPUT_KINDS`)
+        to ``output(node, kind, data)`` from now on, instead of to each attempt's
+        ``on_event`` (the runner's :func:`~actionpool.output.write_here`)."""
+        self._reader.output = output
+
     # ---- submitting and stopping -------------------------------------------------------
 
     def submit(

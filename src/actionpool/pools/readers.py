@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _link
 from .._threads import join_thread
+from ..output import OUTPUT_KINDS
 
 if TYPE_CHECKING:
     from .process import ProcessAttempt, _Worker
@@ -120,6 +121,9 @@ class WorkerReader:
         self._on_death = on_death
         self.cores = cores
         self.recent_s = 0.0
+        # where the workers' output events go (the pool's set_output); None: to the
+        # attempt's on_event, as other events (a Dask worker's pool sends them on)
+        self.output: Callable[[str, str, Any], None] | None = None
         self._spinner = threading.Lock()  # who spins now (one thread at most)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._own_loop: threading.Thread | None = None
@@ -287,7 +291,10 @@ class WorkerReader:
             att.started = True
             att.on_started(w.pid, msg[2])
         elif kind == _link.EVENT:
-            att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
+            if msg[2] in OUTPUT_KINDS and self.output is not None:
+                self.output(att.task.node, msg[2], pickle.loads(msg[4]))
+            else:
+                att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
         elif kind == _link.RESULT and att.on_result is not None:
             att.on_result(msg[2])  # its owner ends it (the future stays pending)
         elif kind == _link.RESULT and not att.future.done():
@@ -365,7 +372,7 @@ class WorkerReader:
                 continue
             if msg[0] == _link.RESULT:
                 return found
-            self.notify(*found)  # STARTED, EVENT: not sent for such an attempt
+            self.notify(*found)  # STARTED (not sent for such an attempt), or output
 
     def spin_for(self, timeout: float | None) -> float:
         """How long :meth:`read_result` may spin (seconds): :data:`_SPIN_S` while the
