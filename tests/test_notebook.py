@@ -7,6 +7,7 @@ the notebook ends (the fixture checks that no process is left).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -52,6 +53,20 @@ def test_the_notebook_runs_in_a_real_kernel_without_errors(tmp_path: Path) -> No
     assert "PARTIAL" in page and "part 3 is corrupt" in page
     assert "<details>" in page  # the failure's traceback, collapsed
     assert "<Report partial: 12 succeeded, 1 failed, 1 skipped" in _data(report, "text/plain")
+
+    # the workers' prints and log records, written by the kernel to the cell, tagged
+    streams = [o for o in report if o["output_type"] == "stream"]
+    out = "".join(o["text"] for o in streams if o["name"] == "stdout")
+    err = "".join(o["text"] for o in streams if o["name"] == "stderr")
+    for p in range(6):
+        assert f"[crunch{p}] crunching 1000 numbers\n" in out
+    assert "[crunch3] giving up on part 3" in err
+    if importlib.util.find_spec("ipywidgets") is not None:  # tqdm.auto draws a widget
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in report)
+
+    notes = _data(_outputs(nb, "def check("), "text/plain")
+    assert "in the map of 'check', item 7" in notes
+    assert _data(_outputs(nb, "squares = ["), "text/plain") == str([n * n for n in range(7)])
 
     expected = sum(n * n for p in range(6) if p != 3 for n in range(p * 1_000, (p + 1) * 1_000))
     assert _data(_outputs(nb, 'report["total_without_3"]'), "text/plain") == str(expected)
