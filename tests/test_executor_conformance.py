@@ -1,7 +1,7 @@
 """CPython's own ``concurrent.futures`` tests, run against :class:`actionpool.Runner`.
 
-DESIGN.md promises that a runner "drops in wherever a ``concurrent.futures.Executor``
-is accepted". This module holds that promise to the standard library's own test suite
+A runner is a ``concurrent.futures.Executor`` (docs/concepts.md, "The runner"), so it
+should drop in wherever one is accepted. This module holds that promise to the standard library's own test suite
 (``test.test_concurrent_futures``: ``ExecutorTest`` with the process pool's additions,
 ``WaitTests``, ``AsCompletedTests``, ``ExecutorShutdownTest`` with the process pool's
 additions, ``ExecutorDeadlockTest``), imported from the interpreter's ``test`` package
@@ -405,8 +405,8 @@ EXCLUDED: dict[str | tuple[str, str], str] = {
     # ExecutorTest, as test_process_pool extends it
     "test_max_workers_too_large": "Windows only; creates a futures.ProcessPoolExecutor itself",
     "test_killed_child": f"{_PRIVATE} (_processes) to kill a worker; and then expects every"
-    " later submit to fail, where a runner heals by design (DESIGN.md, 'Crashes and"
-    " recovery'; tests/test_faults.py covers it)",
+    " later submit to fail, where a runner heals by design (docs/concepts.md, 'Crashes';"
+    " tests/test_faults.py covers it)",
     "test_saturation": f"{_PRIVATE} (_max_workers, _processes)",
     "test_idle_process_reuse_one": f"{_PRIVATE} (_max_workers, _processes)",
     "test_idle_process_reuse_multiple": f"{_PRIVATE} (_max_workers, _processes)",
@@ -425,7 +425,7 @@ EXCLUDED: dict[str | tuple[str, str], str] = {
     " private _ExecutorManagerThread and _ThreadWakeup, which a runner does not use",
     ("Fresh", "test_map_timeout"): "map's timeout does not depend on how workers start,"
     " and the test sleeps for its 5 s timeout: it runs once, with forked workers",
-    # By design (DESIGN.md, "Crashes and recovery"; tests/test_faults.py covers ours): a
+    # By design (docs/concepts.md, "Crashes"; tests/test_faults.py covers ours): a
     # call whose call or result cannot be unpickled, even with SystemExit, fails alone
     # with SerializationError (a pickle.PicklingError) and the pool goes on, where
     # ProcessPoolExecutor marks its whole pool broken (BrokenProcessPool).

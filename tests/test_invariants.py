@@ -7,7 +7,7 @@ and returning late, or ignoring it until the worker is killed; io: returning onc
 ``ctx.cancelled()`` turns True) or end their worker process (``os._exit``, SIGKILL).
 Every plan runs on a runner with one cpu worker and on one with two, reusing both
 runners across examples, and the reports are checked against
-DESIGN.md ("Failure", "Timeouts", "Crashes and recovery", "Cancellation and no zombies"):
+docs/concepts.md ("Failures": timeouts, crashes, retries, cancellation):
 
 1. every node ends with exactly one terminal outcome, in plan order;
 2. a node starts only after each of its dependencies succeeded and finished;

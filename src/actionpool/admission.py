@@ -1,4 +1,4 @@
-"""Admission: which ready node may start now (DESIGN.md, "Admission").
+"""Admission: which ready node may start now (docs/architecture.md, "The node lifecycle").
 
 Data flow::
 

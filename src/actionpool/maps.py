@@ -10,7 +10,7 @@ Data flow::
 Tiny calls are batched: each task runs :func:`_run_chunk` over a chunk of items in
 the worker, and reports how long it took, from which :class:`_Batcher` sizes the next
 chunks. A worker that dies in the middle of a chunk costs that chunk's items one by
-one again only for an idempotent action (see :doc:`concepts`, "Failures").
+one again only for an idempotent action (docs/concepts.md, "Crashes").
 
 :func:`_drain` is one generator for both: for ``map`` it waits on the futures itself;
 for ``amap`` it never blocks, and yields a :class:`_Wait` instead, which the async

@@ -33,7 +33,7 @@ while running, was killed, or that its worker died *before starting* it
 (:class:`~actionpool.pools.NotStarted`), and the scheduler alone decides whether that
 attempt runs again.
 
-Failure rules (DESIGN.md, "Failure", "Timeouts", "Crashes and recovery"):
+Failure rules (docs/concepts.md, "Failures"; docs/reliability.md, "Design"):
 
 * an action that raised is retried while ``attempts <= retries`` and the error is one
   of ``retry_on``, after :func:`backoff_delay`; the last error is kept;
