@@ -347,7 +347,10 @@ class _Zygote:
             return False
         if self.proc.poll() is not None:  # killed while idle: reaped now
             return False
-        return not select.select([self.ctl, self.notify], [], [], 0)[0]
+        poller = select.poll()  # not select(): this process may hold fds past 1024
+        poller.register(self.ctl, select.POLLIN)
+        poller.register(self.notify, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         """Let the zygote go (it kills what workers it still has) and reap it."""
@@ -604,8 +607,8 @@ class _Spawner:
         is kept idle for the next pool once its workers are gone (:meth:`take_all`),
         unless a request is pending (its worker would be one no pool knows of)."""
         current = self.zygote
-        if self.reuse and current is not None and current.start and current.asked is None:
-            self.keep = current
+        if self.reuse and current is not None and current.start is not None:
+            self.keep = current if current.asked is None else None
         for zygote in self.zygotes:  # each exits after its last worker's notice
             if zygote is self.keep:
                 continue
