@@ -1,13 +1,14 @@
 """CPython's own ``concurrent.futures`` tests, run against :class:`actionpool.Runner`.
 
 A runner is a ``concurrent.futures.Executor`` (docs/concepts.md, "The runner"), so it
-should drop in wherever one is accepted. This module holds that promise to the standard library's own test suite
-(``test.test_concurrent_futures``: ``ExecutorTest`` with the process pool's additions,
-``WaitTests``, ``AsCompletedTests``, ``ExecutorShutdownTest`` with the process pool's
-additions, ``ExecutorDeadlockTest``), imported from the interpreter's ``test`` package
-and run through a small mixin that builds an ``ap.Runner`` where CPython's
-``ExecutorMixin`` builds a ``ProcessPoolExecutor``. Interpreters without that package
-(most distributions strip it; CPython 3.13 built by pyenv ships it) skip the module.
+should drop in wherever one is accepted. This module holds that promise to the standard
+library's own test suite (``test.test_concurrent_futures``: ``ExecutorTest`` with the
+process pool's additions, ``WaitTests``, ``AsCompletedTests``, ``ExecutorShutdownTest``
+with the process pool's additions, ``ExecutorDeadlockTest``), imported from the
+interpreter's ``test`` package and run through a small mixin that builds an
+``ap.Runner`` where CPython's ``ExecutorMixin`` builds a ``ProcessPoolExecutor``.
+Interpreters without that package (most distributions strip it; CPython 3.13 built by
+pyenv ships it) skip the module.
 
 Every suite runs with forked workers (``RunnerFork*``); those whose outcome may depend
 on how workers start run again with workers from a fresh interpreter (``RunnerFresh*``).
