@@ -78,3 +78,49 @@ def test_the_notebook_runs_in_a_real_kernel_without_errors(tmp_path: Path) -> No
     spans = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert {f"crunch{p}" for p in range(6)} <= spans
     assert "run-trace.json" in _data(_outputs(nb, "trace = "), "text/plain")
+
+
+PRESTART_CELLS = [
+    "import os, threading, time\nimport actionpool as ap\n"
+    "from actionpool.pools import zygote_client as zc",
+    # the zygote is started (and the runner's modules imported) on a thread of its own
+    "for t in threading.enumerate():\n"
+    "    if t.name == 'actionpool-prestart':\n"
+    "        t.join(60)\n"
+    "idle = zc.idle_zygote_pids()\nprint(idle)",
+    "with ap.Runner(cpu_workers=2, io_workers=1) as r:\n"
+    "    parent = r.submit(os.getppid).result(timeout=60)\n"
+    "print(parent in idle, zc.idle_zygote_pids() == [])",
+]
+
+
+def _run_cells(cells: list[str], tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """Run ``cells`` in a fresh kernel with ``env`` added to its environment; each
+    cell's printed text."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        client.execute()
+    return ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells]
+
+
+@pytest.mark.slow
+@pytest.mark.zygote_path
+def test_in_a_kernel_the_first_runner_adopts_a_zygote_started_at_import(
+    tmp_path: Path,
+) -> None:
+    out = _run_cells(PRESTART_CELLS, tmp_path, {"ACTIONPOOL_PRESTART": "1"})
+    idle = json.loads(out[1])
+    assert len(idle) == 1, out  # started ahead, kept idle
+    assert out[2] == "True False\n", out  # the runner's workers are its children
+
+
+@pytest.mark.slow
+@pytest.mark.zygote_path
+def test_prestart_0_starts_nothing_ahead(tmp_path: Path) -> None:
+    out = _run_cells(PRESTART_CELLS[:2], tmp_path, {"ACTIONPOOL_PRESTART": "0"})
+    assert out[1] == "[]\n", out

@@ -301,3 +301,18 @@ def test_a_forked_child_never_adopts_its_parents_idle_zygote() -> None:
         """
     )
     assert out.split() == ["True", "3"]
+
+
+def test_prestart_happens_only_in_a_kernel_and_a_bad_switch_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from actionpool.backends import PRESTART_ENV, prestart_in_kernel
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert prestart_in_kernel() is False  # a script: nothing ahead
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules[__name__])
+    monkeypatch.setenv(PRESTART_ENV, "yes")
+    with pytest.warns(RuntimeWarning, match="ACTIONPOOL_PRESTART must be '0' or '1', got 'yes'"):
+        assert prestart_in_kernel() is False
+    monkeypatch.setenv(PRESTART_ENV, "0")
+    assert prestart_in_kernel() is False

@@ -15,6 +15,8 @@ needs only the action and transfer modules, starts without importing the schedul
 from __future__ import annotations
 
 import importlib
+import sys as _sys
+import threading as _threading
 from typing import TYPE_CHECKING, Any
 
 # Eager: the submodule ``actionpool.action`` would otherwise shadow the function
@@ -112,3 +114,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+def _prestart() -> None:
+    from . import runner  # noqa: F401 - what the first ap.Runner would import
+    from .backends import prestart_in_kernel
+
+    prestart_in_kernel()
+
+
+# A Jupyter kernel runs threads, so a runner's worker processes come from a fresh
+# interpreter there: start it now, and import the runner's modules, while the user
+# writes the next cells (backends.prestart_in_kernel).
+if "ipykernel" in _sys.modules:
+    _threading.Thread(target=_prestart, name="actionpool-prestart", daemon=True).start()

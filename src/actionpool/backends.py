@@ -12,6 +12,9 @@ Sized from the cluster (:func:`~actionpool.sizing.cluster_sizing`).
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -23,13 +26,14 @@ from .pools import Pool
 from .pools.process import ProcessPool
 from .pools.threads import ThreadPool
 from .pools.unavailable import UnavailablePool
+from .pools.zygote_client import prestart_idle_zygote, resolve_worker_start
 from .shm import SHARED_MEMORY
 from .sizing import Sizing, cluster_sizing, compute_sizing
 
 if TYPE_CHECKING:
     from .shm import Arena
 
-__all__ = ["BACKENDS", "DASK_IN_FLIGHT", "Backend", "build"]
+__all__ = ["BACKENDS", "DASK_IN_FLIGHT", "PRESTART_ENV", "Backend", "build", "prestart_in_kernel"]
 
 BACKENDS = ("local", "dask")
 
@@ -169,3 +173,45 @@ def build(
         raise
     sizing = replace(sizing, cpu_pool=pools["cpu"].describe())
     return Backend(sizing, pools, link, shared_memory=False, arena=ClusterArena)
+
+
+PRESTART_ENV = "ACTIONPOOL_PRESTART"
+"""``"0"``: no zygote is started ahead in a Jupyter kernel (:func:`prestart_in_kernel`);
+``"1"`` (or unset): one is."""
+
+
+def prestart_in_kernel() -> bool:
+    """In a Jupyter (IPython) kernel, start the zygote of the first local runner now
+    and keep it idle; whether one was started. ``import actionpool`` calls it on a
+    thread of its own in a kernel, so that the imports and the start overlap the
+    user's next cells.
+
+    A kernel runs threads, so a runner's zygote there is a fresh interpreter, whose
+    start and imports were most of the first runner's first result; users import the
+    library cells before they make a runner. The zygote is made for the default sizing
+    (:func:`~actionpool.sizing.compute_sizing`) and kept idle: a runner whose zygote
+    would start the same way (same BLAS cap, environment, ``sys.path``) adopts it, any
+    other starts its own. It stops at the interpreter's exit, or with the kernel.
+    Only on the zygote path, with ``worker_start`` resolving to ``"fresh"``, and unless
+    ``ACTIONPOOL_PRESTART=0``; a zygote that cannot start is no error here (the
+    runner's own start says why).
+    """
+    if "ipykernel" not in sys.modules:
+        return False
+    value = os.environ.get(PRESTART_ENV, "1")
+    if value not in ("0", "1"):
+        warnings.warn(
+            f"{PRESTART_ENV} must be '0' or '1', got {value!r}: no zygote is started ahead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    if value == "0" or process_path()[0] != "zygote":
+        return False
+    try:
+        if resolve_worker_start() != "fresh":
+            return False
+        prestart_idle_zygote(compute_sizing().blas_threads)
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return True

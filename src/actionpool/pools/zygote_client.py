@@ -81,6 +81,7 @@ __all__ = [
     "WORKER_START_MODES",
     "describe_exit",
     "idle_zygote_pids",
+    "prestart_idle_zygote",
     "resolve_worker_start",
     "stop_idle_zygotes",
 ]
@@ -443,6 +444,22 @@ atexit.register(_IDLE.clear, closing=True)
 def idle_zygote_pids() -> list[int]:
     """The pids of the idle fresh zygotes kept for the next pools (oldest first)."""
     return _IDLE.pids()
+
+
+def prestart_idle_zygote(blas_threads: int) -> None:
+    """Start a fresh zygote now, with the environment a pool of that BLAS cap would give
+    it, and keep it idle for the first pool that would start one the same way (see the
+    module docstring): that pool's first result then waits for no interpreter start.
+
+    Raises:
+        OSError: the zygote could not be started (no interpreter, no descriptors).
+    """
+    from ..sizing import worker_env
+
+    env = worker_env(blas_threads)
+    zygote = _Zygote("fresh", env, blas_threads, start=_FreshStart.now(env, blas_threads))
+    for extra in _IDLE.put(zygote):
+        extra.close()
 
 
 def stop_idle_zygotes() -> None:
