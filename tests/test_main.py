@@ -277,7 +277,9 @@ def test_bench_runs_the_quick_suite_from_the_source_tree_and_names_missing_peers
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     err = flat(out.stderr)
-    assert "not installed: mpire, pebble" in err and "pip install 'actionpool[bench]'" in err
+    # the hidden ones, and whatever else this environment lacks (CI has no bench extra)
+    missing = err.split("not installed: ", 1)[1].split(";", 1)[0].split(", ")
+    assert {"mpire", "pebble"} <= set(missing) and "pip install 'actionpool[bench]'" in err
     assert f"running {ROOT / 'benchmarks' / 'suite.py'} --quick --out {tmp_path / 'out'}" in err
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["args"]["quick"] is True
