@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from dataclasses import dataclass
 from functools import cache, partial
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .action import ActionSpec, as_spec, wire_form
 from .errors import SerializationError, WorkerCrashed
@@ -435,6 +435,9 @@ def _popping(values: list[Any]) -> Iterator[Any]:
     return map(list.pop, repeat(values, len(values)))
 
 
+_E = TypeVar("_E", bound=BaseException)
+
+
 class _Wait:
     """What :func:`_drain` yields, for ``amap``, instead of blocking: wait until one of
     ``futures`` is done, or ``timeout`` seconds (``None``: no limit) have passed."""
@@ -478,7 +481,7 @@ def _take(
             concurrent.futures.wait(futures, left, concurrent.futures.FIRST_COMPLETED)
 
 
-def _note(exc: BaseException, name: str, first: int, count: int = 1) -> BaseException:
+def _note(exc: _E, name: str, first: int, count: int = 1) -> _E:
     """``exc``, with a note naming the map item(s) it is the error of."""
     where = f"item {first}" if count == 1 else f"items {first} to {first + count - 1}"
     note = f"in the map of {name!r}, {where}"
@@ -511,27 +514,14 @@ def _drain(
                 value = fut.result(timeout=_left(end))
             except WorkerCrashed as crash:
                 pending.remove(call)
-                if count > 1 and spec.idempotent:
-                    # find the item that kills its worker, keep the others' results
-                    single = batcher is not None and batcher.single
-                    again = [
-                        (runner.submit(spec, *((a,) if single else a), **kwargs), None, None, i)
-                        for i, a in enumerate(chunk, first)
-                    ]
+                single = batcher is not None and batcher.single
+                again = _after_crash(runner, spec, kwargs, chunk, first, single, crash)
+                if isinstance(again, list):
                     _put_back(pending, again, ordered)
                     continue
-                if count > 1:
-                    crash = WorkerCrashed(
-                        f"map of {spec.name!r}: a worker died running a chunk of {count}"
-                        f" items, which are not re-run one by one because the action is"
-                        f" not idempotent ({crash})",
-                        crash.exitcode,
-                        crash.signal,
-                    )
-                _note(crash, spec.name, first, count)
                 if not keep:
-                    raise crash from None
-                yield _failed(bar, crash, count)
+                    raise again from None
+                yield _failed(bar, again, count)
                 continue
             except Exception as exc:
                 if not fut.done():  # the map's own timeout, not the action's error
@@ -558,21 +548,8 @@ def _drain(
             if hold is not None and len(values) < len(chunk):
                 # A budgeted chunk ran out of time: _send_rest sent the rest (and
                 # measured it), as calls that come next, before any later chunk.
-                if not hold.ready.done():
-                    if waits:
-                        yield _Wait([hold.ready], _left(end))
-                    with contextlib.suppress(concurrent.futures.TimeoutError):
-                        hold.ready.result(_left(end))
-                    if not hold.ready.done():
-                        raise TimeoutError(f"map of {spec.name!r}: timed out")
-                if hold.error is not None:
-                    raise hold.error
-                if hold.rest is None and not errors:
-                    raise RuntimeError(
-                        f"map of {spec.name!r}: the rest of a chunk was not sent"
-                        " (the map was stopped)"
-                    )
-                _put_back(pending, hold.rest or [], ordered)
+                rest = yield from _rest_of(hold, bool(errors), end, spec.name, waits)
+                _put_back(pending, rest, ordered)
             else:
                 batcher.observe(elapsed, len(values))
             state.refill()  # before yielding, to keep workers busy
@@ -607,6 +584,59 @@ def _drain(
         live += [f for f in state.rests() if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")
+
+
+def _rest_of(
+    hold: _Rest, errors: bool, end: float | None, name: str, waits: bool
+) -> Generator[_Wait, None, list[_Call]]:
+    """The calls that :func:`_send_rest` made for the items a budgeted chunk did not
+    run, once it has made them: its done-callback may still be at it in another
+    thread when the chunk's result is read here (``waits``: yields the wait)."""
+    if not hold.ready.done():
+        if waits:
+            yield _Wait([hold.ready], _left(end))
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            hold.ready.result(_left(end))
+        if not hold.ready.done():
+            raise TimeoutError(f"map of {name!r}: timed out")
+    if hold.error is not None:
+        raise hold.error
+    if hold.rest is None and not errors:
+        raise RuntimeError(
+            f"map of {name!r}: the rest of a chunk was not sent (the map was stopped)"
+        )
+    return hold.rest or []
+
+
+def _after_crash(
+    runner: Runner,
+    spec: ActionSpec,
+    kwargs: dict[str, Any],
+    chunk: Any,
+    first: int,
+    single: bool,
+    crash: WorkerCrashed,
+) -> list[_Call] | WorkerCrashed:
+    """A worker died running the call of map items ``first``... (``chunk``: its items,
+    or None for a single call). For a chunk of an idempotent action: its items, each
+    sent again as a call of its own, to find the one that kills its worker and keep the
+    others' results. Else the error that those items end with (a re-run nobody asked
+    for happens only for an idempotent action: docs/concepts.md, "Crashes")."""
+    count = 1 if chunk is None else len(chunk)
+    if count == 1:
+        return _note(crash, spec.name, first)
+    if spec.idempotent:
+        return [
+            (runner.submit(spec, *((a,) if single else a), **kwargs), None, None, i)
+            for i, a in enumerate(chunk, first)
+        ]
+    error = WorkerCrashed(
+        f"map of {spec.name!r}: a worker died running a chunk of {count} items, which"
+        f" are not re-run one by one because the action is not idempotent ({crash})",
+        crash.exitcode,
+        crash.signal,
+    )
+    return _note(error, spec.name, first, count)
 
 
 def _put_back(pending: deque[_Call], calls: Sequence[_Call], ordered: bool) -> None:
