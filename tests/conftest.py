@@ -106,21 +106,23 @@ def leftover_children(
         psutil.wait_procs(alive, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
 
 
-def stop_idle_zygotes() -> list[str]:
-    """Stop the idle zygotes that closed runners left for the next ones (see
-    ``zygote_client._IdleZygotes``), so that a test starts with none and leaves none;
-    what is wrong with one first: an idle zygote must have no child (no worker)."""
-    from actionpool.pools.zygote_client import idle_zygote_pids
-    from actionpool.pools.zygote_client import stop_idle_zygotes as stop
+def check_idle_zygotes(stop: bool) -> tuple[list[str], set[int]]:
+    """What is wrong with the idle zygotes that closed runners left for the next ones
+    (see ``zygote_client._IdleZygotes``): an idle zygote must have no child (no
+    worker); and their pids. ``stop``: stop them too (then no pid is returned)."""
+    from actionpool.pools.zygote_client import idle_zygote_pids, stop_idle_zygotes
 
     wrong = []
-    for pid in idle_zygote_pids():
+    pids = set(idle_zygote_pids())
+    for pid in pids:
         with contextlib.suppress(psutil.Error):
             kids = [p.pid for p in psutil.Process(pid).children()]  # zombies too
             if kids:
                 wrong.append(f"idle zygote {pid} has children {kids}")
-    stop()
-    return wrong
+    if stop or wrong:
+        stop_idle_zygotes()
+        pids = set()
+    return wrong, pids
 
 
 @pytest.fixture(autouse=True)
@@ -129,15 +131,16 @@ def no_leftover_processes() -> Iterator[None]:
 
     Workers of runners that were already open when the test began (module-scoped
     fixtures) belong to their fixture, not to the test; they are checked when the
-    fixture's module ends. The idle zygotes closed runners left are stopped (after
-    checking that they are idle).
+    fixture's module ends. The idle zygotes closed runners left are checked (no
+    child) and kept for the module's next tests, as a process keeps them for its next
+    runners; the module's end stops them.
     """
     from actionpool.runner import _LIVE
 
     before = list(_LIVE)
     yield
-    wrong = stop_idle_zygotes()
-    alive = leftover_children(allowed=_runner_workers(before))
+    wrong, idle = check_idle_zygotes(stop=False)
+    alive = leftover_children(allowed=_runner_workers(before) | idle)
     if alive:
         desc = []
         for p in alive:
@@ -157,7 +160,7 @@ def no_leftover_processes_per_module() -> Iterator[None]:
     """After each module's fixtures are torn down, no child process may remain (the
     idle zygotes its runners left are stopped, after checking that they are idle)."""
     yield
-    wrong = stop_idle_zygotes()
+    wrong, _ = check_idle_zygotes(stop=True)
     alive = leftover_children()
     for p in alive:
         with contextlib.suppress(psutil.Error):

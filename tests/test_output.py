@@ -72,34 +72,38 @@ def test_prints_reach_the_parents_current_stdout_tagged_and_in_order(runner: ap.
     assert sorted(err.getvalue().splitlines()) == ["[first] a to stderr", "[second] b to stderr"]
 
 
-def test_submit_and_map_calls_are_tagged_with_the_action(runner: ap.Runner) -> None:
+def test_submit_and_map_calls_print_untagged_as_an_executors_workers(
+    runner: ap.Runner,
+) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert runner.submit(h.chatty, "s").result(timeout=60) == "s"
         assert list(runner.map(h.chatty, ["m0", "m1"], chunksize=1)) == ["m0", "m1"]
         assert list(runner.map(h.chatty, ["c0", "c1", "c2"], chunksize=3)) == ["c0", "c1", "c2"]
     lines = out.getvalue().splitlines()
-    assert "[chatty] s line 0" in lines
-    assert {"[chatty] m0 line 0", "[chatty] m1 line 0"} <= set(lines)
+    assert "s line 0" in lines
+    assert {"m0 line 0", "m1 line 0"} <= set(lines)
     # a chunk's items print in order
-    chunk = [x for x in lines if x.startswith("[chatty] c")]
-    assert chunk == [f"[chatty] c{i} line 0" for i in range(3)]
+    assert [x for x in lines if x.startswith("c")] == [f"c{i} line 0" for i in range(3)]
 
 
 def test_logging_records_reach_the_parents_handlers_tagged(
     runner: ap.Runner, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)  # the root level: what workers send
+    plan = ap.Plan()
+    plan.add(h.chatty, "x", name="talk")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        runner.submit(h.chatty, "x").result(timeout=60)
-        runner.submit(log_an_exception).result(timeout=60)
+        runner.run(plan)
+        runner.submit(log_an_exception).result(timeout=60)  # a call: untagged
     records = [r for r in caplog.records if r.name == "tests.chatty"]
     assert [(r.levelname, r.getMessage()) for r in records] == [
-        ("INFO", "[chatty] x info"),
-        ("WARNING", "[chatty] x warning"),
-        ("ERROR", "[log_an_exception] it failed"),
+        ("INFO", "[talk] x info"),
+        ("WARNING", "[talk] x warning"),
+        ("ERROR", "it failed"),
     ]
-    assert records[0].actionpool_node == "chatty"  # type: ignore[attr-defined]
+    assert records[0].actionpool_node == "talk"  # type: ignore[attr-defined]
+    assert records[2].actionpool_node is None  # type: ignore[attr-defined]
     assert records[0].process != os.getpid()  # made in the worker
     assert records[2].exc_text and "ZeroDivisionError" in records[2].exc_text
 
@@ -111,14 +115,14 @@ def test_records_below_the_parents_root_level_are_not_sent(
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         runner.submit(h.chatty, "y").result(timeout=60)
     got = [r.getMessage() for r in caplog.records if r.name == "tests.chatty"]
-    assert got == ["[chatty] y warning"]
+    assert got == ["y warning"]
 
 
 def test_threads_the_action_starts_print_through_it_too(runner: ap.Runner) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         runner.submit(print_from_a_thread, "t").result(timeout=60)
-    assert out.getvalue() == "[print_from_a_thread] t from a thread\n"
+    assert out.getvalue() == "t from a thread\n"
 
 
 def test_what_a_worker_printed_before_it_crashed_is_kept(runner: ap.Runner) -> None:
@@ -134,8 +138,10 @@ def test_what_a_worker_printed_before_it_crashed_is_kept(runner: ap.Runner) -> N
 def test_a_line_written_in_pieces_is_tagged_once(runner: ap.Runner) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        runner.submit(print_partial_lines).result(timeout=60)
-    assert out.getvalue() == "[print_partial_lines] abc\n"
+        plan = ap.Plan()
+        plan.add(print_partial_lines, name="pieces")
+        runner.run(plan)
+    assert out.getvalue() == "[pieces] abc\n"
 
 
 def test_capture_false_leaves_the_output_on_the_inherited_descriptors(

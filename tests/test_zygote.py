@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -24,6 +25,14 @@ from tests import fault_actions as fa
 from tests.helpers import pid, wait_for_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _start_with_no_idle_zygote() -> Iterator[None]:
+    """These tests count idle zygotes: none is left from the module's earlier tests
+    (conftest keeps them within a module)."""
+    stop_idle_zygotes()
+    yield
 
 
 def run_script(code: str, timeout: float = 120, **env: str) -> str:

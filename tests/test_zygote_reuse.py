@@ -28,6 +28,14 @@ pytestmark = pytest.mark.zygote_path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _start_with_no_idle_zygote() -> Iterator[None]:
+    """These tests count idle zygotes: none is left from the module's earlier tests
+    (conftest keeps them within a module)."""
+    stop_idle_zygotes()
+    yield
+
+
 @pytest.fixture
 def threaded() -> Iterator[None]:
     """This process runs one more thread (blocked on an event) during the test, as a

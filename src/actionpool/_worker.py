@@ -81,6 +81,7 @@ class Task(NamedTuple):
     # 0: the action's output stays this worker's; else it goes to the parent as events
     # (output.Capture), with logging records at this level and above
     capture: int = 0
+    tagged: bool = True  # its output is tagged with ``node`` in the parent (a plan's node)
 
 
 class Result(NamedTuple):

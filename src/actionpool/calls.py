@@ -160,6 +160,8 @@ def _end_future(fut: Future[Any], value: Any, error: BaseException | None) -> No
 
 
 class CallRun(RunBase):
+    tags_output = False  # submit and map calls print as an Executor's workers do
+
     """The runner's stream of :meth:`Runner.submit` calls; each ends its own Future.
 
     A plain call that finds its pool ready to take it (an idle cpu worker, or a free

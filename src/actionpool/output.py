@@ -20,6 +20,8 @@ runner's loop thread, in the order they came: text goes to the parent's *current
 ``sys.stdout`` / ``sys.stderr`` (the notebook cell that runs, a redirected stream),
 each line prefixed ``[node] ``; a record goes to the handlers of its logger in the
 parent, its message prefixed the same way and its node in ``record.actionpool_node``.
+The output of ``submit`` and ``map`` calls, which are not nodes, is written as it is,
+as an ``Executor``'s workers' would be (``Task.tagged``).
 On the Dask backend, the worker-local pool passes them to the attempt's events (the
 Dask worker's ``log_event``), and the client's pool hands them here.
 
@@ -178,14 +180,16 @@ def write_here(node: str, kind: str, data: Any) -> None:
     """Write a worker's output (an event of one of :data:`OUTPUT_KINDS`) here: text to
     this process's current ``sys.stdout`` / ``sys.stderr``, each line prefixed with
     ``[node] ``; a log record (``data``: its fields) to its logger's handlers, when
-    that logger is enabled for the record's level. Runs on one thread (the pool
+    that logger is enabled for the record's level, its message prefixed likewise.
+    ``node`` empty (a ``submit`` or ``map`` call, which has no node): as it is, as an
+    ``Executor``'s workers would print it. Runs on one thread (the pool
     reader's, see the module docstring); a broken stream or handler is not the
     run's problem."""
-    tag = f"[{node}] "
+    tag = f"[{node}] " if node else ""
     if kind == "log":
         record = logging.makeLogRecord(data)
         record.msg = f"{tag}{record.msg}"
-        record.actionpool_node = node
+        record.actionpool_node = node or None
         logger = logging.getLogger(record.name)
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)

@@ -148,6 +148,9 @@ class RunBase:
     on_event: Callable[[Event], Any] | None
     cancelled: bool = False
     cancel_reason: str = ""
+    # whether its attempts are nodes, whose output is tagged with their name (a plan
+    # run's), or calls, whose output stays as it is, as an Executor's workers' does
+    tags_output: bool = True
     max_parallel: int | None = None  # attempts of this run in flight at once, at most
     running: int = 0  # attempts of this run in flight now (the scheduler counts them)
     journal: Any = None  # a plan run's journal (actionpool.journal.Journal), or None

@@ -186,7 +186,9 @@ class Runner(Executor):
             notebook cell that runs, a redirected stream), each line prefixed with
             ``[node] ``; records to the handlers of their logger here, the message
             prefixed likewise and the node in ``record.actionpool_node``. In order
-            per node, before the node's result; on the Dask backend too.
+            per node, before the node's result; on the Dask backend too. The output
+            of ``submit`` and ``map`` calls, which are not nodes, is not tagged, as
+            an ``Executor``'s workers' is not.
             ``False``: the workers write to the file descriptors they inherited, as
             plain processes do. io actions run in this process and print here
             either way, untagged.

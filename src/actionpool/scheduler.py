@@ -714,6 +714,7 @@ class Scheduler:
             bool(spec.idempotent),
             self.resources if spec.wants_context else None,
             (logging.getLogger().getEffectiveLevel() or 1) if self.capture else 0,
+            run.tags_output,
         )
 
     def _validate(self, rec: NodeRecord, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -817,7 +817,7 @@ class DaskAttempt:
         self._pool = pool
         self.key = key
         self.task: Task | None = task  # dropped once sent
-        self.node = task.node  # whose output its events carry (set_output)
+        self.node = task.node if task.tagged else ""  # its output's tag (set_output)
         self.action = task.action
         self.idempotent = task.idempotent
         self.asks = asks

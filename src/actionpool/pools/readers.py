@@ -292,7 +292,8 @@ class WorkerReader:
             att.on_started(w.pid, msg[2])
         elif kind == _link.EVENT:
             if msg[2] in OUTPUT_KINDS and self.output is not None:
-                self.output(att.task.node, msg[2], pickle.loads(msg[4]))
+                node = att.task.node if att.task.tagged else ""
+                self.output(node, msg[2], pickle.loads(msg[4]))
             else:
                 att.on_event(msg[2], msg[3], pickle.loads(msg[4]))
         elif kind == _link.RESULT and att.on_result is not None:
