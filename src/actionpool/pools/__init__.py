@@ -53,6 +53,15 @@ class NotStarted(Exception):
         self.crash = crash
 
 
+def withdraw(future: Future[Any]) -> None:
+    """Cancel an attempt's future that has not started, and tell its waiters: a future
+    cancelled without ``set_running_or_notify_cancel`` is never seen done by
+    ``concurrent.futures.wait`` (what a cancel that kills workers waits on, up to its
+    deadline)."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()
+
+
 class Attempt(Protocol):
     """Handle of one submitted attempt.
 

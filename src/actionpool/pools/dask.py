@@ -91,7 +91,7 @@ from ..errors import WorkerCrashed
 from ..output import OUTPUT_KINDS
 from ..shm import Arena, _address, arena_for
 from ..transfer import PROTOCOL, Packed, dumps, loads
-from . import NotStarted
+from . import NotStarted, withdraw
 
 if TYPE_CHECKING:
     import asyncio
@@ -1147,7 +1147,7 @@ class DaskPool:
         if live is None:
             return
         if att.started_at is None:
-            att.future.cancel()
+            withdraw(att.future)
             return
         att.future.set_exception(
             WorkerCrashed(
@@ -1236,7 +1236,7 @@ class DaskPool:
         elif what == "crashed":
             att.future.set_exception(payload)
         else:  # "withdrawn": stopped on its worker, but not here: cannot happen
-            att.future.cancel()
+            withdraw(att.future)
 
     def _fail(self, att: DaskAttempt, exc: BaseException) -> None:
         """``att``'s Dask task raised ``exc``, or was cancelled or lost."""

@@ -79,7 +79,7 @@ from .. import _link
 from .._worker import Result, Task
 from ..errors import WorkerCrashed
 from ..sizing import worker_env
-from . import NotStarted
+from . import NotStarted, withdraw
 from .portable import _LokySpawner, start_page_file
 from .readers import _READ_HERE, Found, WorkerReader
 from .zygote_client import (
@@ -469,7 +469,7 @@ class ProcessPool:
             att.killed = att.killed or reason
             if att in self._pending:
                 self._pending.remove(att)
-                _withdraw(att)
+                withdraw(att.future)
                 return
             for w in self._workers.values():
                 if w.attempt is att:
@@ -532,7 +532,7 @@ class ProcessPool:
         with self._lock:
             self._closed = True
             for att in self._pending:
-                _withdraw(att)
+                withdraw(att.future)
             self._pending.clear()
             for w in self._workers.values():
                 if cancel:
@@ -828,14 +828,6 @@ def _kill_worker(w: _Worker) -> None:
     if w.pidfd >= 0:  # our own child, not reaped yet: it may not lead its group yet
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(w.pidfd, signal.SIGKILL)
-
-
-def _withdraw(att: ProcessAttempt) -> None:
-    """Cancel a queued attempt's future and tell its waiters: a future cancelled without
-    ``set_running_or_notify_cancel`` is never seen done by ``concurrent.futures.wait``
-    (what a cancel that kills workers waits on)."""
-    if att.future.cancel():
-        att.future.set_running_or_notify_cancel()
 
 
 def _ignore(*args: Any) -> None:
