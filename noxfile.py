@@ -24,8 +24,8 @@ PYTHONS = ["3.11", "3.12", "3.13"]
 def tests_python(session: nox.Session) -> None:
     """The whole suite under each of Python 3.11, 3.12, 3.13 (those installed), with
     DeprecationWarning as an error (Python 3.12+ warns about a fork with threads):
-    ``nox -s tests-python-3.13``. CI runs the core of it on the Pythons besides its
-    main one (``.ci/cross_version_tests.txt``)."""
+    ``nox -s tests-python-3.13``. CI runs the core of it (``.ci/cross_version_tests.txt``)
+    under Python 3.13 besides its main one."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-W", "error::DeprecationWarning", *session.posargs)
 

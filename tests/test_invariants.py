@@ -260,7 +260,9 @@ def test_random_plans_keep_the_failure_invariants() -> None:
     ):
 
         @settings(
-            max_examples=40,
+            # derandomized: the same plans on every run, so more examples find nothing
+            # new from one CI run to the next; HYPOTHESIS_EXAMPLES=400 for a longer hunt
+            max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "25")),
             deadline=None,
             derandomize=True,
             database=None,
