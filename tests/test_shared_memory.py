@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 import actionpool as ap
+from actionpool import shm
 from actionpool.shm import Arena, open_pool_segments, segment_of
 from tests import fault_actions as fa
 
@@ -202,8 +204,6 @@ def where(a: np.ndarray) -> tuple[str | None, float]:
 
 
 def cached_pool_mappings() -> list[str]:
-    from actionpool import shm
-
     return sorted(shm._POOL_MAPPINGS)
 
 
@@ -281,6 +281,24 @@ def test_workers_drop_their_mapping_of_a_segment_the_pool_unlinked() -> None:
         plan = ap.Plan()
         probe = plan.add(cached_pool_mappings)
         assert r.run(plan)[probe] == []  # the broadcast reached the worker first
+
+
+@ap.action(kind="io")
+def io_total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def test_calls_in_flight_together_keep_their_shared_memory_apart() -> None:
+    # Each call has an arena of its own, named by a prefix of its own: the first call's
+    # end must not unlink, unmap or unregister what the second one has not read yet.
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        first, second = np.full(MiB // 4, 1.0), np.full(MiB // 4, 2.0)
+        futures = [r.submit(io_total, a) for a in (first, second)]  # one io thread: in turn
+        futures += [r.submit(where, a) for a in (first, second)]
+        got = [f.result(timeout=60) for f in futures]
+        assert got[:2] == [MiB / 4, MiB / 2]
+        assert [total for _, total in got[2:]] == [MiB / 4, MiB / 2]
+    assert len({shm.run_prefix("same-run") for _ in range(1000)}) == 1000
 
 
 # ---- cleanup after every kind of ending --------------------------------------------------
@@ -393,13 +411,12 @@ def test_segment_names_fit_macos_limit_of_31_characters() -> None:
     # macOS refuses longer names (PSHMNAMLEN); its pids have at most 5 digits. The
     # longest name of a run: a worker's segment, with the largest pid and a count
     # far beyond what one worker makes in one run.
-    from actionpool import shm
 
     prefix = shm.run_prefix("0123456789ab").replace(str(os.getpid()), "99998")
-    assert prefix == "ap-99998-01234567"
+    assert re.fullmatch(r"ap-99998-012[0-9a-z]{5}", prefix), prefix
     name = shm.segment_name(prefix, 36**5 - 1, worker=True).replace(
         shm._base36(os.getpid()), shm._base36(99998)
     )
-    assert name == "/ap-99998-01234567-w255q-zzzzz"
+    assert name == f"/{prefix}-w255q-zzzzz"
     assert len(name) <= shm.NAME_MAX
     assert len(shm.segment_name(prefix, 10**9, worker=False)) <= shm.NAME_MAX

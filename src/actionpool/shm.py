@@ -390,9 +390,23 @@ _SHM_DIR = Path("/dev/shm")
 _WORKER_CREATED: list[str] = []  # segments this worker created; the parent claims them
 
 
+_PREFIXES = itertools.count()
+_PREFIX_SPAN = 36**5
+
+
 def run_prefix(run_id: str) -> str:
-    """The segment-name prefix of one run of this process: ``ap-<pid>-<8 hex>``."""
-    return f"ap-{os.getpid()}-{run_id[:8]}"
+    """The segment-name prefix of one run or call of this process, unique among its
+    open arenas: ``ap-<pid>-<3 hex digits of the run id><5 base-36 digits of a count>``.
+
+    Unique, not derived from the run id alone: every arena registers, cleans up and
+    tells the workers to forget by its prefix, so two arenas with one prefix would
+    unlink and unmap each other's segments (the calls of one runner share its run
+    id). The count wraps after 36**5 (60 million) arenas, by when the arena that had
+    the same count has long closed; the run id's digits keep apart the leftovers of
+    a dead process whose pid came back. 8 characters, so that names fit macOS's 31
+    (:data:`NAME_MAX`)."""
+    count = _base36(next(_PREFIXES) % _PREFIX_SPAN).rjust(5, "0")
+    return f"ap-{os.getpid()}-{run_id[:3]}{count}"
 
 
 def segment_name(prefix: str, n: int, worker: bool) -> str:
