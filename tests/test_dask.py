@@ -692,6 +692,47 @@ def test_a_large_array_is_scattered_once_for_every_node_that_takes_it(
         )  # fmt: skip
 
 
+def gated_item(i: int, arr: Any, release: str, mark: str) -> float:
+    Path(mark).touch()
+    h.wait_for_path(release, "the test's release")
+    return float(arr[i])
+
+
+@pytest.mark.parametrize("chunksize", [1, None], ids=["calls", "chunks"])
+def test_a_map_scatters_an_array_that_every_item_shares_once(
+    dask_client: Any, tmp_path: Path, chunksize: Any
+) -> None:
+    arr = big_array(1 << 19)
+    release, mark = tmp_path / "release", tmp_path / "started"
+    items = range(0, 12_000, 1000)
+    with dask_runner(dask_client) as r:
+        out: Future[list[float]] = Future()
+
+        def iterate() -> None:
+            try:
+                it = r.map(gated_item, items, arr=arr, release=str(release), mark=str(mark),
+                           chunksize=chunksize)  # fmt: skip
+                out.set_result(list(it))
+            except BaseException as exc:
+                out.set_exception(exc)
+
+        threading.Thread(target=iterate, daemon=True).start()
+        h.wait_for_path(mark, "an item to start")
+        keys = dask_client.run_on_scheduler(scheduler_view)
+        calls = [k for k in keys if not k.startswith("memoryview-")]
+        assert len(calls) > 1, keys  # several calls of the map in flight...
+        scattered = [k for k in keys if k.startswith("memoryview-")]
+        assert len(scattered) == 1, keys  # ...share one copy of the array
+        release.touch()
+        assert out.result(timeout=120) == [float(i) for i in items]
+        # the map is over: the cluster forgets the array
+        h.wait_for(
+            lambda: not [k for k in dask_client.run_on_scheduler(scheduler_view)
+                         if k.startswith("memoryview-")],
+            what="the scattered array to be released",
+        )  # fmt: skip
+
+
 # ---- a runner whose process dies leaves nothing on the cluster -------------------------------
 
 _ABANDONING = """

@@ -6,6 +6,7 @@ while that Runner is open; nothing may survive its close.
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import re
@@ -25,6 +26,7 @@ import actionpool as ap
 from actionpool import shm
 from actionpool.shm import Arena, open_pool_segments, segment_of
 from tests import fault_actions as fa
+from tests import helpers as h
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -299,6 +301,76 @@ def test_calls_in_flight_together_keep_their_shared_memory_apart() -> None:
         assert got[:2] == [MiB / 4, MiB / 2]
         assert [total for _, total in got[2:]] == [MiB / 4, MiB / 2]
     assert len({shm.run_prefix("same-run") for _ in range(1000)}) == 1000
+
+
+# ---- a map's shared keyword arguments: one copy for the whole map ----------------------
+
+
+def where_item(i: int, big: np.ndarray) -> tuple[str | None, float]:
+    """The segment the worker sees the map's shared array in, and item ``i`` of it."""
+    return segment_of(big), float(big[i])
+
+
+io_where_item = ap.action(where_item, kind="io", name="io_where_item")
+
+
+def crash_or_read(i: int, big: np.ndarray, bad: int) -> float:
+    if i == bad:
+        os._exit(9)
+    return float(big[i])
+
+
+def stores(r: ap.Runner) -> int:
+    """Buffers copied into the runner's segment pool so far."""
+    return int(pool_of(r).created + pool_of(r).reused)
+
+
+@pytest.mark.parametrize(
+    ("fn", "chunksize"),
+    [(where_item, 1), (where_item, None), (io_where_item, None)],
+    ids=["cpu calls", "cpu chunks", "io calls"],
+)
+def test_a_map_copies_an_array_that_every_item_shares_once(fn: Any, chunksize: Any) -> None:
+    big = np.arange(MiB // 4, dtype=np.float64) * 2  # 2 MiB
+    with ap.Runner(cpu_workers=2, io_workers=2) as r:
+        before = stores(r)
+        out = list(r.map(fn, range(0, 60_000, 1000), big=big, chunksize=chunksize))
+        assert [v for _, v in out] == [2.0 * i for i in range(0, 60_000, 1000)]
+        names = {name for name, _ in out}
+        assert len(names) == 1 and None not in names, names  # one segment for every call
+        assert stores(r) - before == 1  # one copy for the whole map
+        big[0] = 5.0
+        again = list(r.map(fn, [0, 1], big=big, chunksize=chunksize))
+        assert [v for _, v in again] == [5.0, 2.0]  # a new map: a new copy
+        assert stores(r) - before == 2
+
+
+def test_a_map_stopped_early_or_dropped_unread_releases_its_shared_array() -> None:
+
+    big = np.ones(MiB // 4)
+    with ap.Runner(cpu_workers=1, io_workers=1) as r:
+        it = r.map(where_item, range(50), big=big, chunksize=1)
+        assert next(it)[1] == 1.0
+        it.close()
+        h.wait_for(lambda: not shm._ARENAS, what="the stopped map's arenas to close")
+        dropped = r.map(where_item, range(50), big=big, chunksize=1)  # never read
+        assert shm._ARENAS
+        del dropped
+        gc.collect()
+        h.wait_for(lambda: not shm._ARENAS, what="the dropped map's arenas to close")
+        assert pool_of(r).free_bytes > 0  # the map's segment went back to the pool
+
+
+def test_the_items_of_a_crashed_chunk_are_sent_again_with_the_map_s_shared_array() -> None:
+    big = np.arange(MiB // 4, dtype=np.float64)
+    with ap.Runner(cpu_workers=2, io_workers=1) as r:
+        before = stores(r)
+        got: list[float] = []
+        with pytest.raises(ap.WorkerCrashed):
+            for y in r.map(crash_or_read, range(40), big=big, bad=17, chunksize=10):
+                got.append(y)
+        assert got == [float(i) for i in range(17)]  # the items before the crash, in order
+        assert stores(r) - before == 1  # the chunk's items, sent again, used the same copy
 
 
 # ---- cleanup after every kind of ending --------------------------------------------------

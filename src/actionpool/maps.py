@@ -33,6 +33,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .progress import Bar
     from .resources import Resources
     from .runner import Runner
+    from .shm import Arena
 
 __all__ = [
     "MAP_ITEM_WIRE_S",
@@ -176,18 +178,23 @@ def map_calls(
         from .progress import Bar
 
         bar = Bar(total, "items", f"{where} {spec.name}")
+    # the keyword arguments every item shares: their large buffers go to shared memory
+    # (or to the cluster) once for the whole map, as of this call
+    inputs = runner._map_inputs(kwargs)
     if chunksize == 1 or (chunksize is None and (per_call or spec.kind == "io")):
         fn_bytes = dumps_function(spec.name, wire_form(spec))  # once per map call
         calls: Iterator[_Call] = (
             (
-                _name_item(runner._submit(spec, a, kwargs, fn_bytes), spec.name, [a], i),
+                _name_item(
+                    runner._submit(spec, a, kwargs, fn_bytes, inputs=inputs), spec.name, [a], i
+                ),
                 None,
                 None,
                 i,
             )
             for i, a in enumerate(items)
         )
-        state = MapState(calls, window or 2 * size, total is not None)
+        state = MapState(calls, window or 2 * size, total is not None, inputs)
         return _map_results(runner, spec, kwargs, state, end, None, opts, bar, waits)
     tasks = 2 * size if window is None else min(2 * size, window)
     # tasks x chunk size <= window items: a chunk never exceeds window // tasks
@@ -213,7 +220,7 @@ def map_calls(
         spec.name,
         batcher.single,
     )
-    state = MapState(iter(()), tasks, total is not None)
+    state = MapState(iter(()), tasks, total is not None, inputs)
     # the items of a chunk that take a Context share the worker's resources
     resources = runner._resource_payload if spec.wants_context else None
 
@@ -222,7 +229,12 @@ def map_calls(
         with a time ``budget`` may come back with only its first items run, and
         :func:`_send_rest` then sends the others (``rest``: pickled once already)."""
         fut = runner._submit(
-            runs_chunk, (*head, chunk, kwargs, budget, resources), {}, chunk_fn, closing_ok=rest
+            runs_chunk,
+            (*head, chunk, kwargs, budget, resources),
+            {},
+            chunk_fn,
+            closing_ok=rest,
+            inputs=inputs,
         )
         if not rest:
             _name_item(fut, spec.name, chunk, offset, batcher.single)
@@ -345,6 +357,7 @@ class MapState:
         "__weakref__",
         "calls",
         "holds",
+        "inputs",
         "lock",
         "pending",
         "sized",
@@ -352,8 +365,11 @@ class MapState:
         "window",
     )
 
-    def __init__(self, calls: Iterator[_Call], window: int, sized: bool) -> None:
+    def __init__(
+        self, calls: Iterator[_Call], window: int, sized: bool, inputs: Arena | None = None
+    ) -> None:
         self.calls = calls
+        self.inputs = inputs  # the map's arena (Runner._map_inputs), closed when it ends
         self.window = window
         self.sized = sized  # the input's length is known: flush ends
         self.pending: deque[_Call] = deque()
@@ -406,9 +422,14 @@ def _map_results(
     except BaseException:
         if bar is not None:
             bar.close()
+        if state.inputs is not None:
+            state.inputs.close_when_idle()
         raise
     runner._maps.add(state)
     tasks = _drain(runner, spec, kwargs, state, end, batcher, opts, bar, waits)
+    if state.inputs is not None:
+        # a map dropped before its first step never runs _drain's ``finally``
+        weakref.finalize(tasks, state.inputs.close_when_idle)
     return _AsyncMapIterator(tasks) if waits else _MapIterator(tasks)  # type: ignore[arg-type]
 
 
@@ -515,7 +536,7 @@ def _drain(
             except WorkerCrashed as crash:
                 pending.remove(call)
                 single = batcher is not None and batcher.single
-                again = _after_crash(runner, spec, kwargs, chunk, first, single, crash)
+                again = _after_crash(runner, spec, kwargs, chunk, first, single, crash, state)
                 if isinstance(again, list):
                     _put_back(pending, again, ordered)
                     continue
@@ -584,6 +605,8 @@ def _drain(
         live += [f for f in state.rests() if not f.done()]
         if live:
             runner._stop_calls(live, "the map stopped")
+        if state.inputs is not None:  # closes once the calls stopped above have ended
+            state.inputs.close_when_idle()
 
 
 def _rest_of(
@@ -616,6 +639,7 @@ def _after_crash(
     first: int,
     single: bool,
     crash: WorkerCrashed,
+    state: MapState,
 ) -> list[_Call] | WorkerCrashed:
     """A worker died running the call of map items ``first``... (``chunk``: its items,
     or None for a single call). For a chunk of an idempotent action: its items, each
@@ -627,7 +651,12 @@ def _after_crash(
         return _note(crash, spec.name, first)
     if spec.idempotent:
         return [
-            (runner.submit(spec, *((a,) if single else a), **kwargs), None, None, i)
+            (
+                runner._submit(spec, (a,) if single else a, kwargs, None, inputs=state.inputs),
+                None,
+                None,
+                i,
+            )
             for i, a in enumerate(chunk, first)
         ]
     error = WorkerCrashed(

@@ -76,7 +76,7 @@ from .shm import (
     run_prefix,
 )
 from .sizing import MEMORY_FLOOR_FRACTION, Sizing
-from .transfer import Packed, dumps, dumps_call, dumps_state, loads
+from .transfer import Packed, _plain, dumps, dumps_call, dumps_state, loads
 
 __all__ = [
     "MAP_MAX_CHUNK",
@@ -386,12 +386,15 @@ class Runner(Executor):
         kwargs: dict[str, Any],
         fn_bytes: bytes | None,
         closing_ok: bool = False,
+        inputs: Arena | None = None,
     ) -> Future[Any]:
         """:meth:`submit`, with the function already pickled when ``fn_bytes`` is given.
 
         ``closing_ok``: also while :meth:`shutdown` waits for the calls in flight (the
         rest of a map's chunk, which belongs to a call already made; see
-        :mod:`actionpool.maps`); refused once the pools are closing.
+        :mod:`actionpool.maps`); refused once the pools are closing. ``inputs``: the
+        arena of the map this call is part of (:meth:`_map_inputs`), whose buffers
+        the call uses instead of copying them again.
         """
         fut: Future[Any] = CallFuture()
         if self._refuses(closing_ok):
@@ -402,6 +405,8 @@ class Runner(Executor):
             fut.set_exception(exc)
             return fut
         arena = self._new_arena(f"{self._calls.run_id}-{next(self._call_ids)}")
+        if inputs is not None:
+            arena.link(inputs)
         if fn_bytes is None:
             fn_bytes = wire_bytes(spec)  # None unless it pickles by reference
         try:
@@ -485,7 +490,11 @@ class Runner(Executor):
                 item is reached. ``True``: it takes the item's place among the
                 results instead, and the map goes on (like ``asyncio.gather``'s
                 ``return_exceptions``).
-            **kwargs: passed to every call.
+            **kwargs: passed to every call. Their large buffers (at least
+                ``shm_threshold`` bytes) are copied to shared memory, or scattered to
+                a cluster, once for the whole map, as they are when ``map`` is
+                called, not once per task: a large array that every item reads
+                belongs here.
 
         Returns:
             Iterator: the results. An exception raised (or returned) for an item has
@@ -715,6 +724,25 @@ class Runner(Executor):
             return
         killed = self._on_loop(cancel_on_loop)
         wait_futures(killed, timeout=10)  # the workers are gone when this returns
+
+    def _map_inputs(self, kwargs: dict[str, Any]) -> Arena | None:
+        """An arena with the large buffers of a map's keyword arguments, which every
+        call of the map shares (:meth:`Arena.link <actionpool.shm.Arena.link>`): copied
+        to shared memory, or scattered to a cluster, once per map and not once per
+        call. ``None`` when they hold no such buffer. The map closes it when it ends
+        (:meth:`Arena.close_when_idle <actionpool.shm.Arena.close_when_idle>`: once its
+        last call has ended too)."""
+        if not kwargs or _plain(kwargs):
+            return None
+        arena = self._new_arena(f"{self._calls.run_id}-{next(self._call_ids)}")
+        try:
+            _, placed = arena.dumps(kwargs)
+        except Exception:  # noqa: BLE001 - each call raises the error naming the argument
+            placed = ()
+        if not placed:
+            arena.close()
+            return None
+        return arena
 
     def _new_arena(self, run_id: str) -> Arena:
         """The shared-memory arena of one run or call, leasing this runner's segments;

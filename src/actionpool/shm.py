@@ -5,7 +5,8 @@ macOS). Pickling itself is :mod:`actionpool.transfer`'s.
 Threads: an :class:`Arena` is shared by the io threads and the scheduler (its
 ``_lock``); a :class:`SegmentPool` by the threads that open and close arenas (its own
 lock); module-level tables (``_ARENAS``, ``_WORKER_ARENAS``, ``_POOL_MAPPINGS``) are
-guarded by ``_ARENAS_LOCK``, taken last.
+guarded by ``_ARENAS_LOCK``, taken last. A call's arena may hold its lock while it
+takes the lock of the arena it is linked to (:meth:`Arena.link`), never the other way.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class Arena:
         self.on_close: Any = None  # called with the prefix once closed (the pool's forget)
         self.orphans_possible = False  # a worker died mid-attempt: look for its segments
         self.closed = False
+        self.inputs: Arena | None = None  # the arena of the map this call is part of
         if owner:
             with _ARENAS_LOCK:
                 _ARENAS[prefix] = self
@@ -184,18 +186,59 @@ class Arena:
         views = [self._view(name, offset, size) for name, offset, size in descs]
         return pickle.loads(data, buffers=views)
 
-    def _place(self, view: memoryview, keep: Any) -> tuple[str, int, int]:
-        addr, size = _address(view), view.nbytes
+    def link(self, inputs: Arena) -> bool:
+        """Use the buffers that ``inputs`` placed instead of copying them again.
+
+        A map's keyword arguments are placed once, in an arena of the map's own
+        (``inputs``), and each of its calls' arenas links to it: a large array that
+        every item shares is copied to shared memory (or scattered) once per map, not
+        once per call, while what one call alone sends or returns stays in that call's
+        arena and goes when the call ends. ``inputs`` stays open until every arena
+        linked to it has closed (a link counts as a :meth:`hold`).
+
+        Returns:
+            False if ``inputs`` has closed already (this arena then copies what it
+            needs itself).
+        """
+        with inputs._lock:
+            if inputs.closed:
+                return False
+            inputs._holds += 1
+        self.inputs = inputs
+        return True
+
+    def _placed(self, addr: int, size: int) -> tuple[str, int, int] | None:
+        """Where this arena put the buffer at ``addr`` (or the buffer that one is a
+        view of), if it did and is open."""
         with self._lock:
+            if self.closed:
+                return None
             hit = self._sources.get((addr, size))
             if hit is not None:
                 return hit[0]
             for (src, src_size), ((name, offset, _), _keep) in self._sources.items():
                 if src <= addr and addr + size <= src + src_size:  # a view of a copied buffer
                     return (name, offset + addr - src, size)
+        return None
+
+    def _owns(self, name: str) -> bool:
+        """Whether segment ``name`` is one this arena created or leased."""
+        with self._lock:
+            return name in self._leased or name in self._created
+
+    def _place(self, view: memoryview, keep: Any) -> tuple[str, int, int]:
+        addr, size = _address(view), view.nbytes
+        with self._lock:
+            placed = self._placed(addr, size)
+            if placed is not None:
+                return placed
             for seg in self._segments.values():  # already shared (a node's result)
                 if seg.start <= addr and addr + size <= seg.end:
                     return (seg.name, addr - seg.start, size)
+            if self.inputs is not None:  # the map's (the lock order: ours, then its)
+                placed = self.inputs._placed(addr, size)
+                if placed is not None:
+                    return placed
             desc = self._create(view)
             # keep the source alive so that its address cannot be reused by another
             # object while this arena maps it to a segment
@@ -235,6 +278,9 @@ class Arena:
         return (name, 0, size)
 
     def _view(self, name: str, offset: int, size: int) -> memoryview:
+        inputs = self.inputs
+        if inputs is not None and inputs._owns(name):  # not ours to claim or unlink
+            return inputs._view(name, offset, size)
         pooled = _is_pool_name(name)
         with self._lock:
             seg = self._segments.get(name)
@@ -337,6 +383,8 @@ class Arena:
                     self.pool.discard(seg)
                 else:
                     self.pool.release(seg)
+        if self.inputs is not None:  # after ours: the last call of a map closes the map's
+            self.inputs.unhold()
 
 
 def arena_for(prefix: str, threshold: int | None) -> Arena:

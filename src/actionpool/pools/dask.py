@@ -339,6 +339,9 @@ def connect(
 # ---- values that stay on the cluster ----------------------------------------------------
 
 _BUFFER, _VALUE, _KEPT = 0, 1, -1  # what a ClusterArena's descriptor stands for
+# Tokens are unique in this process, not only in their arena: a map's calls name the
+# buffers of the map's own arena (Arena.link) beside their own.
+_TOKENS = itertools.count()
 _REFS = threading.local()  # .resolve: token -> object, while a pickle with refs loads
 
 
@@ -399,7 +402,6 @@ class ClusterArena(Arena):
     def __init__(self, prefix: str, threshold: int | None) -> None:
         super().__init__(prefix, None)  # no shared memory: Task.shm_threshold None
         self.keep_from = threshold
-        self._tokens = itertools.count()
         self._buffers: dict[str, tuple[memoryview, Any]] = {}  # token -> (view, source)
         self._by_address: dict[tuple[int, int], str] = {}  # (address, size) -> token
         self._scattered: dict[str, Any] = {}  # token -> Dask future
@@ -447,7 +449,7 @@ class ClusterArena(Arena):
             if what == _KEPT:
                 kept = token
             elif what == _BUFFER:
-                buffers.append(self._buffers[token][0].toreadonly())
+                buffers.append(self._buffer_owner(token)._buffers[token][0].toreadonly())
         obj = _load(packed, buffers, self._copy_of)
         if kept is not None:
             with self._lock:
@@ -458,7 +460,7 @@ class ClusterArena(Arena):
     def keep(self, fut: Any, index: int) -> str:
         """A cluster attempt's value, outcome ``index`` of Dask future ``fut``, stays
         there: the token to mark its result with (``(token, -1, size)``)."""
-        token = f"dask-v{next(self._tokens)}"
+        token = f"dask-v{next(_TOKENS)}"
         with self._lock:
             self._remote[token] = (fut, index)
         return token
@@ -473,14 +475,21 @@ class ClusterArena(Arena):
             if what == _VALUE:
                 out[token] = self._remote[token]
             elif what == _BUFFER:
-                with self._lock:
-                    fut = self._scattered.get(token)
+                owner = self._buffer_owner(token)  # the map's arena scatters it once
+                with owner._lock:
+                    fut = owner._scattered.get(token)
                 if fut is None:
-                    fut = scatter(self._buffers[token][0])
-                    with self._lock:
-                        fut = self._scattered.setdefault(token, fut)
+                    fut = scatter(owner._buffers[token][0])
+                    with owner._lock:
+                        fut = owner._scattered.setdefault(token, fut)
                 out[token] = fut
         return out
+
+    def _buffer_owner(self, token: str) -> ClusterArena:
+        """This arena, or the map's arena it is linked to, whichever kept ``token``."""
+        if token not in self._buffers and isinstance(self.inputs, ClusterArena):
+            return self.inputs
+        return self
 
     def close(self) -> None:
         """Release what this arena keeps (the cluster forgets its futures)."""
@@ -495,8 +504,13 @@ class ClusterArena(Arena):
         at = (_address(view), view.nbytes)
         with self._lock:
             token = self._by_address.get(at)
+            inputs = self.inputs
+            if token is None and isinstance(inputs, ClusterArena):
+                with inputs._lock:  # the lock order: ours, then the map's
+                    if not inputs.closed:
+                        token = inputs._by_address.get(at)
             if token is None:
-                token = f"dask-b{next(self._tokens)}"
+                token = f"dask-b{next(_TOKENS)}"
                 self._by_address[at] = token
                 # the source stays alive: its address cannot be reused meanwhile
                 self._buffers[token] = (view, source)
