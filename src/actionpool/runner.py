@@ -1027,10 +1027,20 @@ class Runner(Executor):
                 ]
                 if not waits:
                     return
+                for w in waits:  # a copy's error is its call's, told there already
+                    w.add_done_callback(_retrieved)
                 await asyncio.wait(waits)
                 await asyncio.sleep(0)  # let finished runs leave self._runs
 
         asyncio.run_coroutine_threadsafe(idle(), self._loop).result()
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark ``fut``'s exception as seen: ``asyncio.wrap_future`` copies a call's error
+    into an asyncio future that only waits, and asyncio logs "Future exception was
+    never retrieved" for each such copy it collects."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _reconcile(
