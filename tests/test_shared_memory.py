@@ -348,16 +348,21 @@ def test_a_map_copies_an_array_that_every_item_shares_once(fn: Any, chunksize: A
 def test_a_map_stopped_early_or_dropped_unread_releases_its_shared_array() -> None:
 
     big = np.ones(MiB // 4)
+    before = set(shm._ARENAS)  # other tests' runs may be open still
+
+    def open_arenas() -> set[str]:
+        return set(shm._ARENAS) - before
+
     with ap.Runner(cpu_workers=1, io_workers=1) as r:
         it = r.map(where_item, range(50), big=big, chunksize=1)
         assert next(it)[1] == 1.0
         it.close()
-        h.wait_for(lambda: not shm._ARENAS, what="the stopped map's arenas to close")
+        h.wait_for(lambda: not open_arenas(), what="the stopped map's arenas to close")
         dropped = r.map(where_item, range(50), big=big, chunksize=1)  # never read
-        assert shm._ARENAS
+        assert open_arenas()
         del dropped
         gc.collect()
-        h.wait_for(lambda: not shm._ARENAS, what="the dropped map's arenas to close")
+        h.wait_for(lambda: not open_arenas(), what="the dropped map's arenas to close")
         assert pool_of(r).free_bytes > 0  # the map's segment went back to the pool
 
 
@@ -371,6 +376,30 @@ def test_the_items_of_a_crashed_chunk_are_sent_again_with_the_map_s_shared_array
                 got.append(y)
         assert got == [float(i) for i in range(17)]  # the items before the crash, in order
         assert stores(r) - before == 1  # the chunk's items, sent again, used the same copy
+
+
+@pytest.mark.parametrize("why", ["closed runner", "foreign journal"])
+def test_a_run_refused_before_it_starts_gives_back_its_state_s_shared_memory(
+    tmp_path: Path, why: str
+) -> None:
+    before = set(shm._ARENAS)
+    plan = ap.Plan()
+    plan.add(h.set_key, "seen", 1)  # takes a Context: the state is pickled for the run
+    r = ap.Runner(cpu_workers=1, io_workers=1)
+    journal = None
+    if why == "closed runner":
+        r.close()
+    else:
+        journal = tmp_path / "run.db"
+        journal.write_bytes(b"not a database at all" * 100)
+    try:
+        with pytest.raises((RuntimeError, ap.JournalError)):
+            r.run(plan, state={"big": np.ones(MiB)}, journal=journal)
+        assert set(shm._ARENAS) <= before  # the run's arena closed
+        if why == "foreign journal":
+            assert pool_of(r).free_bytes > 0  # the state's segment went back to the pool
+    finally:
+        r.close()
 
 
 # ---- cleanup after every kind of ending --------------------------------------------------

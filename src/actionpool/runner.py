@@ -924,49 +924,57 @@ class Runner(Executor):
                 self._check_fits(node.action, node.name)
         run_id = uuid.uuid4().hex[:12]
         arena = self._new_arena(run_id)  # per session: a resumed run's id is not unique
-        state_bytes: Packed | None = None
-        state_error: SerializationError | None = None
-        if any(n.action.wants_context or n.action.validate for n in graph.nodes):
-            try:
-                state_bytes = dumps_state({} if state is None else state, arena)
-            except SerializationError as exc:
-                state_error = exc
-        journal: Journal | None = None
-        reconciled: dict[str, str | BaseException] = {}
-        if journal_path is not None:
-            from .journal import Journal  # sqlite3: only for runs that keep a journal
+        bar: EventBar | None = None
+        try:
+            state_bytes: Packed | None = None
+            state_error: SerializationError | None = None
+            if any(n.action.wants_context or n.action.validate for n in graph.nodes):
+                try:
+                    state_bytes = dumps_state({} if state is None else state, arena)
+                except SerializationError as exc:
+                    state_error = exc
+            journal: Journal | None = None
+            reconciled: dict[str, str | BaseException] = {}
+            if journal_path is not None:
+                from .journal import Journal  # sqlite3: only for runs that keep a journal
 
-            journal = Journal(journal_path, graph, state, run_id)
-            try:
-                run_id = journal.resume.run_id
-                reconciled = _reconcile(
-                    graph, journal.resume, state, run_id, self._resource_payload
-                )
-            except BaseException:
-                journal.close()
-                raise
-        on_event = EventBar(on_event, len(graph.nodes)) if progress else on_event
-        with self._lock:
-            if self._closed:
-                if journal is not None:
+                journal = Journal(journal_path, graph, state, run_id)
+                try:
+                    run_id = journal.resume.run_id
+                    reconciled = _reconcile(
+                        graph, journal.resume, state, run_id, self._resource_payload
+                    )
+                except BaseException:
                     journal.close()
-                raise RuntimeError("cannot run a plan on a closed Runner")
-            run = PlanRun(
-                self._sched,
-                graph,
-                run_id,
-                arena,
-                state,
-                state_bytes,
-                state_error,
-                failure,
-                on_event,
-                reducers,
-                max_parallel,
-                journal,
-                reconciled,
-            )
-            self._runs.add(run)
+                    raise
+            if progress:
+                bar = on_event = EventBar(on_event, len(graph.nodes))
+            with self._lock:
+                if self._closed:
+                    if journal is not None:
+                        journal.close()
+                    raise RuntimeError("cannot run a plan on a closed Runner")
+                run = PlanRun(
+                    self._sched,
+                    graph,
+                    run_id,
+                    arena,
+                    state,
+                    state_bytes,
+                    state_error,
+                    failure,
+                    on_event,
+                    reducers,
+                    max_parallel,
+                    journal,
+                    reconciled,
+                )
+                self._runs.add(run)
+        except BaseException:  # a refused journal, a closed runner...: the run never starts
+            arena.close()
+            if bar is not None:
+                bar.close()
+            raise
         return run
 
     async def _await_run(self, run: PlanRun) -> Report:
