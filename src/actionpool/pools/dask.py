@@ -68,7 +68,8 @@ worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop` and
 its pool's reader thread queues starts (``_started``, a deque, with the flag protocol
 of ``_send_started``); ``WorkerSide``'s dicts and set are plain (single operations are
 atomic). :class:`ClusterArena` is the runner's, shared by the scheduler's thread and
-io threads under its lock.
+io threads under its lock; a call's arena takes the lock of its map's arena
+(:meth:`~actionpool.shm.Arena.link`) only while holding its own, never the other way.
 """
 
 from __future__ import annotations
