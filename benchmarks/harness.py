@@ -263,8 +263,14 @@ def kill_tree(pid: int) -> None:
 PORTABLE = "actionpool-portable"
 """actionpool's driver on the portable process path (the one macOS takes), forced with
 ``ACTIONPOOL_PORTABLE=1``: a variant that runs wherever actionpool takes part."""
+DASK_SPARE = "dask-spare"
+"""The ``dask`` driver with one worker fewer than cores (at least one): its client and
+scheduler get a core of their own, as they have on a cluster (W3-dask-spare)."""
+SPARE_ENV = "BENCH_DASK_SPARE_CORE"
+
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    PORTABLE: ("actionpool", {"ACTIONPOOL_PORTABLE": "1"})
+    PORTABLE: ("actionpool", {"ACTIONPOOL_PORTABLE": "1"}),
+    DASK_SPARE: ("dask", {SPARE_ENV: "1"}),
 }
 """Drivers that run another's code in another environment: name -> (driver, env)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from bench_arrays import preserved_environ, ray_init
 from bench_tasks import busy, busy_timed, inc_chunk, nap, noop, task_sum
-from harness import Driver, calibrate_busy, roundtrips, timed
+from harness import SPARE_ENV, Driver, calibrate_busy, roundtrips, timed
 
 DASK_CONFIG = {  # the dask driver's cluster, as actionpool.pools.dask.connect's LocalCluster
     "distributed.scheduler.allowed-failures": 0,
@@ -350,6 +351,8 @@ class DaskDriver(Driver):
         import dask
         from distributed import Client, LocalCluster
 
+        if os.environ.get(SPARE_ENV) == "1":  # the dask-spare variant (harness.DASK_SPARE)
+            self.workers = max(1, self.workers - 1)
         self.dask = dask
         dask.config.set({"temporary-directory": str(self.tmp / "dask")})
         with preserved_environ(), dask.config.set(DASK_CONFIG):

@@ -279,6 +279,10 @@ def test_the_dask_backend_rows_are_judged_against_plain_distributed_only() -> No
             entry("ap dask", "dask", "w3_ap", "actionpool", [0.27, 0.36, 0.33], {}),
             entry("client.map", "dask", "w3", "peer", [0.3, 0.3, 0.3], {}),
         ],
+        "W3-dask-spare": [  # a core for the client and scheduler: 0.95x, met
+            entry("ap dask", "dask-spare", "w3_ap", "actionpool", [0.57, 0.57, 0.57], {}),
+            entry("client.map", "dask-spare", "w3", "peer", [0.6, 0.6, 0.6], {}),
+        ],
         "W9-dask": [  # 251 nodes in 0.1 s: 2,510 nodes/s
             entry("ap dask", "dask", "w9_ap", "actionpool", [0.1, 0.1, 0.1], n9),
             entry("plain", "dask", "w9_plain", "peer", [0.75, 0.75, 0.75], n9),
@@ -292,6 +296,8 @@ def test_the_dask_backend_rows_are_judged_against_plain_distributed_only() -> No
     assert got["W2-dask"]["value"] == pytest.approx(1.15) and got["W2-dask"]["met"] is True
     assert got["W3-dask"]["value"] == pytest.approx(1.1) and got["W3-dask"]["met"] is False
     assert "in 1 of 3" in got["W3-dask"]["shown"]
+    spare = got["W3-dask-spare"]
+    assert spare["value"] == pytest.approx(0.95) and spare["met"] is True
     assert got["W9-dask"]["value"] == pytest.approx(2510) and got["W9-dask"]["met"] is True
     assert "(250 nodes + fan-in)" in got["W9-dask"]["target"]
     rows = {r["contender"] for r in an["tables"]["W1"]["rows"]}
@@ -306,20 +312,22 @@ def test_the_dask_backend_rows_are_judged_against_plain_distributed_only() -> No
 @pytest.mark.slow
 def test_the_dask_backend_workloads_run_at_tiny_sizes(tmp_path: Path) -> None:
     """W1-dask...W9-dask for real, one round, 40 items and 30 nodes: both sides of each
-    ran on the dask driver's cluster and got a verdict."""
+    ran on the dask driver's cluster (W3-dask-spare on the dask-spare driver's, one
+    worker fewer) and got a verdict."""
     pytest.importorskip("distributed")
     proc = _run(
         "suite.py", "--quick", "--out", str(tmp_path), "--only", "dask", "--rounds", "1",
-        "--workloads", "W1-dask,W2-dask,W3-dask,W9-dask", "--dask-sizes", "40,30",
+        "--workers", "2", "--workloads", "W1-dask,W2-dask,W3-dask,W9-dask",
+        "--dask-sizes", "40,30",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    for wid in ("W1-dask", "W2-dask", "W3-dask", "W9-dask"):
+    for wid in ("W1-dask", "W2-dask", "W3-dask", "W3-dask-spare", "W9-dask"):
         rows = data["analysis"]["tables"][wid]["rows"]
         assert [r["kind"] for r in rows] == ["actionpool", "peer"], wid
         assert all(r["median"] and not r["errors"] for r in rows), rows
     targets = {t["workload"]: t for t in data["analysis"]["targets"]}
-    assert {"W1-dask", "W2-dask", "W3-dask", "W9-dask"} <= targets.keys()
+    assert {"W1-dask", "W2-dask", "W3-dask", "W3-dask-spare", "W9-dask"} <= targets.keys()
     assert all(targets[w]["value"] > 0 for w in ("W1-dask", "W2-dask", "W3-dask", "W9-dask"))
     assert "(30 nodes + fan-in)" in targets["W9-dask"]["target"]
     assert "### W9-dask" in (tmp_path / "results.md").read_text()
