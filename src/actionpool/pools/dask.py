@@ -770,10 +770,30 @@ class SchedulerSide(SchedulerPlugin):
         self._cleanup = asyncio.ensure_future(cleanup())
 
 
+class _Opaque:
+    """Arguments of a Dask task that Dask must not look into.
+
+    ``client.submit`` walks every tuple, list and dict of a task's arguments, down to
+    each field, looking for Dask futures (``dask._task_spec.parse_input``): a batch of
+    :class:`~actionpool._worker.Task` tuples cost it thousands of calls per submit,
+    the largest share of the client's time in a wide plan. A batch's tasks and keys
+    hold no future (``refs`` does, and stays visible), so they travel wrapped in this.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _Opaque, (self.value,)
+
+
 def _run_on_worker(
-    plugin: str, tasks: list[Task], keys: list[str], dask_key: str, refs: dict[str, Any]
+    plugin: str, batch: _Opaque, dask_key: str, refs: dict[str, Any]
 ) -> list[tuple[str, Any]]:
-    """The Dask task of a batch of attempts: hand it to this worker's :class:`WorkerSide`."""
+    """The Dask task of a batch of attempts (``batch``: its tasks and their keys): hand
+    it to this worker's :class:`WorkerSide`."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -783,6 +803,7 @@ def _run_on_worker(
             f"actionpool: Dask worker {worker.address} has no plugin {plugin!r}"
             " (it joined after the runner started and did not get it, or the runner closed)"
         )
+    tasks, keys = batch.value
     return side.run(tasks, keys, dask_key, refs)
 
 
@@ -1041,8 +1062,7 @@ class DaskPool:
             fut = client.submit(
                 _run_on_worker,
                 self._plugin,
-                tasks,
-                [att.key for att in atts],
+                _Opaque((tasks, [att.key for att in atts])),
                 key,
                 refs,
                 key=key,
