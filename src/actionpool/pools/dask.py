@@ -5,7 +5,8 @@ Data flow::
 
     Scheduler ─submit(Task)─► DaskPool ─client.submit(_run_on_worker, key unique)─►
         Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
-        │  started (those of one loop turn together), ctx.emit, ctx.progress:
+        │  started (together: those of up to 2 ms where nobody waits, see
+        │      STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
         │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
         │      on_started / on_event
         └► ("result", Result) | ("not-started", crash) | ("crashed", crash) ─►
@@ -126,6 +127,14 @@ ended yet (their durations unknown, a long one must not hold many short ones).""
 
 LATE_FLUSH_S = 0.005
 """Seconds after a submit that its attempt is sent even if no flush came."""
+
+STARTED_DELAY_S = 0.002
+"""Seconds a Dask worker may hold the "started" of an idempotent attempt that nobody
+waits for (no timeout, no ``on_event``), so that the starts of a batch of short
+attempts go to the client as a few events, not one each (each woke the worker's loop
+and sent a message through the scheduler). A started attempt whose Dask worker dies
+before its "started" left counts as not started and is sent again, which only an
+idempotent action allows; the others' starts go at once."""
 
 _PLUGIN_PREFIX = "actionpool-"
 _STOPPING = frozenset({"cancelled", "released", "forgotten"})
@@ -595,7 +604,8 @@ class WorkerSide(WorkerPlugin):
         self.__dict__.update(state)
         self._keys = threading.Lock()
         self._started: deque[tuple[str, float, str]] = deque()  # (key, time, where)
-        self._started_due = False  # a _send_started is scheduled on the worker's loop
+        self._started_due = False  # a delayed _send_started is scheduled on the worker's loop
+        self._started_now = False  # an immediate one is
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -677,11 +687,13 @@ class WorkerSide(WorkerPlugin):
                     atts.append(None)
                     continue
 
-            def on_started(pid: int | str, at: float, key: str = key) -> None:
+            # at once where the parent wants it at once (a timeout, on_event: its events
+            # come after it) or where a lost start would re-run what may not re-run
+            now = task.announce or not task.idempotent
+
+            def on_started(pid: int | str, at: float, key: str = key, now: bool = now) -> None:
                 self._started.append((key, at, f"{where} pid {pid}"))
-                if not self._started_due:  # see _send_started
-                    self._started_due = True
-                    worker.loop.add_callback(self._send_started)
+                self._wake_started(now)
 
             def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
                 worker.log_event(topic, [key, kind, at, dumps(data)])
@@ -702,6 +714,8 @@ class WorkerSide(WorkerPlugin):
             # one wake-up of this thread for the batch, not one per attempt: each
             # contends for the GIL with the worker's loop, which is busy meanwhile
             wait([att.future for att in atts if att is not None])
+            if self._started:  # held starts go before the task's end reaches the client
+                self._wake_started(True)
             return [self._wait(att, where) for att in atts]
         finally:
             with self._keys:
@@ -709,13 +723,30 @@ class WorkerSide(WorkerPlugin):
                     self._running.pop(key, None)
             self._members.pop(dask_key, None)
 
+    def _wake_started(self, now: bool) -> None:
+        """On the pool's reader thread: have :meth:`_send_started` run on the worker's
+        loop, at once (``now``) or within :data:`STARTED_DELAY_S`, unless it is due
+        already."""
+        loop = self._worker.loop if self._worker is not None else None
+        if loop is None:
+            return
+        if now:
+            if not self._started_now:
+                self._started_now = True
+                loop.add_callback(self._send_started)
+        elif not self._started_due:
+            self._started_due = True
+            # call_later is not thread-safe: armed from the loop itself
+            loop.add_callback(loop.call_later, STARTED_DELAY_S, self._send_started)
+
     def _send_started(self) -> None:
         """On the worker's loop: send the "started" of every attempt that started since
         the last call, as one event (one per attempt kept the loop and the pool's
         reader thread handing the GIL back and forth through a batch of short ones).
-        The flag is cleared before the queue is drained: an attempt queued after the
-        drain finds it clear and schedules the next call."""
-        self._started_due = False
+        The flags are cleared before the queue is drained: an attempt queued after the
+        drain finds them clear and schedules the next call (a call scheduled before
+        finds the queue empty, which costs nothing)."""
+        self._started_due = self._started_now = False
         items = []
         while self._started:
             items.append(self._started.popleft())
