@@ -733,6 +733,20 @@ def test_a_map_scatters_an_array_that_every_item_shares_once(
         )  # fmt: skip
 
 
+def io_item(i: int, arr: Any) -> float:
+    return float(arr[i])
+
+
+def test_an_io_map_on_a_dask_runner_reads_the_map_s_array_here(dask_client: Any) -> None:
+    # io calls stay on this machine: each resolves the map's kept array here, through
+    # the arena of the map its own arena is linked to
+    arr = big_array(1 << 19)
+    items = range(0, 12_000, 1000)
+    with dask_runner(dask_client) as r:
+        got = list(r.map(ap.action(io_item, kind="io"), items, arr=arr))
+    assert got == [float(i) for i in items]
+
+
 # ---- a runner whose process dies leaves nothing on the cluster -------------------------------
 
 _ABANDONING = """
