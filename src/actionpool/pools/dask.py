@@ -5,7 +5,7 @@ Data flow::
 
     Scheduler ─submit(Task)─► DaskPool ─client.submit(_run_on_worker, key unique)─►
         Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
-        │  started (together: those of up to 2 ms where nobody waits, see
+        │  started (where nobody waits, read from the pool's start page every
         │      STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
         │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
         │      on_started / on_event
@@ -64,10 +64,12 @@ for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attemp
 callback). :meth:`DaskPool.flush` runs on the scheduler's thread, or on the client's
 loop when no flush followed a submit within :data:`LATE_FLUSH_S`. An attempt's
 future is set once, by whoever pops it from ``_live`` first. On the Dask worker, the
-worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop` and
-:meth:`WorkerSide._send_started`, the worker's threads run :meth:`WorkerSide.run`, and
-its pool's reader thread queues starts (``_started``, a deque, with the flag protocol
-of ``_send_started``); ``WorkerSide``'s dicts and set are plain (single operations are
+worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop`,
+:meth:`WorkerSide._send_started` and :meth:`WorkerSide._poll_starts`, the worker's
+threads run :meth:`WorkerSide.run`, and its pool's reader thread queues starts
+(``_started``, a deque, with the flag protocols of ``_send_started`` and
+``_poll_starts``; a quiet attempt's start is reported by whoever pops it from
+``_quiet`` first); ``WorkerSide``'s dicts and set are plain (single operations are
 atomic). :class:`ClusterArena` is the runner's, shared by the scheduler's thread and
 io threads under its lock; a call's arena takes the lock of its map's arena
 (:meth:`~actionpool.shm.Arena.link`) only while holding its own, never the other way.
@@ -129,11 +131,13 @@ LATE_FLUSH_S = 0.005
 """Seconds after a submit that its attempt is sent even if no flush came."""
 
 STARTED_DELAY_S = 0.002
-"""Seconds a Dask worker may hold the "started" of an idempotent attempt that nobody
-waits for (no timeout, no ``on_event``), so that the starts of a batch of short
-attempts go to the client as a few events, not one each (each woke the worker's loop
-and sent a message through the scheduler). A started attempt whose Dask worker dies
-before its "started" left counts as not started and is sent again, which only an
+"""Seconds a Dask worker may take to report the start of an idempotent attempt that
+nobody waits for (no timeout, no ``on_event``). Such an attempt runs quiet: its
+process sends no "started" message; the worker reads the starts from its pool's start
+page every ``STARTED_DELAY_S`` while any runs, and sends those it found as one event
+(a message and an event per attempt had made each short attempt of a batch wake the
+worker's loop and cross the scheduler). A started attempt whose Dask worker dies
+before its start was reported counts as not started and is sent again, which only an
 idempotent action allows; the others' starts go at once."""
 
 _PLUGIN_PREFIX = "actionpool-"
@@ -606,6 +610,10 @@ class WorkerSide(WorkerPlugin):
         self._started: deque[tuple[str, float, str]] = deque()  # (key, time, where)
         self._started_due = False  # a delayed _send_started is scheduled on the worker's loop
         self._started_now = False  # an immediate one is
+        # attempts running quiet (no "started" message): key -> (the pool's attempt,
+        # this worker's address), until _poll_starts or the batch's end reports them
+        self._quiet: dict[str, tuple[Any, str]] = {}
+        self._poll_due = False  # a _poll_starts is scheduled on the worker's loop
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -692,17 +700,25 @@ class WorkerSide(WorkerPlugin):
             now = task.announce or not task.idempotent
 
             def on_started(pid: int | str, at: float, key: str = key, now: bool = now) -> None:
-                self._started.append((key, at, f"{where} pid {pid}"))
-                self._wake_started(now)
+                # a quiet attempt's start comes here only where the pool has no start
+                # page; the first of this and the poll reports it
+                if now or self._quiet.pop(key, None) is not None:
+                    self._started.append((key, at, f"{where} pid {pid}"))
+                    self._wake_started(now)
 
             def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
                 worker.log_event(topic, [key, kind, at, dumps(data)])
 
-            task = task._replace(shm_prefix="", shm_threshold=None, announce=True)
+            # a quiet attempt sends no "started" message: the poll reads its start
+            # from the pool's start page (see STARTED_DELAY_S)
+            task = task._replace(shm_prefix="", shm_threshold=None, announce=now)
             if refs:
                 state = None if task.state is None else _localize(task.state, refs)
                 task = task._replace(call=_localize(task.call, refs), state=state)
             att = pool.submit(task, False, on_started, on_event)
+            if not now:
+                self._quiet[key] = (att, where)
+                self._arm_poll()
             with self._keys:  # a stop since the check above is in _withdrawn now
                 self._running[key] = att
                 stopped = key in self._withdrawn or self._torn
@@ -714,9 +730,17 @@ class WorkerSide(WorkerPlugin):
             # one wake-up of this thread for the batch, not one per attempt: each
             # contends for the GIL with the worker's loop, which is busy meanwhile
             wait([att.future for att in atts if att is not None])
+            outcomes = [self._wait(att, where) for att in atts]
+            for att, key, (what, payload) in zip(atts, keys, outcomes, strict=True):
+                if att is None or self._quiet.pop(key, None) is None:
+                    continue  # reported, or never sent
+                if what == "result":
+                    self._started.append((key, payload.started_at, payload.worker))
+                elif what == "crashed" and att.started:  # the pool read its start page
+                    self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
             if self._started:  # held starts go before the task's end reaches the client
                 self._wake_started(True)
-            return [self._wait(att, where) for att in atts]
+            return outcomes
         finally:
             with self._keys:
                 for key in keys:
@@ -738,6 +762,31 @@ class WorkerSide(WorkerPlugin):
             self._started_due = True
             # call_later is not thread-safe: armed from the loop itself
             loop.add_callback(loop.call_later, STARTED_DELAY_S, self._send_started)
+
+    def _arm_poll(self) -> None:
+        """On a Dask task's thread: have :meth:`_poll_starts` run on the worker's loop
+        within :data:`STARTED_DELAY_S`, unless it is due already."""
+        loop = self._worker.loop if self._worker is not None else None
+        if loop is not None and not self._poll_due:
+            self._poll_due = True
+            loop.add_callback(loop.call_later, STARTED_DELAY_S, self._poll_starts)
+
+    def _poll_starts(self) -> None:
+        """On the worker's loop: report the quiet attempts that have started, read from
+        the pool's start page, and poll again while any is left. The flag is cleared
+        first: a quiet attempt added after the check below finds it clear and arms
+        the next poll (two polls at worst)."""
+        self._poll_due = False
+        pool = self._pool
+        noted = getattr(pool, "note_started", None)
+        for key, (att, where) in list(self._quiet.items()):
+            if noted is not None and noted(att) and self._quiet.pop(key, None) is not None:
+                self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
+        if self._started:
+            self._send_started()
+        if self._quiet and pool is not None and self._worker is not None:
+            self._poll_due = True
+            self._worker.loop.call_later(STARTED_DELAY_S, self._poll_starts)
 
     def _send_started(self) -> None:
         """On the worker's loop: send the "started" of every attempt that started since

@@ -712,6 +712,16 @@ class ProcessPool:
         for w, code in dead:
             self._reader.exited(w, code)
 
+    def note_started(self, att: ProcessAttempt) -> bool:
+        """Whether ``att`` has started, read from the start page where it sent no
+        "started" message (then its ``started_at`` and ``worker`` are set too); from
+        any thread."""
+        with self._lock:
+            w = att.holder
+            if not att.started and w is not None and w.attempt is att:
+                self._note_start(w)
+            return att.started
+
     def _note_start(self, w: _Worker) -> None:
         """Learn from the start page whether ``w``'s attempt started (lock held): for an
         attempt that sent no "started" message, when its worker died or is killed."""
