@@ -536,7 +536,9 @@ def _drain(
             except WorkerCrashed as crash:
                 pending.remove(call)
                 single = batcher is not None and batcher.single
-                again = _after_crash(runner, spec, kwargs, chunk, first, single, crash, state)
+                again = _after_crash(
+                    runner, spec, kwargs, chunk, first, single, crash, state.inputs
+                )
                 if isinstance(again, list):
                     _put_back(pending, again, ordered)
                     continue
@@ -639,7 +641,7 @@ def _after_crash(
     first: int,
     single: bool,
     crash: WorkerCrashed,
-    state: MapState,
+    inputs: Arena | None,
 ) -> list[_Call] | WorkerCrashed:
     """A worker died running the call of map items ``first``... (``chunk``: its items,
     or None for a single call). For a chunk of an idempotent action: its items, each
@@ -652,7 +654,7 @@ def _after_crash(
     if spec.idempotent:
         return [
             (
-                runner._submit(spec, (a,) if single else a, kwargs, None, inputs=state.inputs),
+                runner._submit(spec, (a,) if single else a, kwargs, None, inputs=inputs),
                 None,
                 None,
                 i,

@@ -186,7 +186,7 @@ class Arena:
         views = [self._view(name, offset, size) for name, offset, size in descs]
         return pickle.loads(data, buffers=views)
 
-    def link(self, inputs: Arena) -> bool:
+    def link(self, inputs: Arena) -> None:
         """Use the buffers that ``inputs`` placed instead of copying them again.
 
         A map's keyword arguments are placed once, in an arena of the map's own
@@ -194,18 +194,14 @@ class Arena:
         every item shares is copied to shared memory (or scattered) once per map, not
         once per call, while what one call alone sends or returns stays in that call's
         arena and goes when the call ends. ``inputs`` stays open until every arena
-        linked to it has closed (a link counts as a :meth:`hold`).
-
-        Returns:
-            False if ``inputs`` has closed already (this arena then copies what it
-            needs itself).
+        linked to it has closed (a link counts as a :meth:`hold`). If ``inputs`` has
+        closed already, nothing is linked: this arena copies what it needs itself.
         """
         with inputs._lock:
             if inputs.closed:
-                return False
+                return
             inputs._holds += 1
         self.inputs = inputs
-        return True
 
     def _placed(self, addr: int, size: int) -> tuple[str, int, int] | None:
         """Where this arena put the buffer at ``addr`` (or the buffer that one is a

@@ -608,8 +608,7 @@ class WorkerSide(WorkerPlugin):
         self.__dict__.update(state)
         self._keys = threading.Lock()
         self._started: deque[tuple[str, float, str]] = deque()  # (key, time, where)
-        self._started_due = False  # a delayed _send_started is scheduled on the worker's loop
-        self._started_now = False  # an immediate one is
+        self._started_due = False  # a _send_started is scheduled on the worker's loop
         # attempts running quiet (no "started" message): key -> (the pool's attempt,
         # this worker's address), until _poll_starts or the batch's end reports them
         self._quiet: dict[str, tuple[Any, str]] = {}
@@ -700,11 +699,14 @@ class WorkerSide(WorkerPlugin):
             now = task.announce or not task.idempotent
 
             def on_started(pid: int | str, at: float, key: str = key, now: bool = now) -> None:
-                # a quiet attempt's start comes here only where the pool has no start
-                # page; the first of this and the poll reports it
-                if now or self._quiet.pop(key, None) is not None:
+                if now:
                     self._started.append((key, at, f"{where} pid {pid}"))
-                    self._wake_started(now)
+                    self._wake_started()
+                # a quiet attempt's start comes here only where the pool has no start
+                # page; the first of this and the poll reports it, and the poll, due
+                # while the attempt was quiet, sends it
+                elif self._quiet.pop(key, None) is not None:
+                    self._started.append((key, at, f"{where} pid {pid}"))
 
             def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
                 worker.log_event(topic, [key, kind, at, dumps(data)])
@@ -739,7 +741,7 @@ class WorkerSide(WorkerPlugin):
                 elif what == "crashed" and att.started:  # the pool read its start page
                     self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
             if self._started:  # held starts go before the task's end reaches the client
-                self._wake_started(True)
+                self._wake_started()
             return outcomes
         finally:
             with self._keys:
@@ -747,21 +749,13 @@ class WorkerSide(WorkerPlugin):
                     self._running.pop(key, None)
             self._members.pop(dask_key, None)
 
-    def _wake_started(self, now: bool) -> None:
-        """On the pool's reader thread: have :meth:`_send_started` run on the worker's
-        loop, at once (``now``) or within :data:`STARTED_DELAY_S`, unless it is due
-        already."""
+    def _wake_started(self) -> None:
+        """From any thread: have :meth:`_send_started` run on the worker's loop, unless
+        it is due already."""
         loop = self._worker.loop if self._worker is not None else None
-        if loop is None:
-            return
-        if now:
-            if not self._started_now:
-                self._started_now = True
-                loop.add_callback(self._send_started)
-        elif not self._started_due:
+        if loop is not None and not self._started_due:
             self._started_due = True
-            # call_later is not thread-safe: armed from the loop itself
-            loop.add_callback(loop.call_later, STARTED_DELAY_S, self._send_started)
+            loop.add_callback(self._send_started)
 
     def _arm_poll(self) -> None:
         """On a Dask task's thread: have :meth:`_poll_starts` run on the worker's loop
@@ -769,6 +763,7 @@ class WorkerSide(WorkerPlugin):
         loop = self._worker.loop if self._worker is not None else None
         if loop is not None and not self._poll_due:
             self._poll_due = True
+            # call_later is not thread-safe: armed from the loop itself
             loop.add_callback(loop.call_later, STARTED_DELAY_S, self._poll_starts)
 
     def _poll_starts(self) -> None:
@@ -792,10 +787,10 @@ class WorkerSide(WorkerPlugin):
         """On the worker's loop: send the "started" of every attempt that started since
         the last call, as one event (one per attempt kept the loop and the pool's
         reader thread handing the GIL back and forth through a batch of short ones).
-        The flags are cleared before the queue is drained: an attempt queued after the
-        drain finds them clear and schedules the next call (a call scheduled before
+        The flag is cleared before the queue is drained: an attempt queued after the
+        drain finds it clear and schedules the next call (a call scheduled before
         finds the queue empty, which costs nothing)."""
-        self._started_due = self._started_now = False
+        self._started_due = False
         items = []
         while self._started:
             items.append(self._started.popleft())
