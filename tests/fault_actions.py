@@ -88,6 +88,11 @@ def exit_with(code: int) -> None:
     os._exit(code)
 
 
+def exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)  # the caller is waiting on the call by then (shutdown(wait=True))
+    os._exit(code)
+
+
 def start_child_then_exit(mark: str, code: int) -> None:
     import subprocess
 

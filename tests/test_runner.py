@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import contextlib
 import gc
 import itertools
+import logging
 import math
 import os
 import signal
@@ -982,6 +983,25 @@ def test_shutdown_cancel_futures_lets_running_calls_finish_and_cancels_queued_on
     assert running.result(timeout=0) > 0  # it ran to its end
     assert all(f.cancelled() for f in queued)
     assert cf.wait(queued, timeout=0).done == set(queued)  # waiters were told
+
+
+@pytest.mark.parametrize("start", ["fork", "fresh"])
+def test_a_shutdown_that_waits_out_a_crashing_call_leaves_no_unread_error_behind(
+    start: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # shutdown(wait=True) waits on asyncio copies of the calls' futures: a copy that
+    # took a call's error and was never read made asyncio log "Future exception was
+    # never retrieved" when it was collected (seen at the end of CPython's executor
+    # tests, which do exactly this)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        r = ap.Runner(cpu_workers=1, io_workers=1, worker_start=start)
+        f = r.submit(fa.exit_after, 0.1, 3)
+        r.shutdown(wait=True)
+        with pytest.raises(ap.WorkerCrashed):
+            f.result()
+        del r, f
+        gc.collect()
+    assert not [rec for rec in caplog.records if "never retrieved" in rec.getMessage()]
 
 
 def test_shutdown_without_waiting_returns_at_once_and_the_calls_still_run(
