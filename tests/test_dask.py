@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -537,6 +538,66 @@ def test_short_nodes_travel_several_to_a_dask_task_each_with_its_own_outcome(
     keys = {str(t["key"]) for t in stream.data}
     assert any(k.startswith("batch-") for k in keys), keys
     assert len(keys) < 61, f"{len(keys)} Dask tasks for 61 nodes: nothing was batched"
+
+
+def in_chunk(x: int) -> tuple[int, bool]:
+    """``x``, and whether this attempt runs in a chunk of its batch (run_attempts)."""
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "run_attempts":
+            return x, True
+        frame = frame.f_back
+    return x, False
+
+
+def test_the_short_nodes_of_a_batch_run_as_one_chunk_each_with_its_own_outcome(
+    dask_client: Any,
+) -> None:
+    # 60 nodes of unknown duration on 3 one-thread workers: 12 batches of 5
+    plan = ap.Plan()
+    nodes = [plan.add(in_chunk, i, name=f"n{i}") for i in range(60)]
+    with dask_runner(dask_client) as r:
+        report = r.run(plan)
+    assert [report[n] for n in nodes] == [(i, True) for i in range(60)]
+    starts = set()
+    for i in range(60):
+        out = report.outcome(f"n{i}")
+        assert str(out.worker).startswith("tcp://127.0.0.1:"), out.worker
+        assert out.started_at is not None and out.duration_s is not None
+        starts.add(out.started_at)
+    assert len(starts) == 60, "each attempt's own start, not its chunk's"
+
+
+def test_a_crash_in_a_chunk_costs_only_its_own_node(dask_client: Any) -> None:
+    before = worker_pids(dask_client)
+    plan = ap.Plan()
+    for i in range(60):  # 12 chunks of 5, one with a crash in the middle
+        plan.add(fa.crash_on, i, 17, name=f"c{i}")
+    with dask_runner(dask_client) as r:
+        report = r.run(plan)
+    bad = report.outcome("c17")
+    assert bad.status is ap.Status.CRASHED and isinstance(bad.error, ap.WorkerCrashed)
+    assert bad.attempts == 1
+    assert all(report.outcome(f"c{i}").value == i * 10 for i in range(60) if i != 17)
+    assert worker_pids(dask_client) == before
+
+
+def test_the_output_of_chunked_nodes_is_tagged_with_each_node_in_order(
+    dask_client: Any,
+) -> None:
+    out = io.StringIO()
+    plan = ap.Plan()
+    for i in range(30):  # 12 batches of 2 or 3
+        plan.add(h.chatty, f"t{i}", 3, name=f"p{i}")
+    with dask_runner(dask_client) as r, contextlib.redirect_stdout(out):
+        report = r.run(plan)
+    assert report.status is ap.RunStatus.SUCCEEDED
+    lines = out.getvalue().splitlines()
+    for i in range(30):
+        assert [x for x in lines if x.startswith(f"[p{i}] ")] == [
+            f"[p{i}] t{i} line {k}" for k in range(3)
+        ]
+    assert len(lines) == 90
 
 
 def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:

@@ -54,7 +54,16 @@ from .resources import close_process_registries, view
 from .shm import Arena, arena_for, forget, keep_mappings, unlink_worker_segments
 from .transfer import Packed, dumps, loads
 
-__all__ = ["Result", "Task", "execute", "execute_async", "portable_main", "process_main"]
+__all__ = [
+    "ATTEMPT_EVENT",
+    "Result",
+    "Task",
+    "execute",
+    "execute_async",
+    "portable_main",
+    "process_main",
+    "run_attempts",
+]
 
 Sink = Callable[[str, float, Any], None]
 
@@ -460,6 +469,51 @@ def _execute(
     if keep is not None:
         keep.append((args, kwargs, value))
     return _success(task, value, ctx, started, arena)
+
+
+ATTEMPT_EVENT = "actionpool-attempt-event"
+"""The event kind under which :func:`run_attempts` sends an event of one of its
+attempts: ``(index, kind, pickled data)``."""
+
+
+def run_attempts(ctx: Context, tasks: list[Task]) -> list[Result]:
+    """Run several attempts one after another, each as :func:`execute` runs one, and
+    return their results in order (the action of a chunk of a Dask worker's batch:
+    :class:`~actionpool.pools.dask.WorkerSide`).
+
+    One message to the process and one reply for the whole chunk, where each attempt
+    sent alone is a round trip between the process and its pool's reader thread, which
+    contends for the GIL with the Dask worker's own threads: the largest share of a
+    tiny attempt's time there. Only attempts that nobody waits to see start are
+    chunked (idempotent, no timeout: see ``Task.announce``), so none is started or
+    timed by its own message. An attempt's ``ctx.emit``, ``ctx.progress`` and output
+    go out as the chunk's events of kind :data:`ATTEMPT_EVENT`, tagged with its index.
+    A process that dies in the middle loses the chunk's results; the caller runs its
+    attempts again one by one, so the one that crashed ends alone.
+
+    Args:
+        ctx: the chunk's own Context, for its event sink.
+        tasks: the attempts.
+    """
+    outer = ctx._sink
+    index = 0
+
+    def sink(kind: str, at: float, data: Any) -> None:
+        try:
+            payload = dumps(data)
+        except Exception:  # noqa: BLE001 - an event must not fail the action
+            payload = dumps(repr(data))
+        if outer is not None:
+            outer(ATTEMPT_EVENT, at, (index, kind, payload))
+
+    results: list[Result] = []
+    for index, task in enumerate(tasks):  # noqa: B007 - sink reads index
+        if task.capture:  # each its own: its output is flushed before the next begins
+            with Capture(sink, task.capture):
+                results.append(execute(task, sink))
+        else:
+            results.append(execute(task, sink))
+    return results
 
 
 async def execute_async(

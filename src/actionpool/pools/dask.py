@@ -141,6 +141,7 @@ before its start was reported counts as not started and is sent again, which onl
 idempotent action allows; the others' starts go at once."""
 
 _PLUGIN_PREFIX = "actionpool-"
+_CHUNK_FN: dict[str, bytes] = {}  # run_attempts, pickled once per process
 _STOPPING = frozenset({"cancelled", "released", "forgotten"})
 _BLAS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -613,6 +614,9 @@ class WorkerSide(WorkerPlugin):
         # this worker's address), until _poll_starts or the batch's end reports them
         self._quiet: dict[str, tuple[Any, str]] = {}
         self._poll_due = False  # a _poll_starts is scheduled on the worker's loop
+        # attempt keys of chunks running now (their _running entry is the chunk's): a
+        # stop of one kills the chunk, and must keep that one from running again alone
+        self._chunked: set[str] = set()
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -646,7 +650,7 @@ class WorkerSide(WorkerPlugin):
             # the attempt of a worker that leaves mid-attempt: killed. The others
             # exit at their stop, after closing what ctx.resources made in them (one
             # that ignores it is killed 10 s on).
-            for att in running:
+            for att in {id(att): att for att in running}.values():  # a chunk's is many's
                 att.cancel("cancel")
             pool.close()
 
@@ -663,7 +667,7 @@ class WorkerSide(WorkerPlugin):
         for key in keys:
             with self._keys:
                 att = self._running.get(key)
-                if att is None:
+                if att is None or key in self._chunked:
                     self._withdrawn.add(key)
             if att is not None:
                 att.cancel("cancel")
@@ -676,66 +680,59 @@ class WorkerSide(WorkerPlugin):
         calls and states refer to on the cluster (:class:`ClusterArena`), fetched by
         Dask before this runs.
 
+        The quiet attempts of a batch (idempotent, nobody waits to see them start:
+        ``Task.announce`` off) go to one process together, as one chunk
+        (:func:`~actionpool._worker.run_attempts`); should that process die or the
+        chunk be stopped, they run again one by one, so that the one that crashed
+        ends alone.
+
         Returns, per task in order: ``("result", Result)``, ``("not-started",
         WorkerCrashed)``, ``("crashed", WorkerCrashed)`` or ``("withdrawn", None)``
         (stopped before it started).
         """
-        pool, worker, topic = self._pool, self._worker, self.topic
+        pool, worker = self._pool, self._worker
         if pool is None:
             raise RuntimeError(f"actionpool: the worker plugin {self.name!r} is torn down")
         where = str(worker.address)
         if len(keys) > 1:
             self._members[dask_key] = keys
-        atts: list[Any] = []
-        for task, key in zip(tasks, keys, strict=True):
-            with self._keys:
-                if key in self._withdrawn:
-                    self._withdrawn.discard(key)
-                    atts.append(None)
-                    continue
-
-            # at once where the parent wants it at once (a timeout, on_event: its events
-            # come after it) or where a lost start would re-run what may not re-run
-            now = task.announce or not task.idempotent
-
-            def on_started(pid: int | str, at: float, key: str = key, now: bool = now) -> None:
-                if now:
-                    self._started.append((key, at, f"{where} pid {pid}"))
-                    self._wake_started()
-                # a quiet attempt's start comes here only where the pool has no start
-                # page; the first of this and the poll reports it, and the poll, due
-                # while the attempt was quiet, sends it
-                elif self._quiet.pop(key, None) is not None:
-                    self._started.append((key, at, f"{where} pid {pid}"))
-
-            def on_event(kind: str, at: float, data: Any, key: str = key) -> None:
-                worker.log_event(topic, [key, kind, at, dumps(data)])
-
+        ready: list[tuple[int, Task]] = []
+        for i, task in enumerate(tasks):
             # a quiet attempt sends no "started" message: the poll reads its start
             # from the pool's start page (see STARTED_DELAY_S)
+            now = task.announce or not task.idempotent
             task = task._replace(shm_prefix="", shm_threshold=None, announce=now)
             if refs:
                 state = None if task.state is None else _localize(task.state, refs)
                 task = task._replace(call=_localize(task.call, refs), state=state)
-            att = pool.submit(task, False, on_started, on_event)
-            if not now:
-                self._quiet[key] = (att, where)
-                self._arm_poll()
-            with self._keys:  # a stop since the check above is in _withdrawn now
-                self._running[key] = att
-                stopped = key in self._withdrawn or self._torn
-                self._withdrawn.discard(key)
-            if stopped:
-                att.cancel("cancel")
-            atts.append(att)
+            ready.append((i, task))
+        atts: list[Any] = [None] * len(tasks)
+        outcomes: list[tuple[str, Any]] = [("withdrawn", None)] * len(tasks)
         try:
+            quiet = [(i, task) for i, task in ready if not task.announce]
+            chunk = self._submit_chunk(pool, quiet, keys) if len(quiet) > 1 else None
+            chunked = {i for i, _ in quiet} if chunk is not None else set()
+            for i, task in ready:
+                if i not in chunked:
+                    atts[i] = self._submit(pool, task, keys[i], where)
             # one wake-up of this thread for the batch, not one per attempt: each
             # contends for the GIL with the worker's loop, which is busy meanwhile
-            wait([att.future for att in atts if att is not None])
-            outcomes = [self._wait(att, where) for att in atts]
-            for att, key, (what, payload) in zip(atts, keys, outcomes, strict=True):
+            wait([att.future for att in (*atts, chunk) if att is not None])
+            if chunk is not None and not self._chunk_ended(chunk, quiet, keys, where, outcomes):
+                # its process died, or it was stopped: each runs again alone, so that
+                # the one that crashed ends alone (those stopped meanwhile: withdrawn)
+                for i, task in quiet:
+                    atts[i] = self._submit(pool, task, keys[i], where)
+                chunked = set()
+                wait([att.future for att in atts if att is not None])
+            for i, att in enumerate(atts):
+                if i not in chunked:
+                    outcomes[i] = self._wait(att, where)
+            for i, att in enumerate(atts):
+                key = keys[i]
                 if att is None or self._quiet.pop(key, None) is None:
                     continue  # reported, or never sent
+                what, payload = outcomes[i]
                 if what == "result":
                     self._started.append((key, payload.started_at, payload.worker))
                 elif what == "crashed" and att.started:  # the pool read its start page
@@ -748,6 +745,107 @@ class WorkerSide(WorkerPlugin):
                 for key in keys:
                     self._running.pop(key, None)
             self._members.pop(dask_key, None)
+
+    def _submit(self, pool: Any, task: Task, key: str, where: str) -> Any:
+        """Queue one attempt on the pool (None: stopped before it came here)."""
+        with self._keys:
+            if key in self._withdrawn:
+                self._withdrawn.discard(key)
+                return None
+        topic, worker = self.topic, self._worker
+        now = task.announce
+
+        def on_started(pid: int | str, at: float) -> None:
+            if now:
+                self._started.append((key, at, f"{where} pid {pid}"))
+                self._wake_started()
+            # a quiet attempt's start comes here only where the pool has no start
+            # page; the first of this and the poll reports it, and the poll, due
+            # while the attempt was quiet, sends it
+            elif self._quiet.pop(key, None) is not None:
+                self._started.append((key, at, f"{where} pid {pid}"))
+
+        def on_event(kind: str, at: float, data: Any) -> None:
+            worker.log_event(topic, [key, kind, at, dumps(data)])
+
+        att = pool.submit(task, False, on_started, on_event)
+        if not now:
+            self._quiet[key] = (att, where)
+            self._arm_poll()
+        with self._keys:  # a stop since the check above is in _withdrawn now
+            self._running[key] = att
+            stopped = key in self._withdrawn or self._torn
+            self._withdrawn.discard(key)
+        if stopped:
+            att.cancel("cancel")
+        return att
+
+    def _submit_chunk(self, pool: Any, quiet: list[tuple[int, Task]], keys: list[str]) -> Any:
+        """Queue the quiet attempts ``quiet`` (index in the batch, task) as one chunk
+        (:func:`~actionpool._worker.run_attempts`); None where one of them was stopped
+        before it came here (they then go one by one, as they are)."""
+        members = [keys[i] for i, _ in quiet]
+        with self._keys:
+            if any(key in self._withdrawn for key in members):
+                return None
+        from .._worker import ATTEMPT_EVENT, run_attempts
+        from ..transfer import dumps_call, dumps_function
+
+        topic, worker = self.topic, self._worker
+        fn_bytes = _CHUNK_FN.get("run_attempts")
+        if fn_bytes is None:
+            fn_bytes = _CHUNK_FN["run_attempts"] = dumps_function("chunk", run_attempts)
+        first = quiet[0][1]
+        call = dumps_call(first.node, None, ([task for _, task in quiet],), {}, None, fn_bytes)
+        task = first._replace(
+            timeout=None, wants_state=True, state=None, call=call, announce=False,
+            action="", resources=None, capture=0, tagged=False,
+        )  # fmt: skip
+
+        def on_event(kind: str, at: float, data: Any) -> None:
+            if kind == ATTEMPT_EVENT:
+                index, kind, payload = data
+                worker.log_event(topic, [members[index], kind, at, payload])
+
+        att = pool.submit(task, False, None, on_event)
+        with self._keys:
+            for key in members:
+                self._running[key] = att
+                self._chunked.add(key)
+            stopped = self._torn or any(key in self._withdrawn for key in members)
+        if stopped:
+            att.cancel("cancel")
+        return att
+
+    def _chunk_ended(
+        self,
+        att: Any,
+        quiet: list[tuple[int, Task]],
+        keys: list[str],
+        where: str,
+        outcomes: list[tuple[str, Any]],
+    ) -> bool:
+        """The chunk ``att`` of ``quiet`` ended: set their ``outcomes`` from its results
+        (one stopped as it ended: withdrawn) and report their starts; False where it
+        brought none (its process died, it was stopped, or it failed)."""
+        members = [keys[i] for i, _ in quiet]
+        with self._keys:
+            for key in members:
+                self._running.pop(key, None)
+                self._chunked.discard(key)
+        what, payload = self._wait(att, where)
+        if what != "result" or not payload.ok:
+            return False
+        results = loads(payload.value[0])
+        for (i, _), key, result in zip(quiet, members, results, strict=True):
+            with self._keys:
+                if key in self._withdrawn:  # stopped as the chunk ended
+                    self._withdrawn.discard(key)
+                    continue
+            result = result._replace(worker=payload.worker)
+            outcomes[i] = ("result", result)
+            self._started.append((key, result.started_at, result.worker))
+        return True
 
     def _wake_started(self) -> None:
         """From any thread: have :meth:`_send_started` run on the worker's loop, unless
