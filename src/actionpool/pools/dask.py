@@ -30,7 +30,13 @@ bookkeeping, and their messages), far more than a short action. So submitted att
 are held until the scheduler's dispatch pass ends (:meth:`DaskPool.flush`) and sent
 together, several to a Dask task where attempts are known to be short
 (:func:`batch_count`); the task's :class:`WorkerSide` queues them all on its pool at
-once, and each still starts, times out, crashes and reports alone. A batch's Dask key
+once, and each still starts, times out, crashes and reports alone. Those that nobody
+waits to see start (quiet: idempotent, no timeout, no ``on_event``) go to one process
+as one chunk (:func:`~actionpool._worker.run_attempts`): one round trip between the
+process and the pool's reader thread, which contends for the GIL with the Dask
+worker's threads, instead of one per attempt; a chunk whose process dies, or that is
+stopped, runs its attempts again one by one, so that one that crashed ends alone and
+the others (idempotent) run again. A batch's Dask key
 is its own; an attempt's key names it in events and on its worker. Stopping one
 attempt of a batch is a ``client.run`` message to its worker (to every worker when it
 has not started: the batch may not have arrived anywhere yet); the batch's Dask task
@@ -69,9 +75,11 @@ worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop`,
 threads run :meth:`WorkerSide.run`, and its pool's reader thread queues starts
 (``_started``, a deque, with the flag protocols of ``_send_started`` and
 ``_poll_starts``; a quiet attempt's start is reported by whoever pops it from
-``_quiet`` first); ``WorkerSide``'s dicts and set are plain (single operations are
-atomic). :class:`ClusterArena` is the runner's, shared by the scheduler's thread and
-io threads under its lock; a call's arena takes the lock of its map's arena
+``_quiet`` first); ``WorkerSide._keys`` guards ``_running``, ``_withdrawn`` and
+``_chunked``, which a stop and a run race for, and is never held while calling out;
+its other dicts are plain (single operations are atomic). :class:`ClusterArena` is
+the runner's, shared by the scheduler's thread and io threads under its lock; a
+call's arena takes the lock of its map's arena
 (:meth:`~actionpool.shm.Arena.link`) only while holding its own, never the other way.
 """
 
@@ -593,7 +601,7 @@ class WorkerSide(WorkerPlugin):
         self._running: dict[str, Any] = {}  # attempt key -> the local pool's attempt
         self._members: dict[str, list[str]] = {}  # Dask key of a batch -> attempt keys
         self._withdrawn: set[str] = set()  # attempt keys stopped before they arrived
-        # Guards _running and _withdrawn: a stop (the worker's loop thread) and a run
+        # Guards _running, _withdrawn and _chunked: a stop (the worker's loop thread) and a run
         # (a Dask task thread) race for one key, and a stop that fell between run's
         # check of _withdrawn and its entry in _running was lost: the attempt ran on
         # (a copy Dask started after retiring a worker ran for its full length).
