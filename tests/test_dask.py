@@ -600,6 +600,36 @@ def test_the_output_of_chunked_nodes_is_tagged_with_each_node_in_order(
     assert len(lines) == 90
 
 
+def _count_who_has(dask_scheduler: Any) -> None:
+    """Count the scheduler's ``who_has`` requests (a plain ``gather`` makes one)."""
+    handler = dask_scheduler.handlers["who_has"]
+    if not hasattr(handler, "calls"):
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counted.calls += 1  # type: ignore[attr-defined]
+            return handler(*args, **kwargs)
+
+        counted.calls = 0  # type: ignore[attr-defined]
+        dask_scheduler.handlers["who_has"] = counted
+
+
+def _who_has_calls(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.handlers["who_has"].calls)
+
+
+def test_results_come_from_the_worker_that_ran_them_without_asking_the_scheduler(
+    dask_client: Any,
+) -> None:
+    dask_client.run_on_scheduler(_count_who_has)
+    before = dask_client.run_on_scheduler(_who_has_calls)
+    with dask_runner(dask_client) as r:
+        assert [r.submit(h.square, i).result(timeout=60) for i in range(5)] == [
+            i * i for i in range(5)
+        ]
+        assert sorted(r.map(h.square, range(20))) == [i * i for i in range(20)]
+    assert dask_client.run_on_scheduler(_who_has_calls) == before
+
+
 def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:
     # 3 workers: before any attempt has ended, more than 12 attempts share Dask tasks
     plan = ap.Plan()

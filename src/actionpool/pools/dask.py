@@ -94,7 +94,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
@@ -1065,12 +1065,13 @@ class DaskAttempt:
 class _Batch:
     """One Dask task: the attempts it carries, in order."""
 
-    __slots__ = ("atts", "dask", "key")
+    __slots__ = ("atts", "dask", "key", "where")
 
     def __init__(self, key: str, atts: list[DaskAttempt]) -> None:
         self.key = key
         self.atts = atts
         self.dask: Any = None
+        self.where: str | None = None  # the worker it started on, from a "started" event
 
 
 class DaskPool:
@@ -1405,13 +1406,37 @@ class DaskPool:
     async def _follow(self, batch: _Batch) -> None:
         """On the client's loop: wait for ``batch``'s Dask future, fetch its values,
         and end its attempts (those not stopped first)."""
-        client = self.link.client
         try:
-            outcomes = await client.gather(batch.dask, direct=True, asynchronous=True)
+            outcomes = await self._fetch(batch)
         except BaseException as exc:  # noqa: BLE001 - every way a task can end
             self._end_batch(batch, None, exc)
         else:
             self._end_batch(batch, outcomes, None)
+
+    async def _fetch(self, batch: _Batch) -> list[tuple[str, Any]]:
+        """On the client's loop: ``batch``'s outcomes, once its Dask task has ended.
+
+        From the worker it started on, where a "started" event named it (they come
+        before the task's end: :meth:`WorkerSide.run`), in one request: a plain
+        ``gather`` asks the scheduler where the value is first, a second round trip
+        per task, through the scheduler's loop. Else, or when the worker no longer
+        has it, through ``client.gather``.
+        """
+        client, fut = self.link.client, batch.dask
+        # the future's own state: a Dask future has no public wait that does not also
+        # fetch the value (the way Client._gather waits)
+        state = getattr(fut, "_state", None)
+        if state is not None:
+            from distributed.utils_comm import gather_from_workers
+
+            await state.wait()
+            if fut.status == "finished" and batch.where is not None:
+                with contextlib.suppress(Exception):
+                    data, _, _, _ = await gather_from_workers({fut.key: [batch.where]}, client.rpc)
+                    if fut.key in data:
+                        return cast("list[tuple[str, Any]]", data[fut.key])
+        outcomes: list[tuple[str, Any]] = await client.gather(fut, direct=True, asynchronous=True)
+        return outcomes
 
     def _end_batch(
         self, batch: _Batch, outcomes: list[tuple[str, Any]] | None, error: BaseException | None
@@ -1486,6 +1511,9 @@ class DaskPool:
                 att = self._live.get(key)
                 if att is not None:
                     att.started_at, att.worker = at, running
+                    batch = att.batch
+                    if batch is not None and batch.where is None:
+                        batch.where = running.split(" pid ", 1)[0]
                     if att.on_started is not None:
                         att.on_started(running, at)
             return
