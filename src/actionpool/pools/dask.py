@@ -28,19 +28,19 @@ deduplicates two calls, nor an attempt and its retry.
 Batches. Scheduling a Dask task costs milliseconds (client, scheduler and worker
 bookkeeping, and their messages), far more than a short action. So submitted attempts
 are held until the scheduler's dispatch pass ends (:meth:`DaskPool.flush`) and sent
-together, several to a Dask task where attempts are known to be short
-(:func:`batch_count`); the task's :class:`WorkerSide` queues them all on its pool at
-once, and each still starts, times out, crashes and reports alone. Those that nobody
-waits to see start (quiet: idempotent, no timeout, no ``on_event``) go to one process
-as one chunk (:func:`~actionpool._worker.run_attempts`): one round trip between the
-process and the pool's reader thread, which contends for the GIL with the Dask
-worker's threads, instead of one per attempt; a chunk whose process dies, or that is
-stopped, runs its attempts again one by one, so that one that crashed ends alone and
-the others (idempotent) run again. A batch's Dask key
-is its own; an attempt's key names it in events and on its worker. Stopping one
-attempt of a batch is a ``client.run`` message to its worker (to every worker when it
-has not started: the batch may not have arrived anywhere yet); the batch's Dask task
-is cancelled once none of its attempts is left.
+together from the client's loop, in one graph update, several to a Dask task where
+attempts are known to be short (:func:`batch_count`); the task's :class:`WorkerSide`
+queues them all on its pool at once, and each still starts, times out, crashes and
+reports alone. Those that nobody waits to see start (quiet: idempotent, no timeout, no
+``on_event``) go to one process as one chunk (:func:`~actionpool._worker.run_attempts`):
+one round trip between the process and the pool's reader thread, which contends for the
+GIL with the Dask worker's threads, instead of one per attempt; a chunk whose process
+dies, or that is stopped, runs its attempts again one by one, so that one that crashed
+ends alone and the others (idempotent) run again. A batch's Dask key is its own; an
+attempt's key names it in events and on its worker. Stopping one attempt of a batch is a
+``client.run`` message to its worker (to every worker when it has not started: the batch
+may not have arrived anywhere yet); the batch's Dask task is cancelled once none of its
+attempts is left.
 
 Values. A run's arena is a :class:`ClusterArena`: large buffers in calls and state
 are scattered once, and large values of idempotent actions stay on their workers, the
@@ -67,8 +67,9 @@ topic handlers (:meth:`DaskPool._on_topic`, :meth:`DaskPool._on_worker`) and wai
 for each attempt's Dask future (:meth:`DaskPool._follow`), which ends the attempt.
 ``DaskPool._lock`` guards ``_live`` (key -> attempt), ``_pending``, ``_batches``,
 ``_to_stop`` and the flags; it is never held while calling out (into Dask or a
-callback). :meth:`DaskPool.flush` runs on the scheduler's thread, or on the client's
-loop when no flush followed a submit within :data:`LATE_FLUSH_S`. An attempt's
+callback). :meth:`DaskPool._flush_now` runs on the client's loop, scheduled by
+:meth:`DaskPool.flush` (the scheduler's thread), or when no flush followed a submit
+within :data:`LATE_FLUSH_S`. An attempt's
 future is set once, by whoever pops it from ``_live`` first. On the Dask worker, the
 worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop`,
 :meth:`WorkerSide._send_started` and :meth:`WorkerSide._poll_starts`, the worker's
@@ -1115,6 +1116,7 @@ class DaskPool:
         # where the actions' output events go (set_output; on the client's loop)
         self._output: Callable[[str, str, Any], None] | None = None
         self._flush_armed = False  # a late flush is scheduled on the client's loop
+        self._flush_due = False  # a _flush_now is scheduled on the client's loop
         self._flushed = 0  # flushes so far
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
         self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
@@ -1190,15 +1192,32 @@ class DaskPool:
         self._output = output
 
     def flush(self) -> None:
-        """Send the attempts submitted since the last flush, several to a Dask task
-        where they are short (the scheduler calls this after each dispatch pass).
+        """Send the attempts submitted since the last flush (the scheduler calls this
+        after each dispatch pass), from the client's loop (:meth:`_flush_now`).
+
+        The loop sends what has come by the time it runs: the submits of a burst
+        that the scheduler dispatched in several passes (a map's items, as its
+        consumer hands them over) then go to Dask's scheduler as one graph update.
+        A call from another thread costs one hop to the loop, which
+        ``client.submit`` from that thread made all the same.
+        """
+        with self._lock:
+            if self._flush_due or not self._pending:
+                return
+            self._flush_due = True
+        self.link.client.loop.add_callback(self._flush_now)
+
+    def _flush_now(self) -> None:
+        """On the client's loop: send the attempts submitted so far, several to a
+        Dask task where they are short.
 
         Attempts that ask for Dask resources go one to a task (a batch would hold the
         resources of one while running several). The others are cut into batches of
         one action each (:func:`batch_count`), from that action's :attr:`attempt_s`,
-        in submission order.
+        in submission order, and sent in one graph update.
         """
         with self._lock:
+            self._flush_due = False
             pending, self._pending = self._pending, []
             self._flush_armed = False
             self._flushed += 1
@@ -1211,60 +1230,80 @@ class DaskPool:
         by_action: dict[tuple[str, bool], list[DaskAttempt]] = {}
         for att in pending:
             if att.asks:
-                self._send([att])
+                self._send([[att]], att.asks)
             else:
                 by_action.setdefault((att.action, att.idempotent), []).append(att)
+        groups: list[list[DaskAttempt]] = []
         for (action, _), atts in by_action.items():
             n = len(atts)
             count = batch_count(n, self.threads, self.attempt_s.get(action), len(self._batches))
             start = 0
             for i in range(count):
                 stop = start + (n - start) // (count - i)
-                self._send(atts[start:stop])
+                groups.append(atts[start:stop])
                 start = stop
+        if groups:
+            self._send(groups)
 
-    def _send(self, atts: list[DaskAttempt]) -> None:
-        """Submit one Dask task that runs ``atts`` (a key of its own: a lone attempt's
-        key, else a batch key)."""
+    def _send(self, groups: list[list[DaskAttempt]], asks: dict[str, float] | None = None) -> None:
+        """Submit one Dask task per group of attempts (a key of its own: a lone
+        attempt's key, else a batch key), all in one graph update: one message to
+        the scheduler, and one pass of its bookkeeping, for the whole flush."""
         client = self.link.client
-        key = atts[0].key if len(atts) == 1 else f"batch-{self._tag}-{next(self._ids)}"
-        batch = _Batch(key, atts)
-        tasks = []
-        for att in atts:
-            assert att.task is not None
-            tasks.append(att.task)
-            att.task = None  # the Dask future holds it now
-            att.batch = batch
-        refs: dict[str, Any] = {}
-        for att in atts:
-            refs.update(att.refs)
+        sent: list[tuple[_Batch, _Opaque, dict[str, Any]]] = []
+        for atts in groups:
+            key = atts[0].key if len(atts) == 1 else f"batch-{self._tag}-{next(self._ids)}"
+            batch = _Batch(key, atts)
+            tasks = []
+            refs: dict[str, Any] = {}
+            for att in atts:
+                assert att.task is not None
+                tasks.append(att.task)
+                att.task = None  # the Dask future holds it now
+                att.batch = batch
+                refs.update(att.refs)
+            sent.append((batch, _Opaque((tasks, [att.key for att in atts])), refs))
         with self._lock:
-            self._batches[key] = batch
+            for batch, _, _ in sent:
+                self._batches[batch.key] = batch
+        keys = [batch.key for batch, _, _ in sent]
         try:
-            fut = client.submit(
-                _run_on_worker,
-                self._plugin,
-                _Opaque((tasks, [att.key for att in atts])),
-                key,
-                refs,
-                key=key,
-                pure=False,
-                retries=0,
-                resources=atts[0].asks or None,
-            )
+            if len(sent) == 1:
+                batch, opaque, refs = sent[0]
+                futs = [
+                    client.submit(
+                        _run_on_worker, self._plugin, opaque, batch.key, refs,
+                        key=batch.key, pure=False, retries=0, resources=asks,
+                    )
+                ]  # fmt: skip
+            else:
+                futs = client.map(
+                    _run_on_worker,
+                    [self._plugin] * len(sent),
+                    [opaque for _, opaque, _ in sent],
+                    keys,
+                    [refs for _, _, refs in sent],
+                    key=keys,
+                    pure=False,
+                    retries=0,
+                    resources=asks,
+                )
         except Exception as exc:  # noqa: BLE001 - a closed client: these attempts end
-            self._end_batch(batch, None, exc)
+            for batch, _, _ in sent:
+                self._end_batch(batch, None, exc)
             return
-        batch.dask = fut
-        for att in atts:
-            att.dask = fut
-        client.loop.add_callback(self._follow, batch)
-        with self._lock:  # stopped while being sent (_stop saw no future to cancel)
-            gone = [att.key for att in atts if att.key not in self._live]
-        if len(gone) == len(atts):
-            self.link.cancel(fut)
-        for key in gone if len(gone) < len(atts) else ():
-            self._stop_remote(None, key)
+        for (batch, _, _), fut in zip(sent, futs, strict=True):
+            atts = batch.atts
+            batch.dask = fut
+            for att in atts:
+                att.dask = fut
+            client.loop.add_callback(self._follow, batch)
+            with self._lock:  # stopped while being sent (_stop saw no future to cancel)
+                gone = [att.key for att in atts if att.key not in self._live]
+            if len(gone) == len(atts):
+                self.link.cancel(fut)
+            for key in gone if len(gone) < len(atts) else ():
+                self._stop_remote(None, key)
 
     def _scatter(self, view: memoryview) -> Any:
         """Send a large buffer to the cluster once (its workers share it from there)."""
@@ -1277,7 +1316,7 @@ class DaskPool:
 
         def late() -> None:
             if self._flushed == gen:
-                self.flush()
+                self._flush_now()
 
         asyncio.get_running_loop().call_later(LATE_FLUSH_S, late)
 
