@@ -727,7 +727,16 @@ class WorkerSide(WorkerPlugin):
             # one wake-up of this thread for the batch, not one per attempt: each
             # contends for the GIL with the worker's loop, which is busy meanwhile
             wait([att.future for att in (*atts, chunk) if att is not None])
-            if chunk is not None and not self._chunk_ended(chunk, quiet, keys, where, outcomes):
+            ended = (
+                None if chunk is None else self._chunk_ended(chunk, quiet, keys, where, outcomes)
+            )
+            if ended is not None and self._torn:
+                # the pool is closed: none runs again here, and, their starts unsent,
+                # each counts as not started (they are idempotent: sent again)
+                what, payload = ended
+                for i, _ in quiet:
+                    outcomes[i] = ("not-started", payload) if what == "crashed" else ended
+            elif ended is not None:
                 # its process died, or it was stopped: each runs again alone, so that
                 # the one that crashed ends alone (those stopped meanwhile: withdrawn)
                 for i, task in quiet:
@@ -833,18 +842,21 @@ class WorkerSide(WorkerPlugin):
         keys: list[str],
         where: str,
         outcomes: list[tuple[str, Any]],
-    ) -> bool:
+    ) -> tuple[str, Any] | None:
         """The chunk ``att`` of ``quiet`` ended: set their ``outcomes`` from its results
-        (one stopped as it ended: withdrawn) and report their starts; False where it
-        brought none (its process died, it was stopped, or it failed)."""
+        (one stopped as it ended: withdrawn), report their starts, and return None;
+        or, where it brought none (its process died, it was stopped, or it failed),
+        return its own outcome."""
         members = [keys[i] for i, _ in quiet]
         with self._keys:
             for key in members:
                 self._running.pop(key, None)
                 self._chunked.discard(key)
         what, payload = self._wait(att, where)
-        if what != "result" or not payload.ok:
-            return False
+        if what != "result":
+            return what, payload
+        if not payload.ok:  # cannot happen: run_attempts returns every attempt's end
+            return "crashed", WorkerCrashed(f"a chunk of attempts failed: {payload.error_message}")
         results = loads(payload.value[0])
         for (i, _), key, result in zip(quiet, members, results, strict=True):
             with self._keys:
@@ -854,7 +866,7 @@ class WorkerSide(WorkerPlugin):
             result = result._replace(worker=payload.worker)
             outcomes[i] = ("result", result)
             self._started.append((key, result.started_at, result.worker))
-        return True
+        return None
 
     def _wake_started(self) -> None:
         """From any thread: have :meth:`_send_started` run on the worker's loop, unless
