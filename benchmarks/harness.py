@@ -147,6 +147,10 @@ class Driver:
     dist: str | None = None
     module: str | None = None  # whose __file__ hello reports: which copy was imported
 
+    def settle(self) -> None:
+        """Called before each sample, untimed: let what the previous sample set going
+        end first (nothing, unless a library batches its messages)."""
+
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.workers: int = cfg["workers"]
         self.tmp = Path(cfg["tmp"])
@@ -219,6 +223,7 @@ def driver_main(drivers: dict[str, type[Driver]]) -> int:
             continue
         try:
             gc.collect()  # a previous sample's garbage is not this sample's cost
+            drv.settle()  # nor the messages it sent, or that freeing it sends
             send({"ok": True, "value": method(**msg)})
         except Exception as exc:
             traceback.print_exc()

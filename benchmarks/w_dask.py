@@ -6,7 +6,9 @@ thread each, configured as ``Runner(backend="dask")`` configures a cluster it st
 (``allowed-failures`` 0, ``worker-saturation`` 1.0). actionpool's side is
 ``Runner(backend="dask", client=client)`` on that cluster's client, so the two share
 the scheduler, the workers and the client's event loop, and each workload interleaves
-them round by round. The workloads are the local ones, resized where Dask's cost per
+them round by round. Before each sample the driver waits out the client's message
+batching (``DaskDriver.settle``), so that no sample pays for the release of the
+previous one's futures. The workloads are the local ones, resized where Dask's cost per
 task (one task per item: a few ms each here) would make a sample take a minute:
 
 * W1-dask maps ``x + 1`` over ``W1_N`` items (not 20,000: plain ``client.map`` makes
