@@ -661,6 +661,54 @@ def test_a_burst_of_calls_goes_to_dask_s_scheduler_in_few_graph_updates(
     assert 1 <= updates <= 20, f"{updates} graph updates for 40 calls"
 
 
+class _Sequence(distributed.diagnostics.plugin.SchedulerPlugin):
+    """Records, in order, one client's graph updates (their keys) and the releases of
+    the values of its tasks."""
+
+    name = "test-sequence"
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.seen: list[tuple[str, list[str]]] = []
+
+    def update_graph(self, scheduler: Any, *, client: str, keys: Any, **kwargs: Any) -> None:
+        if client == self.client:
+            self.seen.append(("update", [str(k) for k in keys]))
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "memory" and finish in ("released", "forgotten"):
+            self.seen.append(("released", [str(key)]))
+
+
+def _sequence(dask_scheduler: Any) -> list[tuple[str, list[str]]]:
+    return list(dask_scheduler.plugins[_Sequence.name].seen)
+
+
+def test_the_next_wave_goes_out_before_the_release_of_the_one_that_let_it_start(
+    dask_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dask's client sends its messages at most every 10 ms: a release sent as the
+    # wave ended held the fan-in back behind it
+    from actionpool.pools import dask as apd
+
+    monkeypatch.setattr(apd, "RELEASE_AFTER_S", 30.0)  # only a send lets them go
+    dask_client.register_plugin(_Sequence(dask_client.id), name=_Sequence.name)
+    try:
+        with dask_runner(dask_client) as r:
+            plan = ap.Plan()
+            nodes = [plan.add(h.square, i, name=f"w{i}") for i in range(12)]
+            plan.add(sum, nodes, name="total")
+            assert r.run(plan)["total"] == sum(i * i for i in range(12))
+            seen = dask_client.run_on_scheduler(_sequence)
+    finally:
+        dask_client.unregister_scheduler_plugin(_Sequence.name)
+    updates = [i for i, (what, keys) in enumerate(seen) if what == "update"]
+    fan_in = next(i for i in updates if any(k.startswith("total-") for k in seen[i][1]))
+    wave = {k for i in updates if i < fan_in for k in seen[i][1]}
+    early = [keys for what, keys in seen[:fan_in] if what == "released" and keys[0] in wave]
+    assert wave and not early, f"released before the fan-in was sent: {early}"
+
+
 def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:
     # 3 workers: before any attempt has ended, more than 12 attempts share Dask tasks
     plan = ap.Plan()

@@ -139,6 +139,10 @@ ended yet (their durations unknown, a long one must not hold many short ones).""
 LATE_FLUSH_S = 0.005
 """Seconds after a submit that its attempt is sent even if no flush came."""
 
+RELEASE_AFTER_S = 0.05
+"""Seconds an ended Dask task's future is held, at most, waiting for the next send to
+go first (:meth:`DaskPool._hold`)."""
+
 STARTED_DELAY_S = 0.002
 """Seconds a Dask worker may take to report the start of an idempotent attempt that
 nobody waits for (no timeout, no ``on_event``). Such an attempt runs quiet: its
@@ -1014,7 +1018,8 @@ class DaskAttempt:
 
     Attributes:
         key: its Dask key, unique to the attempt.
-        dask: its ``distributed.Future``.
+        dask: its batch's ``distributed.Future``; None before it is sent and once it
+            ended.
     """
 
     recycled: dict[str, Any] | None = None  # a thread or cluster task is never recycled
@@ -1129,6 +1134,10 @@ class DaskPool:
         self._output: Callable[[str, str, Any], None] | None = None
         self._flush_armed = False  # a late flush is scheduled on the client's loop
         self._flush_due = False  # a _flush_now is scheduled on the client's loop
+        # Dask futures of ended batches, released after the next send (on the client's
+        # loop; see _hold): their release would hold that send back
+        self._spent: list[Any] = []
+        self._release_armed = False
         self._flushed = 0  # flushes so far
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
         self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
@@ -1256,6 +1265,8 @@ class DaskPool:
                 start = stop
         if groups:
             self._send(groups)
+        if self._spent:  # on the loop: their releases go out after this send
+            self._spent.clear()
 
     def _send(self, groups: list[list[DaskAttempt]], asks: dict[str, float] | None = None) -> None:
         """Submit one Dask task per group of attempts (a key of its own: a lone
@@ -1359,6 +1370,7 @@ class DaskPool:
             with contextlib.suppress(Exception):
                 att.future.exception()
         client = self.link.client
+        self._spent.clear()
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(self._plugin)
         with contextlib.suppress(Exception):
@@ -1507,6 +1519,33 @@ class DaskPool:
             else:
                 assert error is not None
                 self._fail(att, error)
+        self._hold(batch)
+
+    def _hold(self, batch: _Batch) -> None:
+        """On the client's loop: keep ``batch``'s ended Dask future until the next send,
+        or :data:`RELEASE_AFTER_S`, whichever comes first, then release it.
+
+        Dask's client sends its messages at most every 10 ms, and releasing a future
+        is a message: the attempts that the ended ones let start (a plan's next wave, a
+        fan-in) were sent up to 10 ms later, behind the release. Held, the releases go
+        with or after them.
+        """
+        fut = batch.dask
+        if fut is None:
+            return
+        batch.dask = None
+        for att in batch.atts:
+            att.dask = None
+        self._spent.append(fut)
+        if not self._release_armed:
+            self._release_armed = True
+            with contextlib.suppress(Exception):
+                self.link.client.loop.call_later(RELEASE_AFTER_S, self._release)
+
+    def _release(self) -> None:
+        """On the client's loop: release the held futures of ended batches."""
+        self._release_armed = False
+        self._spent.clear()
 
     def _end(self, att: DaskAttempt, what: str, payload: Any, index: int) -> None:
         """End ``att`` with ``(what, payload)``, outcome ``index`` of its Dask task."""
