@@ -507,8 +507,19 @@ def run_attempts(ctx: Context, tasks: list[Task]) -> list[Result]:
             outer(ATTEMPT_EVENT, at, (index, kind, payload))
 
     results: list[Result] = []
+    levels = {task.capture for task in tasks}
+    if len(levels) == 1 and tasks[0].capture:
+        # one capture for the chunk, not one per attempt (entering one makes a logging
+        # handler and may set the root logger's level, which clears every logger's
+        # cache), each attempt's unfinished line sent before the next begins, under
+        # its own index
+        with Capture(sink, tasks[0].capture) as capture:
+            for index, task in enumerate(tasks):  # noqa: B007 - sink reads index
+                results.append(execute(task, sink))
+                capture.flush()
+        return results
     for index, task in enumerate(tasks):  # noqa: B007 - sink reads index
-        if task.capture:  # each its own: its output is flushed before the next begins
+        if task.capture:
             with Capture(sink, task.capture):
                 results.append(execute(task, sink))
         else:

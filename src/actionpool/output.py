@@ -156,8 +156,15 @@ class Capture:
         # only ours: handlers a forked worker inherited from the parent would write
         # the same record again, untagged, to the parent's descriptors
         root.handlers = [_Forwarder(self._send)]
-        root.setLevel(self._level)
+        if root.level != self._level:  # setLevel clears every logger's level cache
+            root.setLevel(self._level)
         return self
+
+    def flush(self) -> None:
+        """Send what the action wrote and has not sent yet (an unfinished line)."""
+        for stream in self._streams:
+            with contextlib.suppress(Exception):
+                stream.flush()
 
     def __exit__(self, *exc: object) -> None:
         stdout, stderr, handlers, level = self._saved
@@ -167,7 +174,8 @@ class Capture:
         sys.stdout, sys.stderr = stdout, stderr
         root = logging.getLogger()
         root.handlers = handlers
-        root.setLevel(level)
+        if root.level != level:
+            root.setLevel(level)
 
 
 # ---- the parent's side ----------------------------------------------------------------
