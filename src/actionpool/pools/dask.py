@@ -3,14 +3,16 @@ worker on that worker's own actionpool process pool.
 
 Data flow::
 
-    Scheduler ─submit(Task)─► DaskPool ─client.submit(_run_on_worker, key unique)─►
+    Scheduler ─submit(Task)─► DaskPool ─flush: client.map(_run_on_worker, keys unique)─►
         Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
+        │  (a batch's quiet attempts: one chunk, run_attempts, in one process)
         │  started (where nobody waits, read from the pool's start page every
         │      STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
         │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
         │      on_started / on_event
-        └► ("result", Result) | ("not-started", crash) | ("crashed", crash) ─►
-           the client's loop (gather) ─► attempt.future
+        └► _Outcomes: ("result", Result) | ("not-started", crash) | ("crashed", crash)
+           ─► the client's loop (fetched from the worker the starts named) ─►
+           attempt.future
 
 Dask has no per-task timeout and cannot stop a running task (dask/distributed issues
 391 and 4694): a cancelled future's thread runs on. So the action never runs in the
