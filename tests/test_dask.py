@@ -709,6 +709,43 @@ def test_the_next_wave_goes_out_before_the_release_of_the_one_that_let_it_start(
     assert wave and not early, f"released before the fan-in was sent: {early}"
 
 
+def _count_get_data(dask_worker: Any) -> None:
+    """Count the requests for values this worker serves (``get_data``)."""
+    handler = dask_worker.handlers["get_data"]
+    if not hasattr(handler, "calls"):
+
+        async def counted(comm: Any, *args: Any, **kwargs: Any) -> Any:
+            counted.calls += 1  # type: ignore[attr-defined]
+            return await handler(comm, *args, **kwargs)
+
+        counted.calls = 0  # type: ignore[attr-defined]
+        dask_worker.handlers["get_data"] = counted
+
+
+def _get_data_calls(dask_worker: Any) -> int:
+    return int(dask_worker.handlers["get_data"].calls)
+
+
+def test_small_outcomes_come_with_their_batch_s_end_and_are_not_fetched(
+    dask_client: Any,
+) -> None:
+    dask_client.run(_count_get_data)
+    before = sum(dask_client.run(_get_data_calls).values())
+    with dask_runner(dask_client) as r:
+        assert [r.submit(h.square, i).result(timeout=60) for i in range(5)] == [
+            i * i for i in range(5)
+        ]
+        plan = ap.Plan()
+        nodes = [plan.add(h.square, i) for i in range(30)]
+        total = plan.add(sum, nodes)
+        report = r.run(plan)
+        assert report[total] == sum(i * i for i in range(30))
+        crash = ap.Plan()
+        crash.add(fa.segfault, name="bad")
+        assert r.run(crash).outcome("bad").status is ap.Status.CRASHED
+    assert sum(dask_client.run(_get_data_calls).values()) == before
+
+
 def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:
     # 3 workers: before any attempt has ended, more than 12 attempts share Dask tasks
     plan = ap.Plan()

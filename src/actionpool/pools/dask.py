@@ -141,6 +141,12 @@ ended yet (their durations unknown, a long one must not hold many short ones).""
 LATE_FLUSH_S = 0.005
 """Seconds after a submit that its attempt is sent even if no flush came."""
 
+ENDED_EVENT_BYTES = 64 * 1024
+"""Bytes of a pickled outcome, at most, that a Dask worker sends with its batch's
+"ended" event, so that the client ends the attempt without fetching the Dask task's
+value (:meth:`WorkerSide._send_ended`); a larger one, or a value that stays on the
+cluster, is fetched."""
+
 RELEASE_AFTER_S = 0.05
 """Seconds an ended Dask task's future is held, at most, waiting for the next send to
 go first (:meth:`DaskPool._hold`)."""
@@ -763,6 +769,7 @@ class WorkerSide(WorkerPlugin):
                     self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
             if self._started:  # held starts go before the task's end reaches the client
                 self._wake_started()
+            self._send_ended(tasks, keys, outcomes)
             return outcomes
         finally:
             with self._keys:
@@ -879,6 +886,35 @@ class WorkerSide(WorkerPlugin):
             outcomes[i] = ("result", result)
             self._started.append((key, result.started_at, result.worker))
         return None
+
+    def _send_ended(
+        self, tasks: list[Task], keys: list[str], outcomes: list[tuple[str, Any]]
+    ) -> None:
+        """On the Dask task's thread, as the batch ends: send the small outcomes as one
+        "ended" event, which reaches the client before the task's end does (one
+        message on the worker's stream to the scheduler, which the task's end follows),
+        so that the client need not fetch them, a request and a reply away. A value
+        that stays on the cluster (large, of an idempotent action: ClusterArena) or
+        above :data:`ENDED_EVENT_BYTES` is left to that fetch."""
+        if self._torn:  # what teardown stopped is no outcome: the client learns why
+            return
+        items = []
+        for i, (task, key, (what, payload)) in enumerate(zip(tasks, keys, outcomes, strict=True)):
+            if what == "withdrawn":
+                continue
+            if what == "result" and payload.value is not None:
+                size = len(payload.value[0])
+                if (
+                    task.idempotent
+                    and task.shm_threshold is not None
+                    and size >= task.shm_threshold
+                ):
+                    continue
+            blob = dumps((what, payload))
+            if len(blob) <= ENDED_EVENT_BYTES:
+                items.append((key, i, blob))
+        if items and self._worker is not None:
+            self._worker.log_event(self.topic, ["", "ended", 0.0, items])
 
     def _wake_started(self) -> None:
         """From any thread: have :meth:`_send_started` run on the worker's loop, unless
@@ -1525,6 +1561,8 @@ class DaskPool:
             from distributed.utils_comm import gather_from_workers
 
             await state.wait()
+            if fut.status == "finished" and not any(a.key in self._live for a in batch.atts):
+                return []  # every attempt ended with the "ended" event (or was stopped)
             if fut.status == "finished" and batch.where is not None:
                 with contextlib.suppress(Exception):
                     data, _, _, _ = await gather_from_workers({fut.key: [batch.where]}, client.rpc)
@@ -1579,8 +1617,12 @@ class DaskPool:
         self._release_armed = False
         self._spent.clear()
 
-    def _end(self, att: DaskAttempt, what: str, payload: Any, index: int) -> None:
-        """End ``att`` with ``(what, payload)``, outcome ``index`` of its Dask task."""
+    def _end(
+        self, att: DaskAttempt, what: str, payload: Any, index: int, keep: bool = True
+    ) -> None:
+        """End ``att`` with ``(what, payload)``, outcome ``index`` of its Dask task
+        (``keep``: its value may stay on the cluster; False when it came here in an
+        event)."""
         if what == "result":
             took = payload.finished_at - payload.started_at
             mean = self.attempt_s.get(att.action)
@@ -1590,7 +1632,7 @@ class DaskPool:
             # Only an idempotent action's: Dask recomputes a value whose worker was lost
             # when a consumer needs it, which runs the action again, unasked
             keep_from = arena.keep_from if arena is not None and att.idempotent else None
-            if arena is not None and keep_from is not None and size >= keep_from:
+            if keep and arena is not None and keep_from is not None and size >= keep_from:
                 token = arena.keep(att.dask, index)  # it stays there for its consumers
                 payload = payload._replace(value=(value[0], ((token, _KEPT, size),)))
             att.future.set_result(payload)
@@ -1628,6 +1670,14 @@ class DaskPool:
         """Events from a worker (on the client's loop): ``started`` (of several
         attempts at once), or an attempt's ``ctx.emit`` / ``ctx.progress``."""
         _, (key, kind, at, data) = event
+        if kind == "ended":
+            for key, index, blob in data:
+                with self._lock:
+                    att = self._live.pop(key, None)
+                if att is not None:  # not stopped, nor lost with its worker, meanwhile
+                    what, payload = loads(blob)
+                    self._end(att, what, payload, index, keep=False)
+            return
         if kind == "started":
             for key, at, running in data:
                 att = self._live.get(key)
