@@ -10,9 +10,11 @@ Data flow::
         │      STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
         │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
         │      on_started / on_event
+        ├► "ended" event (log_event, ahead of the task's end): the small outcomes ─►
+        │      the client's loop ─► attempt.future
         └► _Outcomes: ("result", Result) | ("not-started", crash) | ("crashed", crash)
-           ─► the client's loop (fetched from the worker the starts named) ─►
-           attempt.future
+           ─► the client's loop (what the event did not carry, fetched from the worker
+           the starts named) ─► attempt.future
 
 Dask has no per-task timeout and cannot stop a running task (dask/distributed issues
 391 and 4694): a cancelled future's thread runs on. So the action never runs in the
