@@ -744,6 +744,11 @@ def test_small_outcomes_come_with_their_batch_s_end_and_are_not_fetched(
         crash.add(fa.segfault, name="bad")
         assert r.run(crash).outcome("bad").status is ap.Status.CRASHED
     assert sum(dask_client.run(_get_data_calls).values()) == before
+    # the scheduler keeps a topic's last events: the runner's go with it
+    events = dask_client.run_on_scheduler(
+        lambda dask_scheduler, topic=r._backend.link.topic: len(dask_scheduler.get_events(topic))
+    )
+    assert events == 0
 
 
 def test_a_timeout_in_a_batch_costs_only_its_own_node(dask_client: Any, tmp_path: Path) -> None:

@@ -144,10 +144,12 @@ LATE_FLUSH_S = 0.005
 """Seconds after a submit that its attempt is sent even if no flush came."""
 
 ENDED_EVENT_BYTES = 64 * 1024
-"""Bytes of a pickled outcome, at most, that a Dask worker sends with its batch's
-"ended" event, so that the client ends the attempt without fetching the Dask task's
-value (:meth:`WorkerSide._send_ended`); a larger one, or a value that stays on the
-cluster, is fetched."""
+"""Bytes of pickled outcomes, at most, that a Dask worker sends with its batch's
+"ended" event, so that the client ends those attempts without fetching the Dask
+task's value (:meth:`WorkerSide._send_ended`); the others, and a value that stays on
+the cluster, are fetched. The scheduler keeps the last events of each topic
+(``distributed.admin.low-level-log-length``, 1,000) until the runner closes
+(:meth:`ClusterLink.close` clears its topic)."""
 
 RELEASE_AFTER_S = 0.05
 """Seconds an ended Dask task's future is held, at most, waiting for the next send to
@@ -269,16 +271,28 @@ class ClusterLink:
             client.loop.add_callback(cancel)
 
     def close(self) -> None:
-        """Close the client and cluster the runner started (a user's client stays)."""
+        """Close the client and cluster the runner started (a user's client stays), and
+        have the scheduler forget the runner's events (it keeps a topic's last ones
+        for ever)."""
         for topic in [self.topic, *self._watched]:
             with contextlib.suppress(Exception):
                 self.client.unsubscribe_topic(topic)
+        with contextlib.suppress(Exception):
+            self.client.run_on_scheduler(_clear_topic, self.topic)
         if self._own_client:
             with contextlib.suppress(Exception):
                 self.client.close()
         if self._cluster is not None:
             with contextlib.suppress(Exception):
                 self._cluster.close()
+
+
+def _clear_topic(topic: str, dask_scheduler: Any = None) -> None:
+    """Run on the scheduler: drop the events it keeps of ``topic`` (as it does for a
+    worker's or a client's own topic when they leave)."""
+    broker = getattr(dask_scheduler, "_broker", None)
+    if broker is not None:
+        broker.truncate(topic)
 
 
 def connect(
@@ -896,24 +910,26 @@ class WorkerSide(WorkerPlugin):
         "ended" event, which reaches the client before the task's end does (one
         message on the worker's stream to the scheduler, which the task's end follows),
         so that the client need not fetch them, a request and a reply away. A value
-        that stays on the cluster (large, of an idempotent action: ClusterArena) or
-        above :data:`ENDED_EVENT_BYTES` is left to that fetch."""
+        that stays on the cluster (large, of an idempotent action: ClusterArena), and
+        what goes beyond :data:`ENDED_EVENT_BYTES`, are left to that fetch."""
         if self._torn:  # what teardown stopped is no outcome: the client learns why
             return
         items = []
+        budget = ENDED_EVENT_BYTES
         for i, (task, key, (what, payload)) in enumerate(zip(tasks, keys, outcomes, strict=True)):
             if what == "withdrawn":
                 continue
             if what == "result" and payload.value is not None:
                 size = len(payload.value[0])
-                if (
+                if size >= budget or (
                     task.idempotent
                     and task.shm_threshold is not None
                     and size >= task.shm_threshold
                 ):
                     continue
             blob = dumps((what, payload))
-            if len(blob) <= ENDED_EVENT_BYTES:
+            if len(blob) <= budget:
+                budget -= len(blob)
                 items.append((key, i, blob))
         if items and self._worker is not None:
             self._worker.log_event(self.topic, ["", "ended", 0.0, items])
@@ -983,19 +999,22 @@ class WorkerSide(WorkerPlugin):
 
 class SchedulerSide(SchedulerPlugin):
     """On the scheduler: removes a runner's worker plugin (and so its processes on
-    every worker) when the runner's client leaves without doing it, its process
-    killed or its connection lost. A runner that closes removes both itself.
+    every worker), and the events the scheduler keeps of its topic, when the runner's
+    client leaves without doing it, its process killed or its connection lost. A
+    runner that closes does both itself.
 
     Args:
         name: this plugin's name.
         client_id: the runner's ``Client.id``.
         worker_plugin: the name of the :class:`WorkerSide` to remove.
+        topic: the runner's event topic ("": none to clear).
     """
 
-    def __init__(self, name: str, client_id: str, worker_plugin: str) -> None:
+    def __init__(self, name: str, client_id: str, worker_plugin: str, topic: str = "") -> None:
         self.name = name
         self.client_id = client_id
         self.worker_plugin = worker_plugin
+        self.topic = topic
         self._cleanup: Any = None  # the cleanup task, held until it ends
 
     def remove_client(self, scheduler: Any, client: str) -> None:
@@ -1004,6 +1023,9 @@ class SchedulerSide(SchedulerPlugin):
             return
 
         async def cleanup() -> None:
+            if self.topic:
+                with contextlib.suppress(Exception):
+                    _clear_topic(self.topic, scheduler)
             with contextlib.suppress(Exception):
                 await scheduler.unregister_worker_plugin(None, self.worker_plugin)
             with contextlib.suppress(Exception):
@@ -1221,7 +1243,8 @@ class DaskPool:
             WorkerSide(self._plugin, link.topic, blas_threads), name=self._plugin
         )
         link.client.register_plugin(
-            SchedulerSide(self._guard, link.client.id, self._plugin), name=self._guard
+            SchedulerSide(self._guard, link.client.id, self._plugin, link.topic),
+            name=self._guard,
         )
         link.pools.append(self)
 
