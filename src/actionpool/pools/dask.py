@@ -99,15 +99,16 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, wait
+from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-from .._worker import Result, Task
+from .._worker import ATTEMPT_EVENT, Result, Task, run_attempts
 from ..errors import WorkerCrashed
 from ..output import OUTPUT_KINDS
 from ..shm import Arena, _address, arena_for
-from ..transfer import PROTOCOL, Packed, dumps, loads
+from ..transfer import PROTOCOL, Packed, dumps, dumps_function, loads
 from . import NotStarted, withdraw
 
 if TYPE_CHECKING:
@@ -166,7 +167,6 @@ before its start was reported counts as not started and is sent again, which onl
 idempotent action allows; the others' starts go at once."""
 
 _PLUGIN_PREFIX = "actionpool-"
-_CHUNK_FN: dict[str, bytes] = {}  # run_attempts, pickled once per process
 _STOPPING = frozenset({"cancelled", "released", "forgotten"})
 _BLAS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -285,6 +285,13 @@ class ClusterLink:
         if self._cluster is not None:
             with contextlib.suppress(Exception):
                 self._cluster.close()
+
+
+@cache
+def _run_attempts_bytes() -> bytes:
+    """:func:`~actionpool._worker.run_attempts`, pickled (by reference) once per
+    process, as :func:`actionpool.maps._run_chunk_bytes` does for a map's chunks."""
+    return dumps_function("chunk", run_attempts)
 
 
 def _clear_topic(topic: str, dask_scheduler: Any = None) -> None:
@@ -835,17 +842,11 @@ class WorkerSide(WorkerPlugin):
         with self._keys:
             if any(key in self._withdrawn for key in members):
                 return None
-        from .._worker import ATTEMPT_EVENT, run_attempts
-        from ..transfer import dumps_function
-
         topic, worker = self.topic, self._worker
-        fn_bytes = _CHUNK_FN.get("run_attempts")
-        if fn_bytes is None:
-            fn_bytes = _CHUNK_FN["run_attempts"] = dumps_function("chunk", run_attempts)
         first = quiet[0][1]
         # Tasks hold only builtins and bytes: plain pickle, as dumps_call does plain calls
         chunk_call: tuple[bytes, tuple[list[Task]], dict[str, Any]] = (
-            fn_bytes,
+            _run_attempts_bytes(),
             ([task for _, task in quiet],),
             {},
         )
