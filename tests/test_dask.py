@@ -742,7 +742,9 @@ def test_small_outcomes_come_with_their_batch_s_end_and_are_not_fetched(
         assert report[total] == sum(i * i for i in range(30))
         crash = ap.Plan()
         crash.add(fa.segfault, name="bad")
-        assert r.run(crash).outcome("bad").status is ap.Status.CRASHED
+        bad = r.run(crash).outcome("bad")
+        assert bad.status is ap.Status.CRASHED
+        assert bad.started_at is not None and str(bad.worker).startswith("tcp://"), bad
     assert sum(dask_client.run(_get_data_calls).values()) == before
     # the scheduler keeps a topic's last events: the runner's go with it
     events = dask_client.run_on_scheduler(

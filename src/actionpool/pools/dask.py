@@ -781,18 +781,24 @@ class WorkerSide(WorkerPlugin):
             for i, att in enumerate(atts):
                 if i not in chunked:
                     outcomes[i] = self._wait(att, where)
-            for i, att in enumerate(atts):
-                key = keys[i]
-                if att is None or self._quiet.pop(key, None) is None:
+            # the starts not reported yet: a chunk's, and those of quiet attempts
+            held: dict[str, tuple[float, str]] = {}
+            for i, (key, att, (what, payload)) in enumerate(zip(keys, atts, outcomes, strict=True)):
+                if i in chunked:
+                    if what == "result":
+                        held[key] = (payload.started_at, payload.worker)
+                elif att is None or self._quiet.pop(key, None) is None:
                     continue  # reported, or never sent
-                what, payload = outcomes[i]
-                if what == "result":
-                    self._started.append((key, payload.started_at, payload.worker))
+                elif what == "result":
+                    held[key] = (payload.started_at, payload.worker)
                 elif what == "crashed" and att.started:  # the pool read its start page
-                    self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
+                    held[key] = (att.started_at, f"{where} pid {att.worker}")
+            carried = self._send_ended(tasks, keys, outcomes, held)
+            for key, (at, running) in held.items():
+                if key not in carried:
+                    self._started.append((key, at, running))
             if self._started:  # held starts go before the task's end reaches the client
                 self._wake_started()
-            self._send_ended(tasks, keys, outcomes)
             return outcomes
         finally:
             with self._keys:
@@ -899,22 +905,26 @@ class WorkerSide(WorkerPlugin):
                 if key in self._withdrawn:  # stopped as the chunk ended
                     self._withdrawn.discard(key)
                     continue
-            result = result._replace(worker=payload.worker)
-            outcomes[i] = ("result", result)
-            self._started.append((key, result.started_at, result.worker))
+            outcomes[i] = ("result", result._replace(worker=payload.worker))
         return None
 
     def _send_ended(
-        self, tasks: list[Task], keys: list[str], outcomes: list[tuple[str, Any]]
-    ) -> None:
+        self,
+        tasks: list[Task],
+        keys: list[str],
+        outcomes: list[tuple[str, Any]],
+        held: dict[str, tuple[float, str]],
+    ) -> set[str]:
         """On the Dask task's thread, as the batch ends: send the small outcomes as one
         "ended" event, which reaches the client before the task's end does (one
         message on the worker's stream to the scheduler, which the task's end follows),
         so that the client need not fetch them, a request and a reply away. A value
         that stays on the cluster (large, of an idempotent action: ClusterArena), and
-        what goes beyond :data:`ENDED_EVENT_BYTES`, are left to that fetch."""
+        what goes beyond :data:`ENDED_EVENT_BYTES`, are left to that fetch. Each
+        carries its start where it is in ``held`` (not reported yet). Returns the keys
+        of the attempts it carried."""
         if self._torn:  # what teardown stopped is no outcome: the client learns why
-            return
+            return set()
         items = []
         budget = ENDED_EVENT_BYTES
         for i, (task, key, (what, payload)) in enumerate(zip(tasks, keys, outcomes, strict=True)):
@@ -931,9 +941,11 @@ class WorkerSide(WorkerPlugin):
             blob = dumps((what, payload))
             if len(blob) <= budget:
                 budget -= len(blob)
-                items.append((key, i, blob))
-        if items and self._worker is not None:
-            self._worker.log_event(self.topic, ["", "ended", 0.0, items])
+                items.append((key, i, blob, held.get(key)))
+        if not items or self._worker is None:
+            return set()
+        self._worker.log_event(self.topic, ["", "ended", 0.0, items])
+        return {item[0] for item in items}
 
     def _wake_started(self) -> None:
         """From any thread: have :meth:`_send_started` run on the worker's loop, unless
@@ -1696,11 +1708,13 @@ class DaskPool:
         """Events from a worker (on the client's loop): ``started`` (of several
         attempts at once), or an attempt's ``ctx.emit`` / ``ctx.progress``."""
         _, (key, kind, at, data) = event
-        if kind == "ended":
-            for key, index, blob in data:
+        if kind == "ended":  # outcomes, each with its start if not reported before
+            for key, index, blob, start in data:
                 with self._lock:
                     att = self._live.pop(key, None)
                 if att is not None:  # not stopped, nor lost with its worker, meanwhile
+                    if start is not None:
+                        att.started_at, att.worker = start
                     what, payload = loads(blob)
                     self._end(att, what, payload, index, keep=False)
             return
