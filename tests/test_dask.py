@@ -7,6 +7,7 @@ thread); the ones about starting, sizing and bad addresses make their own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -600,27 +601,36 @@ def test_the_output_of_chunked_nodes_is_tagged_with_each_node_in_order(
     assert len(lines) == 90
 
 
-def _count_who_has(dask_scheduler: Any) -> None:
-    """Count the scheduler's ``who_has`` requests (a plain ``gather`` makes one)."""
-    handler = dask_scheduler.handlers["who_has"]
+def _count(handler_name: str, dask_server: Any) -> int:
+    """Count the requests of ``handler_name`` that this scheduler or worker serves from
+    now on (``client.run``/``run_on_scheduler`` pass ``dask_server`` as
+    ``dask_worker``/``dask_scheduler``); returns the count so far."""
+    handlers = dask_server.handlers
+    handler = handlers[handler_name]
     if not hasattr(handler, "calls"):
+        takes_comm = next(iter(inspect.signature(handler).parameters), "") == "comm"
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
+        async def counted(comm: Any, **msg: Any) -> Any:
             counted.calls += 1  # type: ignore[attr-defined]
-            return handler(*args, **kwargs)
+            out = handler(comm, **msg) if takes_comm else handler(**msg)
+            return await out if inspect.isawaitable(out) else out
 
         counted.calls = 0  # type: ignore[attr-defined]
-        dask_scheduler.handlers["who_has"] = counted
+        handlers[handler_name] = counted
+    return int(handlers[handler_name].calls)
 
 
 def _who_has_calls(dask_scheduler: Any) -> int:
-    return int(dask_scheduler.handlers["who_has"].calls)
+    return _count("who_has", dask_scheduler)
+
+
+def _get_data_calls(dask_worker: Any) -> int:
+    return _count("get_data", dask_worker)
 
 
 def test_results_come_from_the_worker_that_ran_them_without_asking_the_scheduler(
     dask_client: Any,
 ) -> None:
-    dask_client.run_on_scheduler(_count_who_has)
     before = dask_client.run_on_scheduler(_who_has_calls)
     with dask_runner(dask_client) as r:
         assert [r.submit(h.square, i).result(timeout=60) for i in range(5)] == [
@@ -709,27 +719,9 @@ def test_the_next_wave_goes_out_before_the_release_of_the_one_that_let_it_start(
     assert wave and not early, f"released before the fan-in was sent: {early}"
 
 
-def _count_get_data(dask_worker: Any) -> None:
-    """Count the requests for values this worker serves (``get_data``)."""
-    handler = dask_worker.handlers["get_data"]
-    if not hasattr(handler, "calls"):
-
-        async def counted(comm: Any, *args: Any, **kwargs: Any) -> Any:
-            counted.calls += 1  # type: ignore[attr-defined]
-            return await handler(comm, *args, **kwargs)
-
-        counted.calls = 0  # type: ignore[attr-defined]
-        dask_worker.handlers["get_data"] = counted
-
-
-def _get_data_calls(dask_worker: Any) -> int:
-    return int(dask_worker.handlers["get_data"].calls)
-
-
 def test_small_outcomes_come_with_their_batch_s_end_and_are_not_fetched(
     dask_client: Any,
 ) -> None:
-    dask_client.run(_count_get_data)
     before = sum(dask_client.run(_get_data_calls).values())
     with dask_runner(dask_client) as r:
         assert [r.submit(h.square, i).result(timeout=60) for i in range(5)] == [
