@@ -938,7 +938,12 @@ class WorkerSide(WorkerPlugin):
                     and size >= task.shm_threshold
                 ):
                     continue
-            blob = dumps((what, payload))
+            # a Result holds builtins and bytes, a crash is an importable exception: the
+            # C pickler, not cloudpickle's Python one, on this per-attempt path
+            try:
+                blob = pickle.dumps((what, payload), protocol=PROTOCOL)
+            except Exception:  # noqa: BLE001 - it travels with the task's end instead
+                continue
             if len(blob) <= budget:
                 budget -= len(blob)
                 items.append((key, i, blob, held.get(key)))
