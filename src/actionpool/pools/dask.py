@@ -1590,11 +1590,12 @@ class DaskPool:
     async def _fetch(self, batch: _Batch) -> list[tuple[str, Any]]:
         """On the client's loop: ``batch``'s outcomes, once its Dask task has ended.
 
-        From the worker it started on, where a "started" event named it (they come
-        before the task's end: :meth:`WorkerSide.run`), in one request: a plain
-        ``gather`` asks the scheduler where the value is first, a second round trip
-        per task, through the scheduler's loop. Else, or when the worker no longer
-        has it, through ``client.gather``.
+        None to fetch where the "ended" event ended every attempt (or they were
+        stopped): an empty list. Else from the worker it started on, where a "started"
+        event named it (they come before the task's end: :meth:`WorkerSide.run`), in
+        one request: a plain ``gather`` asks the scheduler where the value is first, a
+        second round trip per task, through the scheduler's loop. Else, or when the
+        worker no longer has it, through ``client.gather``.
         """
         client, fut = self.link.client, batch.dask
         # the future's own state: a Dask future has no public wait that does not also
@@ -1605,7 +1606,7 @@ class DaskPool:
 
             await state.wait()
             if fut.status == "finished" and not any(a.key in self._live for a in batch.atts):
-                return []  # every attempt ended with the "ended" event (or was stopped)
+                return []
             if fut.status == "finished" and batch.where is not None:
                 with contextlib.suppress(Exception):
                     data, _, _, _ = await gather_from_workers({fut.key: [batch.where]}, client.rpc)
