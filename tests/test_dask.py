@@ -77,6 +77,18 @@ def dask_worker_of(pid: int, client: Any) -> int:
     raise AssertionError(f"process {pid} runs under none of the Dask workers {workers}")
 
 
+def wait_start_reported(r: ap.Runner) -> None:
+    """Until the runner has heard from the cluster that an attempt started. A quiet
+    attempt's worker reports its start once it has run ``STARTED_DELAY_S``: one whose
+    worker dies before that counts as not started, and is sent again."""
+    pools = r._backend.link.pools  # type: ignore[attr-defined]
+
+    def reported() -> bool:
+        return any(att.started_at is not None for p in pools for att in list(p._live.values()))
+
+    h.wait_for(reported, timeout=60, what="an attempt's start reported to the runner")
+
+
 def emit_then_wait(ctx: ap.Context, release: str) -> int:
     ctx.emit("first")
     ctx.progress(1, 2)
@@ -369,6 +381,7 @@ def test_a_dead_dask_worker_ends_its_running_node_crashed_and_the_run_goes_on(
     with dask_runner(dask_client) as r:
         running = in_background(r, plan)
         victim = dask_worker_of(h.pid_in(mark), dask_client)
+        wait_start_reported(r)  # else it counts as not started, and is sent again
         os.kill(victim, 9)  # the machine under it is gone
         report = running.result(timeout=120)
         out = report.outcome("doomed")
@@ -423,6 +436,7 @@ def test_a_lost_cluster_ends_the_running_nodes_crashed_and_the_report_says_so(
     with distributed.Client(cluster) as client, dask_runner(client) as r:
         running = in_background(r, plan)
         pid = h.pid_in(mark)
+        wait_start_reported(r)  # else it counts as not started, and fails to be sent
         cluster.close()  # scheduler and workers gone, mid-run
         report = running.result(timeout=120)
         out = report.outcome("running")
@@ -500,6 +514,7 @@ def test_a_retired_worker_ends_its_started_node_crashed_and_no_copy_runs_on(
         first = int(log.read_text().split()[0])
         victim = dask_worker_of(first, client)
         address = next(a for a, pid in worker_pids(client).items() if pid == victim)
+        wait_start_reported(r)
         client.retire_workers([address])
         report = running.result(timeout=120)
         out = report.outcome("long")
@@ -717,6 +732,58 @@ def test_the_next_wave_goes_out_before_the_release_of_the_one_that_let_it_start(
     wave = {k for i in updates if i < fan_in for k in seen[i][1]}
     early = [keys for what, keys in seen[:fan_in] if what == "released" and keys[0] in wave]
     assert wave and not early, f"released before the fan-in was sent: {early}"
+
+
+def _watch_ends(dask_scheduler: Any, topic: str) -> None:
+    """From now on, note for each "ended" event of ``topic`` that reaches this
+    scheduler whether its worker's next "task-finished" came in the same message (the
+    scheduler handles one message's items without a turn of its loop in between)."""
+    handlers = dask_scheduler.stream_handlers
+    on_event, on_finished = handlers["log-event"], handlers["task-finished"]
+    waiting: dict[str, list[bool]] = {}  # worker -> [its loop turned since the event]
+    same: list[bool] = []
+
+    def log_event(**msg: Any) -> Any:
+        event = msg.get("msg")
+        if msg.get("topic") == topic and isinstance(event, (list, tuple)) and event[1] == "ended":
+            turned = waiting[msg["worker"]] = [False]
+            dask_scheduler.loop.add_callback(turned.__setitem__, 0, True)
+        return on_event(**msg)
+
+    def task_finished(**msg: Any) -> Any:
+        turned = waiting.pop(msg.get("worker", ""), None)
+        if turned is not None:
+            same.append(not turned[0])
+        return on_finished(**msg)
+
+    handlers["log-event"], handlers["task-finished"] = log_event, task_finished
+    dask_scheduler._test_ends = (on_event, on_finished, same)
+
+
+def _unwatch_ends(dask_scheduler: Any) -> list[bool]:
+    on_event, on_finished, same = dask_scheduler._test_ends
+    del dask_scheduler._test_ends
+    dask_scheduler.stream_handlers["log-event"] = on_event
+    dask_scheduler.stream_handlers["task-finished"] = on_finished
+    return same
+
+
+def test_a_batch_s_outcomes_leave_its_worker_in_one_message_with_its_end(
+    dask_client: Any,
+) -> None:
+    # Sent from the task's thread, the "ended" event left at once and opened the
+    # worker stream's 2 ms batching interval, which held the task's end back behind it,
+    # and with it the worker's next task
+    with dask_runner(dask_client) as r:
+        dask_client.run_on_scheduler(_watch_ends, topic=r._backend.link.topic)
+        try:
+            assert [r.submit(h.square, i).result(timeout=60) for i in range(4)] == [
+                0, 1, 4, 9,
+            ]  # fmt: skip
+            assert list(r.map(h.square, range(20), chunksize=1)) == [i * i for i in range(20)]
+        finally:
+            same = dask_client.run_on_scheduler(_unwatch_ends)
+    assert len(same) >= 4 and all(same), same
 
 
 def test_small_outcomes_come_with_their_batch_s_end_and_are_not_fetched(

@@ -6,8 +6,8 @@ Data flow::
     Scheduler ─submit(Task)─► DaskPool ─flush: client.map(_run_on_worker, keys unique)─►
         Dask worker thread ─► WorkerSide (a WorkerPlugin) ─► its ProcessPool ─► process
         │  (a batch's quiet attempts: one chunk, run_attempts, in one process)
-        │  started (where nobody waits, read from the pool's start page every
-        │      STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
+        │  started (where nobody waits, read from the pool's start page once it has
+        │      run STARTED_DELAY_S; else those of one loop turn), ctx.emit, ctx.progress:
         │      worker.log_event(topic) ─► client's subscribe_topic handler ─►
         │      on_started / on_event
         ├► "ended" event (log_event, ahead of the task's end): the small outcomes ─►
@@ -95,6 +95,7 @@ import itertools
 import os
 import pickle
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -147,7 +148,7 @@ LATE_FLUSH_S = 0.005
 ENDED_EVENT_BYTES = 64 * 1024
 """Bytes of pickled outcomes, at most, that a Dask worker sends with its batch's
 "ended" event, so that the client ends those attempts without fetching the Dask
-task's value (:meth:`WorkerSide._send_ended`); the others, and a value that stays on
+task's value (:meth:`WorkerSide._ended_items`); the others, and a value that stays on
 the cluster, are fetched. The scheduler keeps the last events of each topic
 (``distributed.admin.low-level-log-length``, 1,000) until the runner closes
 (:meth:`ClusterLink.close` clears its topic)."""
@@ -156,13 +157,16 @@ RELEASE_AFTER_S = 0.05
 """Seconds an ended Dask task's future is held, at most, waiting for the next send to
 go first (:meth:`DaskPool._hold`)."""
 
-STARTED_DELAY_S = 0.002
-"""Seconds a Dask worker may take to report the start of an idempotent attempt that
-nobody waits for (no timeout, no ``on_event``). Such an attempt runs quiet: its
-process sends no "started" message; the worker reads the starts from its pool's start
-page every ``STARTED_DELAY_S`` while any runs, and sends those it found as one event
-(a message and an event per attempt had made each short attempt of a batch wake the
-worker's loop and cross the scheduler). A started attempt whose Dask worker dies
+STARTED_DELAY_S = 0.1
+"""Seconds an idempotent attempt that nobody waits to see start (no timeout, no
+``on_event``: a quiet one) runs before its Dask worker reports its start; one that ends
+sooner brings its start with its end (the batch's "ended" event). The worker reads the
+starts from its pool's start page, which the attempt's process writes without a
+message, at most every ``STARTED_DELAY_S / 2``, and sends those that fell due as one
+event, so a start is reported within 1.5 x ``STARTED_DELAY_S``: about when a progress
+bar redraws (tqdm's ``mininterval`` is 0.1 s). A report per attempt had cost a short
+attempt a second event through the scheduler, and a poll every few ms the worker's loop
+CPU that the actions on that machine need. A started attempt whose Dask worker dies
 before its start was reported counts as not started and is sent again, which only an
 idempotent action allows; the others' starts go at once."""
 
@@ -661,6 +665,9 @@ class WorkerSide(WorkerPlugin):
         # attempt keys of chunks running now (their _running entry is the chunk's): a
         # stop of one kills the chunk, and must keep that one from running again alone
         self._chunked: set[str] = set()
+        # Dask key of a batch that ended -> the events for transition to send as its
+        # task goes to memory ("started" of starts not reported yet, "ended")
+        self._at_end: dict[str, list[list[Any]]] = {}
 
     def setup(self, worker: Any) -> None:
         """Start the pool: one process per Dask worker thread, each a fork of a fresh
@@ -699,9 +706,25 @@ class WorkerSide(WorkerPlugin):
             pool.close()
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """A task left ``executing`` for ``released``/``cancelled``/``forgotten``: its
-        future was cancelled; kill the process that runs its attempt."""
-        if start in ("executing", "long-running") and finish in _STOPPING:
+        """On the worker's loop. A batch's task went to ``memory``: send the events
+        its run left for its end (:meth:`run`). A task left ``executing`` for
+        ``released``/``cancelled``/``forgotten``: its future was cancelled; kill the
+        process that runs its attempt.
+
+        The events go from here, not from the task's thread: the worker calls this
+        before it queues the task's end ("task-finished") on its stream to the
+        scheduler, so the two leave in one batch, the events first. Sent from the
+        task's thread, an event left at once and opened the stream's 2 ms batching
+        interval (``BatchedSend``), which then held the task's end back, and with it
+        the scheduler's next task for this worker."""
+        if start not in ("executing", "long-running"):
+            return
+        at_end = self._at_end.pop(str(key), None)
+        if finish == "memory":
+            if at_end is not None and self._worker is not None and not self._torn:
+                for msg in at_end:
+                    self._worker.log_event(self.topic, msg)
+        elif finish in _STOPPING:
             self.stop(self._members.get(str(key), [str(key)]))
 
     def stop(self, keys: list[str]) -> None:
@@ -793,12 +816,16 @@ class WorkerSide(WorkerPlugin):
                     held[key] = (payload.started_at, payload.worker)
                 elif what == "crashed" and att.started:  # the pool read its start page
                     held[key] = (att.started_at, f"{where} pid {att.worker}")
-            carried = self._send_ended(tasks, keys, outcomes, held)
-            for key, (at, running) in held.items():
-                if key not in carried:
-                    self._started.append((key, at, running))
-            if self._started:  # held starts go before the task's end reaches the client
-                self._wake_started()
+            items = self._ended_items(tasks, keys, outcomes, held)
+            carried = {item[0] for item in items}
+            late = [(key, *start) for key, start in held.items() if key not in carried]
+            at_end: list[list[Any]] = []
+            if late:  # the starts the "ended" event does not carry go before the end too
+                at_end.append(["", "started", late[0][1], late])
+            if items:
+                at_end.append(["", "ended", 0.0, items])
+            if at_end and not self._torn:  # see transition
+                self._at_end[dask_key] = at_end
             return outcomes
         finally:
             with self._keys:
@@ -908,23 +935,23 @@ class WorkerSide(WorkerPlugin):
             outcomes[i] = ("result", result._replace(worker=payload.worker))
         return None
 
-    def _send_ended(
+    def _ended_items(
         self,
         tasks: list[Task],
         keys: list[str],
         outcomes: list[tuple[str, Any]],
         held: dict[str, tuple[float, str]],
-    ) -> set[str]:
-        """On the Dask task's thread, as the batch ends: send the small outcomes as one
-        "ended" event, which reaches the client before the task's end does (one
-        message on the worker's stream to the scheduler, which the task's end follows),
-        so that the client need not fetch them, a request and a reply away. A value
-        that stays on the cluster (large, of an idempotent action: ClusterArena), and
-        what goes beyond :data:`ENDED_EVENT_BYTES`, are left to that fetch. Each
-        carries its start where it is in ``held`` (not reported yet). Returns the keys
-        of the attempts it carried."""
-        if self._torn:  # what teardown stopped is no outcome: the client learns why
-            return set()
+    ) -> list[tuple[str, int, bytes, tuple[float, str] | None]]:
+        """On the Dask task's thread, as the batch ends: the small outcomes, each
+        ``(attempt key, index in the batch, pickled outcome, its start where it is in
+        held (not reported yet) or None)``, for the "ended" event that
+        :meth:`transition` sends ahead of the task's end, so that the client need not
+        fetch them, a request and a reply away. A value that stays on the cluster
+        (large, of an idempotent action: ClusterArena), and what goes beyond
+        :data:`ENDED_EVENT_BYTES`, are left to that fetch. None once teardown began:
+        what it stopped is no outcome, and the client learns why."""
+        if self._torn:
+            return []
         items = []
         budget = ENDED_EVENT_BYTES
         for i, (task, key, (what, payload)) in enumerate(zip(tasks, keys, outcomes, strict=True)):
@@ -947,10 +974,7 @@ class WorkerSide(WorkerPlugin):
             if len(blob) <= budget:
                 budget -= len(blob)
                 items.append((key, i, blob, held.get(key)))
-        if not items or self._worker is None:
-            return set()
-        self._worker.log_event(self.topic, ["", "ended", 0.0, items])
-        return {item[0] for item in items}
+        return items
 
     def _wake_started(self) -> None:
         """From any thread: have :meth:`_send_started` run on the worker's loop, unless
@@ -962,29 +986,38 @@ class WorkerSide(WorkerPlugin):
 
     def _arm_poll(self) -> None:
         """On a Dask task's thread: have :meth:`_poll_starts` run on the worker's loop
-        within :data:`STARTED_DELAY_S`, unless it is due already."""
+        within ``STARTED_DELAY_S / 2``, unless it is due already."""
         loop = self._worker.loop if self._worker is not None else None
         if loop is not None and not self._poll_due:
             self._poll_due = True
             # call_later is not thread-safe: armed from the loop itself
-            loop.add_callback(loop.call_later, STARTED_DELAY_S, self._poll_starts)
+            loop.add_callback(loop.call_later, STARTED_DELAY_S / 2, self._poll_starts)
 
     def _poll_starts(self) -> None:
-        """On the worker's loop: report the quiet attempts that have started, read from
-        the pool's start page, and poll again while any is left. The flag is cleared
-        first: a quiet attempt added after the check below finds it clear and arms
-        the next poll (two polls at worst)."""
+        """On the worker's loop: report the quiet attempts that have run for
+        :data:`STARTED_DELAY_S`, their starts read from the pool's start page, and poll
+        again while any is left: when the next start falls due, or, while one has not
+        started, within ``STARTED_DELAY_S / 2``. The flag is cleared first: a quiet
+        attempt added after the check below finds it clear and arms the next poll (two
+        polls at worst)."""
         self._poll_due = False
         pool = self._pool
         noted = getattr(pool, "note_started", None)
+        now = time.time()  # the clock of the start page's times
+        next_s = STARTED_DELAY_S / 2
         for key, (att, where) in list(self._quiet.items()):
-            if noted is not None and noted(att) and self._quiet.pop(key, None) is not None:
+            if noted is None or not noted(att):
+                continue
+            left = att.started_at + STARTED_DELAY_S - now
+            if left > 0:
+                next_s = min(next_s, left)
+            elif self._quiet.pop(key, None) is not None:
                 self._started.append((key, att.started_at, f"{where} pid {att.worker}"))
         if self._started:
             self._send_started()
         if self._quiet and pool is not None and self._worker is not None:
             self._poll_due = True
-            self._worker.loop.call_later(STARTED_DELAY_S, self._poll_starts)
+            self._worker.loop.call_later(next_s, self._poll_starts)
 
     def _send_started(self) -> None:
         """On the worker's loop: send the "started" of every attempt that started since
