@@ -80,7 +80,9 @@ worker's loop runs :meth:`WorkerSide.transition`, :meth:`WorkerSide.stop`,
 threads run :meth:`WorkerSide.run`, and its pool's reader thread queues starts
 (``_started``, a deque, with the flag protocols of ``_send_started`` and
 ``_poll_starts``; a quiet attempt's start is reported by whoever pops it from
-``_quiet`` first); ``WorkerSide._keys`` guards ``_running``, ``_withdrawn`` and
+``_quiet`` first; a batch's end events are left in ``_at_end`` by its task's thread
+and sent by :meth:`WorkerSide.transition` on the loop); ``WorkerSide._keys`` guards
+``_running``, ``_withdrawn`` and
 ``_chunked``, which a stop and a run race for, and is never held while calling out;
 its other dicts are plain (single operations are atomic). :class:`ClusterArena` is
 the runner's, shared by the scheduler's thread and io threads under its lock; a
