@@ -471,6 +471,15 @@ def _execute(
     return _success(task, value, ctx, started, arena)
 
 
+def _event_payload(data: Any) -> bytes:
+    """An event's data, pickled; its ``repr`` where it cannot be (an event must not
+    fail the action)."""
+    try:
+        return dumps(data)
+    except Exception:  # noqa: BLE001
+        return dumps(repr(data))
+
+
 ATTEMPT_EVENT = "actionpool-attempt-event"
 """The event kind under which :func:`run_attempts` sends an event of one of its
 attempts: ``(index, kind, pickled data)``."""
@@ -499,12 +508,8 @@ def run_attempts(ctx: Context, tasks: list[Task]) -> list[Result]:
     index = 0
 
     def sink(kind: str, at: float, data: Any) -> None:
-        try:
-            payload = dumps(data)
-        except Exception:  # noqa: BLE001 - an event must not fail the action
-            payload = dumps(repr(data))
         if outer is not None:
-            outer(ATTEMPT_EVENT, at, (index, kind, payload))
+            outer(ATTEMPT_EVENT, at, (index, kind, _event_payload(data)))
 
     results: list[Result] = []
     levels = {task.capture for task in tasks}
@@ -726,11 +731,7 @@ def _serve(conn: Any, page: mmap.mmap | None, offset: int) -> None:
                 send((_link.STARTED, _id, at))
 
         def sink(kind: str, at: float, data: Any, _id: int = attempt_id) -> None:
-            try:
-                payload = dumps(data)
-            except Exception:  # noqa: BLE001 - an event must not fail the action
-                payload = dumps(repr(data))
-            send((_link.EVENT, _id, kind, at, payload))
+            send((_link.EVENT, _id, kind, at, _event_payload(data)))
 
         if task.capture:
             with Capture(sink, task.capture):

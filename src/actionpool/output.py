@@ -168,9 +168,7 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         stdout, stderr, handlers, level = self._saved
-        for stream in self._streams:  # before the result goes out: output comes first
-            with contextlib.suppress(Exception):
-                stream.flush()
+        self.flush()  # before the result goes out: output comes first
         sys.stdout, sys.stderr = stdout, stderr
         root = logging.getLogger()
         root.handlers = handlers
