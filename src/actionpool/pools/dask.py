@@ -823,7 +823,7 @@ class WorkerSide(WorkerPlugin):
             late = [(key, *start) for key, start in held.items() if key not in carried]
             at_end: list[list[Any]] = []
             if late:  # the starts the "ended" event does not carry go before the end too
-                at_end.append(["", "started", late[0][1], late])
+                at_end.append(_started_event(late))
             if items:
                 at_end.append(["", "ended", 0.0, items])
             if at_end and not self._torn:  # see transition
@@ -950,8 +950,8 @@ class WorkerSide(WorkerPlugin):
         :meth:`transition` sends ahead of the task's end, so that the client need not
         fetch them, a request and a reply away. A value that stays on the cluster
         (large, of an idempotent action: ClusterArena), and what goes beyond
-        :data:`ENDED_EVENT_BYTES`, are left to that fetch. None once teardown began:
-        what it stopped is no outcome, and the client learns why."""
+        :data:`ENDED_EVENT_BYTES`, are left to that fetch. None once teardown began
+        (an empty list): what it stopped is no outcome, and the client learns why."""
         if self._torn:
             return []
         items = []
@@ -1033,7 +1033,7 @@ class WorkerSide(WorkerPlugin):
         while self._started:
             items.append(self._started.popleft())
         if items and self._worker is not None:
-            self._worker.log_event(self.topic, ["", "started", items[0][1], items])
+            self._worker.log_event(self.topic, _started_event(items))
 
     @staticmethod
     def _wait(att: Any, where: str) -> tuple[str, Any]:
@@ -1050,6 +1050,12 @@ class WorkerSide(WorkerPlugin):
         return "result", result._replace(worker=f"{where} pid {result.worker}")
 
 
+def _started_event(items: list[tuple[str, float, str]]) -> list[Any]:
+    """The "started" event of ``items``, each ``(attempt key, time, "<address> pid
+    <pid>")`` (:meth:`DaskPool._on_topic`)."""
+    return ["", "started", items[0][1], items]
+
+
 class SchedulerSide(SchedulerPlugin):
     """On the scheduler: removes a runner's worker plugin (and so its processes on
     every worker), and the events the scheduler keeps of its topic, when the runner's
@@ -1060,10 +1066,10 @@ class SchedulerSide(SchedulerPlugin):
         name: this plugin's name.
         client_id: the runner's ``Client.id``.
         worker_plugin: the name of the :class:`WorkerSide` to remove.
-        topic: the runner's event topic ("": none to clear).
+        topic: the runner's event topic.
     """
 
-    def __init__(self, name: str, client_id: str, worker_plugin: str, topic: str = "") -> None:
+    def __init__(self, name: str, client_id: str, worker_plugin: str, topic: str) -> None:
         self.name = name
         self.client_id = client_id
         self.worker_plugin = worker_plugin
@@ -1076,9 +1082,8 @@ class SchedulerSide(SchedulerPlugin):
             return
 
         async def cleanup() -> None:
-            if self.topic:
-                with contextlib.suppress(Exception):
-                    _clear_topic(self.topic, scheduler)
+            with contextlib.suppress(Exception):
+                _clear_topic(self.topic, scheduler)
             with contextlib.suppress(Exception):
                 await scheduler.unregister_worker_plugin(None, self.worker_plugin)
             with contextlib.suppress(Exception):
