@@ -313,6 +313,14 @@ def _prepare(
             f"node {task.node!r}: its call could not be unpickled in the worker"
             f" ({type(exc).__name__}: {exc})"
         ) from exc
+    preload = getattr(fn, "_actionpool_preload", None)
+    if preload is not None:
+        # a wrapper's own function (a map chunk's action) imported before the clock
+        # starts, as a plain action's is: else a process's first chunk counts its
+        # imports as the action's time, and the Dask pool's batch sizing reads them
+        # as uneven attempts. Its failure is the wrapper's to report, when it runs.
+        with contextlib.suppress(Exception):
+            preload(*args)
     ctx = None
     if task.wants_state:
         state: Any = {}

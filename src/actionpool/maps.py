@@ -1016,6 +1016,17 @@ def _run_chunk(
     return time.perf_counter() - start, values, errors
 
 
+def _preload(fn_bytes: bytes, *_: Any) -> None:
+    """Unpickle a chunk's action (imports and all) before its attempt's clock starts
+    (:func:`actionpool._worker._prepare`); :func:`_run_chunk` finds it cached."""
+    from ._worker import _function
+
+    _function(fn_bytes)
+
+
+_run_chunk._actionpool_preload = _preload  # type: ignore[attr-defined]
+
+
 def _run_items(
     fn: Callable[..., Any],
     single: bool,
