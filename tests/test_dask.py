@@ -556,6 +556,51 @@ def test_short_nodes_travel_several_to_a_dask_task_each_with_its_own_outcome(
     assert len(keys) < 61, f"{len(keys)} Dask tasks for 61 nodes: nothing was batched"
 
 
+def steady(x: int) -> int:
+    time.sleep(0.04)
+    return x
+
+
+def uneven(x: int) -> int:
+    time.sleep(0.3 if x % 3 == 0 else 0.005)
+    return x
+
+
+def test_measured_steady_attempts_share_dask_tasks_and_uneven_ones_do_not(
+    dask_client: Any,
+) -> None:
+    from actionpool.pools.dask import BALANCE, TASK_S
+
+    tasks: dict[str, int] = {}
+    with dask_runner(dask_client) as r:
+        for fn in (steady, uneven):
+            assert list(r.map(fn, range(12))) == list(range(12))  # durations measured
+            with distributed.get_task_stream(dask_client) as stream:
+                assert list(r.map(fn, range(12))) == list(range(12))
+            tasks[fn.__name__] = len({str(t["key"]) for t in stream.data})
+    # 40 ms each: TASK_S / 0.04 s = 5 to a task, but BALANCE tasks per thread of the
+    # 3 one-thread workers: 6 tasks of 2
+    assert int(TASK_S / 0.04) == 5 and BALANCE == 2
+    assert tasks["steady"] == 6, tasks
+    # 5 ms and 300 ms: each of its own, so that no short one waits behind a long one
+    assert tasks["uneven"] == 12, tasks
+
+
+def test_batch_count_spreads_unknown_attempts_and_sizes_measured_ones() -> None:
+    from actionpool.pools.dask import MAX_BATCH, SPREAD, batch_count
+
+    assert batch_count(0, 2, None) == 0
+    assert batch_count(100, 2, None) == 2 * SPREAD  # unknown: SPREAD tasks per thread
+    assert batch_count(3, 2, None) == 3  # never more tasks than attempts
+    assert batch_count(8, 2, 0.05) == 4  # 0.2 s / 50 ms = 4 to a task, 2 per thread
+    assert batch_count(1000, 2, 0.001) == 5  # 200 to a task
+    assert batch_count(10_000, 2, 1e-6) == -(-10_000 // MAX_BATCH)  # at most MAX_BATCH each
+    assert batch_count(8, 2, 0.05, running=4) == 2  # the running ones count
+    assert batch_count(8, 2, 0.05, deviation_s=0.04) == 8  # uneven: one to a task
+    assert batch_count(1000, 2, 0.001, deviation_s=0.004) == 5  # shorter than a task's cost
+    assert batch_count(8, 2, 0.5) == 8  # longer than TASK_S: one to a task
+
+
 def in_chunk(x: int) -> tuple[int, bool]:
     """``x``, and whether this attempt runs in a chunk of its batch (run_attempts)."""
     frame: Any = sys._getframe()

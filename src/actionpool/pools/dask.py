@@ -120,8 +120,12 @@ if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = [
+    "BALANCE",
     "DASK_TASK_COST_S",
     "MAX_BATCH",
+    "SPREAD",
+    "STEADY",
+    "TASK_S",
     "ClusterArena",
     "ClusterLink",
     "DaskAttempt",
@@ -134,8 +138,29 @@ __all__ = [
 
 DASK_TASK_COST_S = 0.002
 """Seconds of scheduling a Dask task costs beyond its attempts' own time (client,
-scheduler and worker bookkeeping, and the messages between them): the cost that batching
-short attempts spreads (docs/scaling-out.md, "Overhead")."""
+scheduler and worker bookkeeping, and the messages between them), at least: attempts
+shorter than that share a task even when their durations vary (docs/scaling-out.md,
+"Overhead")."""
+
+TASK_S = 0.2
+"""Seconds of attempts that one Dask task carries, about, once its action's attempts
+are measured to be steady: the batch duration that joblib's automatic batching aims at
+(``joblib.parallel.MIN_IDEAL_BATCH_DURATION``, 0.2 s). A Dask task costs its worker a
+few ms between the end of one task and the start of the next, so tasks of 50 ms lose
+several per cent of the cluster to it and tasks of 1 ms most of it
+(docs/performance.md, "W3-dask")."""
+
+BALANCE = 2
+"""Dask tasks per cluster thread that a flush makes at least, once its action's
+attempts are measured (beside the tasks already running): a batch is pinned to the
+worker that takes it, so with at least two per thread a worker that draws the slower
+batches leaves the others idle for one batch at most."""
+
+STEADY = 0.5
+"""The mean deviation of an action's attempt durations, as a share of their mean,
+above which its attempts of :data:`DASK_TASK_COST_S` or more go one to a Dask task: a
+batch of uneven attempts holds the short ones' outcomes behind a long one and pins
+the long ones together."""
 
 MAX_BATCH = 256
 """Attempts one Dask task carries at most."""
@@ -177,32 +202,45 @@ _STOPPING = frozenset({"cancelled", "released", "forgotten"})
 _BLAS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def batch_count(n: int, threads: int, attempt_s: float | None, running: int = 0) -> int:
-    """How many Dask tasks carry ``n`` attempts sent together (0 for none).
+def batch_count(
+    n: int,
+    threads: int,
+    attempt_s: float | None,
+    running: int = 0,
+    deviation_s: float = 0.0,
+) -> int:
+    """How many Dask tasks carry ``n`` attempts of one action sent together (0 for none).
 
-    One attempt per task once attempts are known to run at least
-    :data:`DASK_TASK_COST_S` (then the task's own cost is small beside them). Shorter
-    ones share a task, ``DASK_TASK_COST_S / attempt_s`` to a task (at most
-    :data:`MAX_BATCH`), so that a task's attempts take about as long as scheduling it;
-    still, with the tasks already on the cluster, at least one task per cluster
-    thread, so that every worker gets a share (:data:`SPREAD` per thread before any
-    attempt has ended). Counting those already there keeps a steady run's batches
-    whole: else each batch's results would free its slots at once and its successors
-    would go out split in ``threads``, halving batch after batch.
+    Before any attempt of the action has ended (its durations unknown), at least
+    :data:`SPREAD` tasks per cluster thread, so that a long attempt holds few others.
+    Once they are measured, attempts that are steady (mean deviation at most
+    :data:`STEADY` x their mean) or shorter than :data:`DASK_TASK_COST_S` share tasks,
+    ``TASK_S / attempt_s`` to a task (at most :data:`MAX_BATCH`), still at least
+    :data:`BALANCE` tasks per cluster thread; uneven attempts of
+    :data:`DASK_TASK_COST_S` or more go one to a task. The tasks already on the cluster
+    (``running``) count towards those minimums: else, in a steady run, each batch's
+    results would free its slots at once and its successors would go out split
+    across all threads, halving batch after batch.
 
     Args:
         n: attempts to send.
         threads: the cluster's worker threads.
         attempt_s: seconds an attempt runs on its worker (a moving average), or None.
         running: this pool's Dask tasks on the cluster now.
+        deviation_s: the moving mean absolute deviation of those seconds.
+
+    Returns:
+        The number of tasks, between 1 and ``n`` (0 when ``n`` is 0).
     """
     if n <= 0:
         return 0
     if attempt_s is None:
         wanted = max(threads * SPREAD - running, -(-n // MAX_BATCH))
     else:
-        per = max(1, min(MAX_BATCH, int(DASK_TASK_COST_S / max(attempt_s, 1e-9))))
-        wanted = max(threads - running, -(-n // per))
+        steady = attempt_s < DASK_TASK_COST_S or deviation_s <= STEADY * attempt_s
+        per = int(TASK_S / max(attempt_s, 1e-9)) if steady else 1
+        per = max(1, min(MAX_BATCH, per))
+        wanted = max(threads * BALANCE - running, -(-n // per))
     return max(1, min(n, wanted))
 
 
@@ -1292,9 +1330,11 @@ class DaskPool:
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
         self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
         # Seconds an attempt of each action runs on its worker, a moving average (by
-        # the action's name; absent: none ended yet): how many attempts of it one Dask
-        # task should carry (flush). Written on the client's loop, read by flush.
+        # the action's name; absent: none ended yet), and the moving mean absolute
+        # deviation from it: how many attempts of it one Dask task should carry
+        # (flush). Written on the client's loop, read by flush.
         self.attempt_s: dict[str, float] = {}
+        self.attempt_dev_s: dict[str, float] = {}
         self._plugin = f"{link.plugin}-{kind}"
         self._guard = f"{self._plugin}-guard"
         link.client.register_plugin(
@@ -1408,7 +1448,13 @@ class DaskPool:
         groups: list[list[DaskAttempt]] = []
         for (action, _), atts in by_action.items():
             n = len(atts)
-            count = batch_count(n, self.threads, self.attempt_s.get(action), len(self._batches))
+            count = batch_count(
+                n,
+                self.threads,
+                self.attempt_s.get(action),
+                len(self._batches),
+                self.attempt_dev_s.get(action, 0.0),
+            )
             start = 0
             for i in range(count):
                 stop = start + (n - start) // (count - i)
@@ -1710,7 +1756,12 @@ class DaskPool:
         if what == "result":
             took = payload.finished_at - payload.started_at
             mean = self.attempt_s.get(att.action)
-            self.attempt_s[att.action] = took if mean is None else 0.8 * mean + 0.2 * took
+            if mean is None:
+                self.attempt_s[att.action] = took
+            else:
+                dev = self.attempt_dev_s.get(att.action, 0.0)
+                self.attempt_dev_s[att.action] = 0.8 * dev + 0.2 * abs(took - mean)
+                self.attempt_s[att.action] = 0.8 * mean + 0.2 * took
             arena, value = att.arena, payload.value
             size = 0 if value is None else len(value[0])
             # Only an idempotent action's: Dask recomputes a value whose worker was lost
