@@ -22,10 +22,12 @@ task (one task per item: a few ms each here) would make a sample take a minute:
   <= 1.2x the plain round trip.
 * W3-dask runs the 8 x 50 ms busy tasks of W3 at n = workers: ``runner.map(busy,
   ...)`` against ``client.map(busy, ..., pure=False)`` + ``gather``, wall in ms.
-  Target: <= 1.0x the plain wall (at least as fast). On a machine of a few cores the
-  client, the scheduler and the workers' event loops take CPU from the actions, and
-  more of it on actionpool's side (an event and a gather per attempt, a process hop
-  on the worker); a cluster's client and scheduler run elsewhere. So W3-dask-spare
+  Target: <= 1.0x the plain wall (at least as fast). The runner, warmed with an
+  untimed map, knows ``busy``'s attempts are steady and sends them as Dask tasks of
+  2 (``pools.dask.batch_count``), where ``client.map`` makes one per item. On a
+  machine of a few cores the client, the scheduler and the workers' event loops take
+  CPU from the actions, and more of it on actionpool's side (an event per task, a
+  process hop on the worker); a cluster's client and scheduler run elsewhere. So W3-dask-spare
   runs the same, where there are 2 workers or more, on a LocalCluster of one worker
   fewer (the ``dask-spare`` driver, a cluster of its own, started for it and closed
   after): the client and the scheduler get a core of their own. Same target.

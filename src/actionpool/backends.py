@@ -40,7 +40,7 @@ BACKENDS = ("local", "dask")
 DASK_IN_FLIGHT = 128
 """Attempts a dask runner keeps in flight per thread of the cluster (docs/scaling-out.md,
 "Overhead"): one runs, the others wait on Dask's scheduler or on their worker, where
-short ones travel several to a Dask task (:func:`~actionpool.pools.dask.batch_count`);
+short steady ones travel several to a Dask task (:func:`~actionpool.pools.dask.batch_count`);
 enough of them that a batch is full."""
 
 
