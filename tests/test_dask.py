@@ -597,6 +597,7 @@ def test_batch_count_spreads_unknown_attempts_and_sizes_measured_ones() -> None:
     assert batch_count(10_000, 2, 1e-6) == -(-10_000 // MAX_BATCH)  # at most MAX_BATCH each
     assert batch_count(8, 2, 0.05, running=4) == 2  # the running ones count
     assert batch_count(8, 2, 0.05, deviation_s=0.04) == 8  # uneven: one to a task
+    assert batch_count(8, 2, 0.05, deviation_s=0.05) == 8  # one measured: spread unknown
     assert batch_count(1000, 2, 0.001, deviation_s=0.004) == 5  # shorter than a task's cost
     assert batch_count(8, 2, 0.5) == 8  # longer than TASK_S: one to a task
 

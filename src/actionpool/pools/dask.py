@@ -160,7 +160,9 @@ STEADY = 0.5
 """The mean deviation of an action's attempt durations, as a share of their mean,
 above which its attempts of :data:`DASK_TASK_COST_S` or more go one to a Dask task: a
 batch of uneven attempts holds the short ones' outcomes behind a long one and pins
-the long ones together."""
+the long ones together. The first attempt to end sets the deviation to its duration
+(nothing is known of the spread yet), so about four steady attempts must end before
+an action's attempts share tasks."""
 
 MAX_BATCH = 256
 """Attempts one Dask task carries at most."""
@@ -1757,7 +1759,9 @@ class DaskPool:
             took = payload.finished_at - payload.started_at
             mean = self.attempt_s.get(att.action)
             if mean is None:
-                self.attempt_s[att.action] = took
+                # its spread unknown: as wide as its mean, so that a few steady
+                # attempts (4) must end before its attempts share a task
+                self.attempt_s[att.action] = self.attempt_dev_s[att.action] = took
             else:
                 dev = self.attempt_dev_s.get(att.action, 0.0)
                 self.attempt_dev_s[att.action] = 0.8 * dev + 0.2 * abs(took - mean)
