@@ -145,10 +145,9 @@ shorter than that share a task even when their durations vary (docs/scaling-out.
 TASK_S = 0.2
 """Seconds of attempts that one Dask task carries, about, once its action's attempts
 are measured to be steady: the batch duration that joblib's automatic batching aims at
-(``joblib.parallel.MIN_IDEAL_BATCH_DURATION``, 0.2 s). A Dask task costs its worker a
-few ms between the end of one task and the start of the next, so tasks of 50 ms lose
-several per cent of the cluster to it and tasks of 1 ms most of it
-(docs/performance.md, "W3-dask")."""
+(``joblib.parallel.MIN_IDEAL_BATCH_DURATION``, 0.2 s). Each Dask task idles its
+worker between the end of one task and the start of the next, a cost that short
+attempts would pay once each (docs/performance.md, "Batches of about 0.2 s")."""
 
 BALANCE = 2
 """Dask tasks per cluster thread that a flush makes at least, once its action's
