@@ -848,14 +848,11 @@ class WorkerSide(WorkerPlugin):
             # the starts not reported yet: a chunk's, and those of quiet attempts
             held: dict[str, tuple[float, str]] = {}
             for i, (key, att, (what, payload)) in enumerate(zip(keys, atts, outcomes, strict=True)):
-                if i in chunked:
-                    if what == "result":
-                        held[key] = (payload.started_at, payload.worker)
-                elif att is None or self._quiet.pop(key, None) is None:
+                if i not in chunked and (att is None or self._quiet.pop(key, None) is None):
                     continue  # reported, or never sent
-                elif what == "result":
+                if what == "result":
                     held[key] = (payload.started_at, payload.worker)
-                elif what == "crashed" and att.started:  # the pool read its start page
+                elif what == "crashed" and att is not None and att.started:  # its start page
                     held[key] = (att.started_at, f"{where} pid {att.worker}")
             items = self._ended_items(tasks, keys, outcomes, held)
             carried = {item[0] for item in items}
@@ -989,8 +986,8 @@ class WorkerSide(WorkerPlugin):
         :meth:`transition` sends ahead of the task's end, so that the client need not
         fetch them, a request and a reply away. A value that stays on the cluster
         (large, of an idempotent action: ClusterArena), and what goes beyond
-        :data:`ENDED_EVENT_BYTES`, are left to that fetch. None once teardown began
-        (an empty list): what it stopped is no outcome, and the client learns why."""
+        :data:`ENDED_EVENT_BYTES`, are left to that fetch. Nothing once teardown began:
+        what it stopped is no outcome, and the client learns why."""
         if self._torn:
             return []
         items = []
@@ -1330,12 +1327,11 @@ class DaskPool:
         self._flushed = 0  # flushes so far
         self._batches: dict[str, _Batch] = {}  # Dask key -> batch, while it runs
         self._to_stop: list[tuple[str | None, str]] = []  # (worker or None, attempt key)
-        # Seconds an attempt of each action runs on its worker, a moving average (by
-        # the action's name; absent: none ended yet), and the moving mean absolute
-        # deviation from it: how many attempts of it one Dask task should carry
+        # Seconds an attempt of each action runs on its worker (by the action's name;
+        # absent: none ended yet): the moving average, and the moving mean absolute
+        # deviation from it. How many attempts of it one Dask task should carry
         # (flush). Written on the client's loop, read by flush.
-        self.attempt_s: dict[str, float] = {}
-        self.attempt_dev_s: dict[str, float] = {}
+        self.attempt_s: dict[str, tuple[float, float]] = {}
         self._plugin = f"{link.plugin}-{kind}"
         self._guard = f"{self._plugin}-guard"
         link.client.register_plugin(
@@ -1449,13 +1445,8 @@ class DaskPool:
         groups: list[list[DaskAttempt]] = []
         for (action, _), atts in by_action.items():
             n = len(atts)
-            count = batch_count(
-                n,
-                self.threads,
-                self.attempt_s.get(action),
-                len(self._batches),
-                self.attempt_dev_s.get(action, 0.0),
-            )
+            mean, dev = self.attempt_s.get(action, (None, 0.0))
+            count = batch_count(n, self.threads, mean, len(self._batches), dev)
             start = 0
             for i in range(count):
                 stop = start + (n - start) // (count - i)
@@ -1756,15 +1747,17 @@ class DaskPool:
         event)."""
         if what == "result":
             took = payload.finished_at - payload.started_at
-            mean = self.attempt_s.get(att.action)
-            if mean is None:
+            seen = self.attempt_s.get(att.action)
+            if seen is None:
                 # its spread unknown: as wide as its mean, so that a few steady
                 # attempts (4) must end before its attempts share a task
-                self.attempt_s[att.action] = self.attempt_dev_s[att.action] = took
+                self.attempt_s[att.action] = (took, took)
             else:
-                dev = self.attempt_dev_s.get(att.action, 0.0)
-                self.attempt_dev_s[att.action] = 0.8 * dev + 0.2 * abs(took - mean)
-                self.attempt_s[att.action] = 0.8 * mean + 0.2 * took
+                mean, dev = seen
+                self.attempt_s[att.action] = (
+                    0.8 * mean + 0.2 * took,
+                    0.8 * dev + 0.2 * abs(took - mean),
+                )
             arena, value = att.arena, payload.value
             size = 0 if value is None else len(value[0])
             # Only an idempotent action's: Dask recomputes a value whose worker was lost
