@@ -28,13 +28,20 @@ How each fault is timed:
   runner; SIGINT to its process group (as a terminal sends it) or SIGKILL to it, then
   the time until it has exited and its workers are gone.
 
+With ``--dask`` the cases that a cluster changes run on ``ap.Runner(backend="dask",
+timeout_grace=0.5)`` over a ``LocalCluster`` of 2 one-thread workers (cpu actions on
+the cluster, io actions local), with one more: SIGKILL of the Dask worker that runs a
+non-idempotent action, timed from the kill to the node's outcome (the nanny then
+starts a fresh worker). The cases that start runners of their own (the ``with``
+block, Ctrl-C, parent death) are local only.
+
 "Gone" means the pid no longer runs (exited, or a zombie not yet reaped). This script
 makes itself a child subreaper (Linux) so that workers orphaned by the parent-death
 case are reparented to it and reaped here; it leaves no process behind and says so.
 
 Usage::
 
-    python benchmarks/fault_latency.py [--rounds N] [--json out.json]
+    python benchmarks/fault_latency.py [--rounds N] [--json out.json] [--dask]
 """
 
 from __future__ import annotations
@@ -202,6 +209,7 @@ SLEEP_TIMEOUT = ap.action(sleep_long, timeout=TIMEOUT)
 CATCH_TIMEOUT = ap.action(sleep_catch_timeout_and_return, timeout=TIMEOUT)
 CRASH_ONCE = ap.action(crash_on, idempotent=False)
 BLOCKED_TIMEOUT = ap.action(sleep_with_sigalrm_blocked, timeout=TIMEOUT)
+BUSY_ONCE = ap.action(busy, idempotent=False)
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -229,6 +237,12 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def pid_of(worker: int | str | None) -> int:
+    """The process id in an outcome's ``worker``: a pid, or on a Dask runner
+    ``"<worker address> pid <pid>"``."""
+    return worker if isinstance(worker, int) else int(str(worker).rsplit(" pid ", 1)[1])
 
 
 def when_gone(pids: list[int], limit: float = WAIT) -> float:
@@ -349,7 +363,7 @@ def case_soft_timeout(runner: ap.Runner, d: Path) -> Result:
 def case_hard_timeout(runner: ap.Runner, d: Path) -> Result:
     _, o = run_one(runner, BLOCKED_TIMEOUT)
     deadline = o.started_at + TIMEOUT
-    gone_at = when_gone([o.worker])
+    gone_at = when_gone([pid_of(o.worker)])
     return (
         {
             "deadline -> outcome": o.finished_at - deadline,
@@ -696,6 +710,33 @@ def case_parent_death(_: ap.Runner, d: Path) -> Result:
     )
 
 
+def case_dask_worker_kill(runner: ap.Runner, d: Path) -> Result:
+    warm(runner)
+    client = DASK["client"]
+    pid_file = d / "dask_worker.pids"
+    plan = ap.Plan()
+    node = plan.add(BUSY_ONCE, str(pid_file), name="cpu")
+    started = Started("cpu")
+    killed: list[float] = []
+
+    def killer() -> None:
+        started.all.wait(WAIT)
+        (pid,) = read_when_there(pid_file)
+        workers = set(client.run(os.getpid).values())
+        proc = psutil.Process(pid)  # the action's process, under its Dask worker
+        while proc.pid not in workers:
+            proc = proc.parent()
+        killed.append(time.time())
+        os.kill(proc.pid, signal.SIGKILL)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    o = runner.run(plan, on_event=started).outcome(node)
+    t.join()
+    client.wait_for_workers(2, timeout=WAIT)  # the nanny's fresh worker
+    return {"SIGKILL -> outcome": o.finished_at - killed[0]}, describe(o), [str(o.error)]
+
+
 CASES: list[tuple[str, Callable[[ap.Runner, Path], Result]]] = [
     ("raise", in_worker(fail)),
     ("cpu timeout in Python (soft)", case_soft_timeout),
@@ -720,6 +761,33 @@ CASES: list[tuple[str, Callable[[ap.Runner, Path], Result]]] = [
     ("Ctrl-C in a script (subprocess)", case_ctrl_c),
     ("parent death (SIGKILL)", case_parent_death),
 ]
+
+
+LOCAL_ONLY = {
+    "leaving the with block on an exception",
+    "Ctrl-C in a script (subprocess)",
+    "parent death (SIGKILL)",
+}
+DASK_CASES = [(fault, case) for fault, case in CASES if fault not in LOCAL_ONLY] + [
+    ("SIGKILL of the Dask worker (idempotent=False)", case_dask_worker_kill)
+]
+DASK: dict[str, Any] = {}  # --dask: the LocalCluster's client
+
+
+@contextlib.contextmanager
+def dask_runner() -> Any:
+    """A runner of ``backend="dask"`` on a LocalCluster of 2 one-thread workers."""
+    import distributed
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        DASK["client"] = client
+        with ap.Runner(backend="dask", client=client, timeout_grace=GRACE) as runner:
+            yield runner
 
 
 # ---- child processes (--child MODE DIR) ------------------------------------------------------
@@ -757,6 +825,10 @@ def leftovers() -> list[str]:
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 reap([p.pid])
+            elif "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                # the stdlib's tracker, started for the LocalCluster's spawned workers
+                # (--dask): it exits with this process, when its pipe closes
+                continue
             else:
                 alive.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
         except psutil.NoSuchProcess:
@@ -775,6 +847,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per fault (default 5)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--dask", action="store_true", help="run the cases on a Dask runner (a LocalCluster)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -786,9 +861,11 @@ def main() -> int:
     messages: dict[str, list[str]] = {}  # fault -> error messages, one per distinct outcome
     start = time.monotonic()
     try:
-        with tempfile.TemporaryDirectory(prefix="fault_latency_") as tmp, new_runner() as runner:
+        cases = DASK_CASES if args.dask else CASES
+        make = dask_runner if args.dask else new_runner
+        with tempfile.TemporaryDirectory(prefix="fault_latency_") as tmp, make() as runner:
             for rnd in range(args.rounds):
-                for i, (fault, case) in enumerate(CASES):
+                for i, (fault, case) in enumerate(cases):
                     d = Path(tmp) / f"{rnd}-{i}"
                     d.mkdir()
                     intervals, what, msgs = case(runner, d)
@@ -828,9 +905,14 @@ def main() -> int:
         f" actionpool {ap.__version__}"
     )
     print(f"# actionpool fault latency: {args.rounds} rounds, {machine}")
+    runner_text = (
+        f"ap.Runner(backend='dask', timeout_grace={GRACE:g}) on a LocalCluster of 2 workers"
+        if args.dask
+        else f"ap.Runner(cpu_workers=2, io_workers=4, timeout_grace={GRACE:g})"
+    )
     print(
-        f"\nap.Runner(cpu_workers=2, io_workers=4, timeout_grace={GRACE:g}); timeouts"
-        f" {TIMEOUT:g} s; times in ms, median (min-max) of {args.rounds}.\n"
+        f"\n{runner_text}; timeouts {TIMEOUT:g} s; times in ms, median (min-max) of"
+        f" {args.rounds}.\n"
     )
     print("| fault | from -> to | median ms | min-max ms | what the user got |")
     print("|---|---|---:|---:|---|")
